@@ -1,0 +1,42 @@
+# Everything runs inside .venv, created and filled from pyproject.toml on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint typecheck unit bench bench-quick clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, as the CPU build (its wheel lies on this machine's disk): resolved together with the
+	# rest, pip may pick PyPI's CUDA build of the same version, several GB.
+	$(BIN)/pip install --quiet 'torch==2.13.0+cpu' || $(BIN)/pip install --quiet 'torch==2.13.0'
+	$(BIN)/pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check ckptstore tests benchmarks examples
+	$(BIN)/ruff format --check ckptstore tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy ckptstore
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,21 @@
+"""ckptstore: a framework-agnostic checkpoint state store.
+
+Tensors go into safetensors files, everything else into a msgpack manifest, inside atomic, versioned step
+directories on any fsspec filesystem. Importing ckptstore imports no ML framework.
+"""
+
+from __future__ import annotations
+
+from . import errors, knobs
+from .api import restore, save
+from .store import CheckpointInfo, CheckpointStore
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStore",
+    "errors",
+    "knobs",
+    "restore",
+    "save",
+]
+__version__ = "0.1.0"

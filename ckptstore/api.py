@@ -1,0 +1,70 @@
+"""``ckptstore.save`` / ``ckptstore.restore``: one checkpoint directory, no store around it."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+from . import checkpoint, tree
+from .errors import CheckpointExistsError, CheckpointNotFoundError, CkptStoreError
+from .storage import LocalStorage, Storage, open_storage
+
+
+def _split(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Storage, str]:
+    """The storage of a checkpoint directory's parent, and the directory's name in it."""
+    if isinstance(path, os.PathLike) or "://" not in str(path):
+        full = os.path.abspath(os.fspath(path))
+        parent, name = os.path.split(full.rstrip(os.sep))
+        return LocalStorage(parent), name
+    text = str(path).rstrip("/")
+    parent, name = posixpath.split(text)
+    if not name or parent.endswith(":/"):
+        raise CkptStoreError(f"{path} names no checkpoint directory")
+    return open_storage(parent, storage_options), name
+
+
+def save(
+    path: str | os.PathLike[str],
+    state: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Save ``state`` as one checkpoint directory at ``path`` (local path or fsspec URL), atomically.
+
+    Raises:
+        CheckpointExistsError: a checkpoint is committed at ``path`` and ``overwrite`` is False.
+        UnsupportedTypeError: a leaf cannot be saved (nothing is written).
+    """
+    prepared = checkpoint.prepare(state, metadata)
+    storage, name = _split(path, storage_options)
+    if not overwrite and storage.is_committed(name):
+        raise CheckpointExistsError(f"{storage.url_of(name)} is already committed (pass overwrite=True)")
+    step = metadata.get("step", 0) if isinstance(metadata, dict) else 0
+    checkpoint.write(storage, name, step if isinstance(step, int) and step >= 0 else 0, prepared, overwrite=overwrite)
+
+
+def restore(
+    path: str | os.PathLike[str],
+    *,
+    like: Any = tree._MISSING,
+    framework: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    verify: bool = False,
+) -> Any:
+    """Restore the checkpoint directory at ``path`` (as yielded by ``checkpoints_iterator``, or given by
+    ``CheckpointInfo.path``). ``like``, ``framework`` and ``verify`` are as for ``CheckpointStore.restore``.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` holds no committed checkpoint.
+    """
+    storage, name = _split(path, storage_options)
+    try:
+        m = checkpoint.read_manifest(storage, name)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at {storage.url_of(name)} (a store root? use CheckpointStore(path).restore())"
+        ) from None
+    return checkpoint.read(storage, name, like=like, framework=framework, verify=verify, m=m)

@@ -1,0 +1,169 @@
+"""Write and read one checkpoint directory: the tree -> plan -> write -> commit flow, and its reverse.
+
+:class:`ckptstore.CheckpointStore` adds steps, listing and retention on top; ``ckptstore.save`` and
+``ckptstore.restore`` use these functions on a single directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import knobs, manifest, tensorio, tree
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedTypeError
+from .manifest import MANIFEST_NAME, Manifest
+from .storage import Storage, new_token
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A state taken apart and checked, ready to be written (nothing has touched storage yet)."""
+
+    skeleton: Any
+    arrays: list[tree.ArrayLeaf]
+    metadata: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.array.nbytes for a in self.arrays)
+
+
+def prepare(state: Any, metadata: dict[str, Any] | None, *, snapshot: bool = False) -> Prepared:
+    """Walk the state and check the metadata; raise before anything is written if either is unsupported."""
+    skeleton, arrays = tree.flatten(state, snapshot=snapshot)
+    meta = _check_metadata(metadata)
+    return Prepared(skeleton, arrays, meta)
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedTypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+    skeleton, arrays = tree.flatten(metadata)
+    if arrays:
+        raise UnsupportedTypeError(
+            f"{tree.render_path(arrays[0].path, 'metadata')} is an array; metadata holds small plain "
+            "values (put arrays in the state)"
+        )
+    if any(isinstance(v, tree.Stateful | tree.Scalar | tree.NamedTuple) for v in _walk_values(skeleton)):
+        raise UnsupportedTypeError("metadata holds plain Python values only (numbers, strings, lists, dicts)")
+    return dict(skeleton)
+
+
+def _walk_values(node: Any) -> Any:
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk_values(v)
+    elif isinstance(node, list | tuple):
+        for v in node:
+            yield from _walk_values(v)
+
+
+def write(storage: Storage, name: str, step: int, prepared: Prepared, *, overwrite: bool) -> Manifest:
+    """Write a prepared state as the checkpoint directory ``name`` and commit it.
+
+    On any failure the partial data is removed and nothing is committed.
+    """
+    token = new_token()
+    arrays = prepared.arrays
+    names = tensorio.tensor_names(arrays)
+    plans = tensorio.plan_files(arrays, f"tensors-{token}", knobs.current.max_file_bytes)
+    staging = storage.begin(name, token)
+    try:
+        files: list[manifest.FileEntry] = []
+        entries: list[manifest.TensorEntry | None] = [None] * len(arrays)
+        for k, plan in enumerate(plans):
+            f = staging.open(plan.name)
+            try:
+                size, written = tensorio.write_file(f, arrays, names, plan, k)
+            except BaseException:
+                f.close()
+                raise
+            staging.close_file(f)
+            files.append(manifest.FileEntry(plan.name, size))
+            for i, entry in zip(plan.indices, written):
+                entries[i] = entry
+        m = Manifest(
+            step=step,
+            created=time.time(),
+            writer=token,
+            metadata=prepared.metadata,
+            tree=prepared.skeleton,
+            files=tuple(files),
+            tensors=tuple(e for e in entries if e is not None),
+        )
+        staging.commit(manifest.encode(m), overwrite=overwrite)
+    except BaseException:
+        staging.abort()
+        raise
+    return m
+
+
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    """Read and validate the manifest of checkpoint directory ``name``."""
+    rel = f"{name}/{MANIFEST_NAME}"
+    data = storage.read_bytes(rel, knobs.current.max_manifest_bytes)
+    return manifest.decode(data, source=storage.url_of(rel))
+
+
+def load_tensors(
+    storage: Storage, name: str, m: Manifest, indices: Sequence[int] | None = None, *, verify: bool = False
+) -> dict[int, np.ndarray]:
+    """Read tensors (all, or those at ``indices``) of a checkpoint into host arrays, file by file in
+    offset order. Sizes of the files are always checked; checksums when ``verify``."""
+    wanted = range(len(m.tensors)) if indices is None else sorted(set(indices))
+    by_file: dict[int, list[int]] = {}
+    for i in wanted:
+        by_file.setdefault(m.tensors[i].file, []).append(i)
+    sizes = storage.sizes(name) if by_file else {}
+    out: dict[int, np.ndarray] = {}
+    for file_index, idx in by_file.items():
+        fe = m.files[file_index]
+        rel = f"{name}/{fe.name}"
+        source = storage.url_of(rel)
+        actual = sizes.get(fe.name)
+        if actual is None:
+            raise CorruptCheckpointError(f"{source} is missing")
+        if actual != fe.size:
+            raise CorruptCheckpointError(f"{source} has {actual} bytes, the manifest says {fe.size} (truncated?)")
+        idx.sort(key=lambda i: m.tensors[i].offset)
+        with storage.open_read(rel) as f:
+            for i in idx:
+                out[i] = tensorio.read_tensor(f, m.tensors[i], verify=verify, source=source)
+    return out
+
+
+def read(
+    storage: Storage,
+    name: str,
+    *,
+    like: Any = tree._MISSING,
+    framework: str | None = None,
+    verify: bool = False,
+    m: Manifest | None = None,
+) -> Any:
+    """Restore the state tree of checkpoint directory ``name``."""
+    if m is None:
+        m = read_manifest(storage, name)
+    arrays = load_tensors(storage, name, m, verify=verify)
+
+    def load(index: int) -> np.ndarray:
+        try:
+            return arrays[index]
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"{storage.url_of(name)}: the tree refers to tensor #{index}, the manifest lists {len(m.tensors)}"
+            ) from None
+
+    return tree.rebuild(m.tree, load, like=like, framework=framework)
+
+
+def require_committed(storage: Storage, name: str) -> None:
+    if not storage.is_committed(name):
+        raise CheckpointNotFoundError(f"no committed checkpoint at {storage.url_of(name)}")

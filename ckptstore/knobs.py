@@ -1,0 +1,60 @@
+"""Tunables, in one place.
+
+Each knob has a default, an environment override (``CKPTSTORE_<NAME>``) and can be changed for a block
+of code with :func:`override` (tests use it to shorten grace periods)::
+
+    with ckptstore.knobs.override(stale_after_s=0):
+        store.save(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+
+@dataclasses.dataclass
+class Knobs:
+    #: Bytes per read/write/hash call when streaming tensor bytes.
+    chunk_bytes: int = 16 << 20
+    #: A new tensor file is started once a file holds this many bytes (a larger tensor gets a file alone).
+    max_file_bytes: int = 1 << 30
+    #: Threads that write (or read) tensor files at once. Remote filesystems profit from more.
+    io_threads: int = 4
+    #: Leftovers of a writer (temp directories, uncommitted objects) whose liveness cannot be checked
+    #: are removed once they are older than this.
+    stale_after_s: float = 3600.0
+    #: Largest manifest that is read at all (a guard against hostile files).
+    max_manifest_bytes: int = 1 << 30
+
+
+_ENV_PREFIX = "CKPTSTORE_"
+
+
+def _from_env() -> Knobs:
+    knobs = Knobs()
+    for field in dataclasses.fields(Knobs):
+        raw = os.environ.get(_ENV_PREFIX + field.name.upper())
+        if raw is not None:
+            kind = type(getattr(knobs, field.name))
+            setattr(knobs, field.name, kind(raw))
+    return knobs
+
+
+#: The knobs in force. Read them as ``knobs.current.chunk_bytes``.
+current: Knobs = _from_env()
+
+
+@contextlib.contextmanager
+def override(**changes: Any) -> Iterator[Knobs]:
+    """Set some knobs for the duration of a ``with`` block (not thread-safe: for tests and scripts)."""
+    global current
+    saved = current
+    current = dataclasses.replace(current, **changes)
+    try:
+        yield current
+    finally:
+        current = saved

@@ -1,0 +1,291 @@
+"""The manifest: what a checkpoint holds, written last, as msgpack. Its presence is the commit.
+
+Layout (docs/format.md is the reference for readers in other languages)::
+
+    {"format": "ckptstore", "version": 1, "step": int, "created": float, "writer": str,
+     "metadata": {...}, "tree": <skeleton>,
+     "files": [{"name": str, "size": int}, ...],
+     "tensors": [{"name": str, "file": int, "dtype": str, "shape": [int, ...],
+                  "offset": int, "nbytes": int, "xxh3": int}, ...]}
+
+The skeleton is plain msgpack plus the extension types in :data:`EXT`; nothing is ever unpickled and an
+unknown extension type is an error, not code to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import msgpack
+
+from . import dtypes, tree
+from .errors import CorruptCheckpointError, UnsupportedFormatError
+
+FORMAT = "ckptstore"
+VERSION = 1
+MANIFEST_NAME = "manifest.msgpack"
+
+# Extension type codes of the skeleton. Never reuse a number.
+EXT_TUPLE = 1  # payload: msgpack array of the items
+EXT_TENSOR = 2  # payload: msgpack int, the index in "tensors"
+EXT_STATEFUL = 3  # payload: [type name, state]
+EXT_NAMEDTUPLE = 4  # payload: [type name, [field, ...], [value, ...]]
+EXT_SCALAR = 5  # payload: [dtype code, raw bytes] (a NumPy scalar)
+EXT_BIGINT = 6  # payload: decimal string of an int outside 64 bits
+EXT_COMPLEX = 7  # payload: [real, imag]
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """Where one array's bytes lie: file index, byte offset from the file's start, dtype, shape."""
+
+    name: str
+    file: int
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    xxh3: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A tensor file of the checkpoint, relative to its directory, and its exact size."""
+
+    name: str
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A decoded, validated manifest."""
+
+    step: int
+    created: float
+    writer: str
+    metadata: dict[str, Any]
+    tree: Any
+    files: tuple[FileEntry, ...]
+    tensors: tuple[TensorEntry, ...]
+    version: int = VERSION
+
+
+# --- encode -----------------------------------------------------------------------------------------
+
+
+def _default(obj: Any) -> Any:
+    t = type(obj)
+    if t is tuple:
+        return msgpack.ExtType(EXT_TUPLE, _pack(list(obj)))
+    if t is tree.TensorRef:
+        return msgpack.ExtType(EXT_TENSOR, msgpack.packb(obj.index))
+    if t is tree.Stateful:
+        return msgpack.ExtType(EXT_STATEFUL, _pack([obj.type_name, obj.state]))
+    if t is tree.NamedTuple:
+        return msgpack.ExtType(EXT_NAMEDTUPLE, _pack([obj.type_name, list(obj.fields), list(obj.values)]))
+    if t is tree.Scalar:
+        return msgpack.ExtType(EXT_SCALAR, _pack([obj.dtype, obj.data]))
+    if t is int:  # only ints msgpack cannot hold reach here
+        return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
+    if t is complex:
+        return msgpack.ExtType(EXT_COMPLEX, _pack([obj.real, obj.imag]))
+    raise TypeError(f"cannot encode {t.__name__} in a manifest")
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True)
+
+
+def encode(m: Manifest) -> bytes:
+    """Serialize a manifest."""
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": m.step,
+        "created": m.created,
+        "writer": m.writer,
+        "metadata": m.metadata,
+        "tree": m.tree,
+        "files": [{"name": f.name, "size": f.size} for f in m.files],
+        "tensors": [
+            {
+                "name": t.name,
+                "file": t.file,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "offset": t.offset,
+                "nbytes": t.nbytes,
+                "xxh3": t.xxh3,
+            }
+            for t in m.tensors
+        ],
+    }
+    return _pack(doc)
+
+
+def encode_value(value: Any) -> bytes:
+    """Serialize a plain value (metadata) with the manifest's codec; raises TypeError if it cannot."""
+    return _pack(value)
+
+
+# --- decode -----------------------------------------------------------------------------------------
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_TENSOR:
+        index = _unpack(data)
+        if type(index) is not int or index < 0:
+            raise CorruptCheckpointError(f"bad tensor reference {index!r}")
+        return tree.TensorRef(index)
+    if code == EXT_TUPLE:
+        items = _unpack(data)
+        _expect(items, list, "tuple")
+        return tuple(items)
+    if code == EXT_STATEFUL:
+        name, state = _unpack_fields(data, 2, "stateful object")
+        _expect(name, str, "stateful type name")
+        return tree.Stateful(name, state)
+    if code == EXT_NAMEDTUPLE:
+        name, fields, values = _unpack_fields(data, 3, "NamedTuple")
+        _expect(name, str, "NamedTuple type name")
+        _expect(fields, list, "NamedTuple fields")
+        _expect(values, list, "NamedTuple values")
+        if len(fields) != len(values) or not all(type(f) is str for f in fields):
+            raise CorruptCheckpointError("NamedTuple fields and values do not match")
+        return tree.NamedTuple(name, tuple(fields), tuple(values))
+    if code == EXT_SCALAR:
+        dtype, raw = _unpack_fields(data, 2, "numpy scalar")
+        _expect(raw, bytes, "numpy scalar bytes")
+        dtypes.dtype_of(dtype)
+        return tree.Scalar(dtype, raw)
+    if code == EXT_BIGINT:
+        text = data.decode("ascii", "replace")
+        if not re.fullmatch(r"-?[0-9]{1,4300}", text):
+            raise CorruptCheckpointError(f"bad big integer {text[:40]!r}")
+        return int(text)
+    if code == EXT_COMPLEX:
+        re_, im = _unpack_fields(data, 2, "complex")
+        if type(re_) is not float or type(im) is not float:
+            raise CorruptCheckpointError("bad complex number")
+        return complex(re_, im)
+    raise CorruptCheckpointError(f"unknown msgpack extension type {code} in the manifest")
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(
+        data,
+        ext_hook=_ext_hook,
+        raw=False,
+        strict_map_key=False,
+        use_list=True,
+    )
+
+
+def _unpack_fields(data: bytes, n: int, what: str) -> list[Any]:
+    items = _unpack(data)
+    if type(items) is not list or len(items) != n:
+        raise CorruptCheckpointError(f"bad {what} record in the manifest")
+    return items
+
+
+def _expect(value: Any, kind: type, what: str) -> None:
+    if type(value) is not kind:
+        raise CorruptCheckpointError(f"manifest field {what} is a {type(value).__name__}, not {kind.__name__}")
+
+
+def _int(value: Any, what: str, low: int = 0) -> int:
+    if type(value) is not int or value < low:
+        raise CorruptCheckpointError(f"manifest field {what} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def decode(data: bytes, *, source: str = "manifest") -> Manifest:
+    """Parse and validate a manifest; anything wrong raises :class:`CorruptCheckpointError` naming
+    ``source``. Validation covers types, file names (no path can leave the checkpoint directory),
+    tensor byte ranges (inside their file, not overlapping, matching dtype and shape)."""
+    try:
+        doc = _unpack(data)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{source}: {e}") from None
+    except Exception as e:  # msgpack raises several unrelated types for malformed input
+        raise CorruptCheckpointError(f"{source} is not a valid manifest ({type(e).__name__}: {e})") from None
+    try:
+        return _validate(doc)
+    except CorruptCheckpointError as e:
+        raise type(e)(f"{source}: {e}") from None
+
+
+def _validate(doc: Any) -> Manifest:
+    if type(doc) is not dict or doc.get("format") != FORMAT:
+        raise CorruptCheckpointError("not a ckptstore manifest")
+    version = doc.get("version")
+    if type(version) is not int:
+        raise CorruptCheckpointError(f"bad format version {version!r}")
+    if version > VERSION or version < 1:
+        raise UnsupportedFormatError(
+            f"format version {version}; this ckptstore reads version {VERSION} "
+            f"(upgrade ckptstore to read checkpoints of version {version})"
+        )
+    step = _int(doc.get("step"), "step")
+    created = doc.get("created")
+    if type(created) is not float or not math.isfinite(created):
+        raise CorruptCheckpointError(f"bad creation time {created!r}")
+    writer = doc.get("writer")
+    _expect(writer, str, "writer")
+    metadata = doc.get("metadata")
+    _expect(metadata, dict, "metadata")
+    raw_files = doc.get("files")
+    _expect(raw_files, list, "files")
+    files = []
+    for f in raw_files:
+        _expect(f, dict, "files[]")
+        name = f.get("name")
+        if type(name) is not str or not _SAFE_NAME.match(name) or name in (".", "..") or name == MANIFEST_NAME:
+            raise CorruptCheckpointError(f"bad tensor file name {name!r}")
+        files.append(FileEntry(name, _int(f.get("size"), "files[].size")))
+    if len({f.name for f in files}) != len(files):
+        raise CorruptCheckpointError("a tensor file is listed twice")
+    raw_tensors = doc.get("tensors")
+    _expect(raw_tensors, list, "tensors")
+    tensors = []
+    for t in raw_tensors:
+        _expect(t, dict, "tensors[]")
+        name = t.get("name")
+        _expect(name, str, "tensors[].name")
+        file = _int(t.get("file"), "tensors[].file")
+        if file >= len(files):
+            raise CorruptCheckpointError(f"tensor {name!r} names file #{file}, but there are {len(files)}")
+        dtype = t.get("dtype")
+        _expect(dtype, str, "tensors[].dtype")
+        itemsize = dtypes.dtype_of(dtype).itemsize
+        shape = t.get("shape")
+        _expect(shape, list, "tensors[].shape")
+        count = 1
+        for d in shape:
+            count *= _int(d, f"shape of tensor {name!r}")
+        offset = _int(t.get("offset"), "tensors[].offset")
+        nbytes = _int(t.get("nbytes"), "tensors[].nbytes")
+        if count * itemsize != nbytes:
+            raise CorruptCheckpointError(
+                f"tensor {name!r}: shape {shape} of {dtype} needs {count * itemsize} bytes, manifest says {nbytes}"
+            )
+        if offset + nbytes > files[file].size:
+            raise CorruptCheckpointError(
+                f"tensor {name!r} lies at bytes {offset}..{offset + nbytes} of {files[file].name}, "
+                f"which has {files[file].size}"
+            )
+        tensors.append(TensorEntry(name, file, dtype, tuple(shape), offset, nbytes, _int(t.get("xxh3"), "xxh3")))
+    _check_no_overlap(tensors, files)
+    return Manifest(step, created, writer, metadata, doc.get("tree"), tuple(files), tuple(tensors), version)
+
+
+def _check_no_overlap(tensors: list[TensorEntry], files: list[FileEntry]) -> None:
+    spans = sorted((t.file, t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)
+    for (f1, _, end1, n1), (f2, start2, _, n2) in zip(spans, spans[1:]):
+        if f1 == f2 and start2 < end1:
+            raise CorruptCheckpointError(f"tensors {n1!r} and {n2!r} overlap in {files[f1].name}")

@@ -1,0 +1,531 @@
+"""Where checkpoints live, and how one is committed there.
+
+Two backends, chosen by what the filesystem can do, not by the URL's scheme:
+
+* :class:`LocalStorage` (a POSIX directory; atomic rename). A save writes into a hidden temp directory
+  ``.tmp-<step>-<token>`` in the root, fsyncs every file, writes the manifest, fsyncs the directory,
+  renames it to ``step_XXXXXXXX`` and fsyncs the root. A partial directory is never visible under a step
+  name. A file lock in the root serialises commits, deletions and clean-ups between processes.
+* :class:`FsspecStorage` (any fsspec filesystem: S3, GCS, memory://, ...; no atomic rename). Data objects
+  go straight under the final prefix; the manifest is written last in one PUT, as an exclusive create
+  where the filesystem offers one (S3: ``If-None-Match: *``), so two writers cannot both commit one step.
+
+Both expose the same small interface, used by :mod:`ckptstore.store`. Paths given to a backend are
+relative to the store root, with '/' separators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import filelock
+import fsspec
+import fsspec.implementations.local
+
+from . import knobs
+from .errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from .manifest import MANIFEST_NAME
+
+STEP_RE = re.compile(r"step_([0-9]{8,20})")
+LOCK_NAME = ".ckptstore.lock"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+
+
+def step_name(step: int) -> str:
+    """The directory name of a step: ``step_`` and the step zero-padded to at least 8 digits."""
+    return f"step_{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a directory name, or None unless the name is exactly what :func:`step_name` gives."""
+    m = STEP_RE.fullmatch(name)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if step_name(step) == name else None
+
+
+def new_token() -> str:
+    """A writer token: unique per save, recorded in the manifest and in data file names."""
+    return uuid.uuid4().hex[:16]
+
+
+class Staging(ABC):
+    """One save in progress: a place to write data files, then commit or abort."""
+
+    #: Relative directory the data files go to (``open`` takes names inside it).
+    dir: str
+
+    @abstractmethod
+    def open(self, name: str) -> BinaryIO:
+        """A new data file; it is made durable by :meth:`close_file`."""
+
+    @abstractmethod
+    def close_file(self, f: BinaryIO) -> None:
+        """Flush, make durable (fsync where the filesystem has it) and close a data file."""
+
+    @abstractmethod
+    def commit(self, manifest: bytes, *, overwrite: bool) -> None:
+        """Publish the checkpoint atomically. Raises CheckpointExistsError if the step is taken."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove whatever this save wrote (best effort; leftovers are cleaned by a later writer)."""
+
+
+class Storage(ABC):
+    """A store root on some filesystem."""
+
+    #: Whether a directory can be published by one atomic rename.
+    atomic_rename: bool
+    #: The root as the user should see it (path or URL).
+    url: str
+
+    @abstractmethod
+    def url_of(self, rel: str) -> str:
+        """Path or URL of something under the root, as a user would pass it back to ckptstore."""
+
+    @abstractmethod
+    def begin(self, name: str, token: str) -> Staging:
+        """Start writing a checkpoint directory ``name`` (relative to the root)."""
+
+    @abstractmethod
+    def lock(self) -> contextlib.AbstractContextManager[Any]:
+        """Serialise commits, deletions and clean-ups (between processes where the filesystem allows)."""
+
+    @abstractmethod
+    def committed_steps(self) -> list[int]:
+        """Steps whose manifest exists, ascending, listed fresh (no cached listing)."""
+
+    @abstractmethod
+    def read_bytes(self, rel: str, limit: int) -> bytes:
+        """A whole small file (a manifest); raises CheckpointNotFoundError if it does not exist."""
+
+    @abstractmethod
+    def open_read(self, rel: str) -> BinaryIO:
+        """A file for ranged reads (``seek`` + ``readinto``)."""
+
+    @abstractmethod
+    def sizes(self, rel_dir: str) -> dict[str, int]:
+        """Names and sizes of the files in a directory."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Delete a committed checkpoint directory: its manifest first, then its data. Call under
+        :meth:`lock`. Deleting what does not exist does nothing."""
+
+    @abstractmethod
+    def is_committed(self, name: str) -> bool:
+        """Whether the checkpoint directory ``name`` has its manifest."""
+
+    @abstractmethod
+    def clean_leftovers(self) -> list[str]:
+        """Remove what crashed writers left (temp data, half-deleted steps); return what was removed.
+        Call under :meth:`lock`."""
+
+
+
+# --- local disk -------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _ProcessLock:
+    """A lock between threads of this process and, through a lock file, between processes."""
+
+    def __init__(self, path: str) -> None:
+        self._thread_lock = threading.RLock()
+        self._file_lock = filelock.FileLock(path, thread_local=False, preserve_lock_file=True)
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            self._file_lock.acquire()
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._file_lock.release()
+        finally:
+            self._thread_lock.release()
+
+
+class _LocalStaging(Staging):
+    def __init__(self, storage: LocalStorage, name: str, token: str) -> None:
+        self.storage = storage
+        self.final_name = name
+        self.dir = f"{TMP_PREFIX}{name}-{token}"
+        self.path = os.path.join(storage.root, self.dir)
+        # Held for as long as this writer lives: a cleaner that can take it knows the writer is dead.
+        self._alive_fd = os.open(self.path + ".alive", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._alive_fd, fcntl.LOCK_EX)
+        os.mkdir(self.path)
+
+    def open(self, name: str) -> BinaryIO:
+        return open(os.path.join(self.path, name), "xb", buffering=1 << 20)  # noqa: SIM115
+
+    def close_file(self, f: BinaryIO) -> None:
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+
+    def commit(self, manifest: bytes, *, overwrite: bool) -> None:
+        with open(os.path.join(self.path, MANIFEST_NAME), "xb") as f:
+            f.write(manifest)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.path)
+        final = os.path.join(self.storage.root, self.final_name)
+        with self.storage.lock():
+            if os.path.exists(os.path.join(final, MANIFEST_NAME)):
+                if not overwrite:
+                    raise CheckpointExistsError(f"{final} is already committed")
+                self.storage.delete(self.final_name)
+            elif os.path.exists(final):  # a half-deleted step: its manifest is gone already
+                self.storage._remove_tree(final)
+            os.rename(self.path, final)
+            _fsync_dir(self.storage.root)
+        self._release()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._alive_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path + ".alive")
+            os.close(self._alive_fd)
+            self._alive_fd = -1
+
+
+class LocalStorage(Storage):
+    """A store on a local (POSIX) filesystem; commits by atomic rename."""
+
+    atomic_rename = True
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.url = self.root
+        os.makedirs(self.root, exist_ok=True)
+        self._lock = _ProcessLock(os.path.join(self.root, LOCK_NAME))
+
+    def url_of(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def begin(self, name: str, token: str) -> Staging:
+        return _LocalStaging(self, name, token)
+
+    def lock(self) -> contextlib.AbstractContextManager[Any]:
+        return self._lock
+
+    def committed_steps(self) -> list[int]:
+        steps = []
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            step = parse_step(entry.name)
+            if step is not None and os.path.exists(os.path.join(entry.path, MANIFEST_NAME)):
+                steps.append(step)
+        return sorted(steps)
+
+    def _path(self, rel: str) -> str:
+        return os.path.join(self.root, *rel.split("/"))
+
+    def read_bytes(self, rel: str, limit: int) -> bytes:
+        try:
+            with open(self._path(rel), "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
+        if len(data) > limit:
+            raise CorruptCheckpointError(f"{self.url_of(rel)} is larger than {limit} bytes")
+        return data
+
+    def open_read(self, rel: str) -> BinaryIO:
+        try:
+            return open(self._path(rel), "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+
+    def sizes(self, rel_dir: str) -> dict[str, int]:
+        try:
+            return {e.name: e.stat().st_size for e in os.scandir(self._path(rel_dir)) if e.is_file()}
+        except FileNotFoundError:
+            return {}
+
+    def is_committed(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.root, name, MANIFEST_NAME))
+
+    def delete(self, name: str) -> None:
+        path = os.path.join(self.root, name)
+        try:
+            os.unlink(os.path.join(path, MANIFEST_NAME))
+        except FileNotFoundError:
+            return
+        _fsync_dir(path)
+        self._remove_tree(path)
+
+    def _remove_tree(self, path: str) -> None:
+        # Rename first, so a crash half-way leaves a .trash- directory, never a step name with half its files.
+        trash = os.path.join(self.root, f"{TRASH_PREFIX}{os.path.basename(path)}-{new_token()}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_leftovers(self) -> list[str]:
+        removed = []
+        now = time.time()
+        for entry in list(os.scandir(self.root)):
+            name = entry.name
+            if name.startswith(TRASH_PREFIX):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(name)
+            elif name.startswith(TMP_PREFIX) and not name.endswith(".alive"):
+                if self._writer_dead(entry.path) or now - _mtime(entry.path) > knobs.current.stale_after_s:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path + ".alive")
+                    removed.append(name)
+            elif name.startswith(TMP_PREFIX) and name.endswith(".alive"):
+                if not os.path.exists(entry.path[: -len(".alive")]) and self._writer_dead(entry.path[:-6]):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+            elif parse_step(name) is not None and entry.is_dir():
+                if not os.path.exists(os.path.join(entry.path, MANIFEST_NAME)):
+                    # Never a save in progress (those live in .tmp- directories): a deletion cut short.
+                    self._remove_tree(entry.path)
+                    removed.append(name)
+        return removed
+
+    @staticmethod
+    def _writer_dead(tmp_path: str) -> bool:
+        try:
+            fd = os.open(tmp_path + ".alive", os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        finally:
+            os.close(fd)
+        return True
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+# --- any fsspec filesystem --------------------------------------------------------------------------
+
+_FS_LOCKS: dict[str, threading.RLock] = {}
+_FS_LOCKS_GUARD = threading.Lock()
+
+
+class _FsspecStaging(Staging):
+    def __init__(self, storage: FsspecStorage, name: str, token: str) -> None:
+        self.storage = storage
+        self.token = token
+        self.dir = name
+        self.written: list[str] = []
+
+    def open(self, name: str) -> BinaryIO:
+        path = self.storage._path(f"{self.dir}/{name}")
+        self.written.append(path)
+        return self.storage.fs.open(path, "wb")  # type: ignore[no-any-return]
+
+    def close_file(self, f: BinaryIO) -> None:
+        f.close()  # object stores: the object exists, complete, once close returns
+
+    def commit(self, manifest: bytes, *, overwrite: bool) -> None:
+        fs = self.storage.fs
+        path = self.storage._path(f"{self.dir}/{MANIFEST_NAME}")
+        with self.storage.lock():
+            if overwrite and self.storage.is_committed(self.dir):
+                self.storage.delete(self.dir, keep=set(self.written))
+            try:
+                fs.pipe_file(path, manifest, mode="create")
+            except FileExistsError:
+                # The retry trap: our own PUT may have succeeded with its response lost. Ours or not?
+                if not self._is_ours(path, manifest):
+                    raise CheckpointExistsError(f"{self.storage.url_of(self.dir)} is already committed") from None
+
+    def _is_ours(self, path: str, manifest: bytes) -> bool:
+        try:
+            return bool(self.storage.fs.cat_file(path) == manifest)
+        except FileNotFoundError:
+            return False
+
+    def abort(self) -> None:
+        for path in self.written:
+            with contextlib.suppress(Exception):
+                self.storage.fs.rm_file(path)
+
+
+class FsspecStorage(Storage):
+    """A store on any fsspec filesystem; commits by writing the manifest last.
+
+    Not safe for concurrent *deletions* from several processes (there is no cross-process lock on an
+    object store); concurrent commits are, where the filesystem has an exclusive create (S3, local).
+    """
+
+    atomic_rename = False
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = fs.unstrip_protocol(self.root)
+        key = f"{type(fs).__module__}.{type(fs).__qualname__}:{self.url}"
+        with _FS_LOCKS_GUARD:
+            self._lock = _FS_LOCKS.setdefault(key, threading.RLock())
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url_of(self, rel: str) -> str:
+        return str(self.fs.unstrip_protocol(self._path(rel)))
+
+    def begin(self, name: str, token: str) -> Staging:
+        return _FsspecStaging(self, name, token)
+
+    def lock(self) -> contextlib.AbstractContextManager[Any]:
+        return self._lock
+
+    def _refresh(self) -> None:
+        self.fs.invalidate_cache(self.root)
+
+    def _find(self) -> list[str]:
+        """Every object under the root, relative, listed fresh."""
+        self._refresh()
+        try:
+            found = self.fs.find(self.root, withdirs=False)
+        except FileNotFoundError:
+            return []
+        prefix = self.root + "/"
+        return [p[len(prefix) :] for p in found if p.startswith(prefix)]
+
+    def committed_steps(self) -> list[int]:
+        steps = set()
+        for rel in self._find():
+            parent, _, name = rel.partition("/")
+            if name == MANIFEST_NAME and (step := parse_step(parent)) is not None:
+                steps.add(step)
+        return sorted(steps)
+
+    def read_bytes(self, rel: str, limit: int) -> bytes:
+        path = self._path(rel)
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
+        if len(data) > limit:
+            raise CorruptCheckpointError(f"{self.url_of(rel)} is larger than {limit} bytes")
+        return bytes(data)
+
+    def open_read(self, rel: str) -> BinaryIO:
+        try:
+            return self.fs.open(self._path(rel), "rb")  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+
+    def sizes(self, rel_dir: str) -> dict[str, int]:
+        path = self._path(rel_dir)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries
+                if e.get("type") == "file"}
+
+    def is_committed(self, name: str) -> bool:
+        path = self._path(f"{name}/{MANIFEST_NAME}")
+        self.fs.invalidate_cache(self._path(name))
+        return bool(self.fs.exists(path))
+
+    def delete(self, name: str, keep: set[str] | None = None) -> None:
+        base = self._path(name)
+        try:
+            self.fs.rm_file(f"{base}/{MANIFEST_NAME}")
+        except FileNotFoundError:
+            return
+        self._refresh()
+        paths = [p for p in self._list_dir(base) if not keep or p not in keep]
+        if paths:
+            self.fs.rm(paths)
+
+    def _list_dir(self, base: str) -> list[str]:
+        self.fs.invalidate_cache(base)
+        try:
+            return [str(p) for p in self.fs.find(base, withdirs=False)]
+        except FileNotFoundError:
+            return []
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove step prefixes without a manifest whose objects are all older than the grace period
+        (a writer may still be uploading into a younger one)."""
+        removed = []
+        by_step: dict[str, list[str]] = {}
+        for rel in self._find():
+            parent, _, name = rel.partition("/")
+            if parse_step(parent) is not None:
+                by_step.setdefault(parent, []).append(name)
+        now = time.time()
+        for parent, names in by_step.items():
+            if MANIFEST_NAME in names:
+                continue
+            paths = [self._path(f"{parent}/{n}") for n in names]
+            if all(now - self._modified(p) > knobs.current.stale_after_s for p in paths):
+                self.fs.rm(paths)
+                removed.append(parent)
+        return removed
+
+    def _modified(self, path: str) -> float:
+        try:
+            return float(self.fs.modified(path).timestamp())
+        except (NotImplementedError, FileNotFoundError, AttributeError):
+            return 0.0
+
+
+def open_storage(url_or_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
+    """The backend for a path or URL: local directories commit by rename, everything else manifest-last."""
+    if isinstance(url_or_path, os.PathLike) or "://" not in str(url_or_path) and "::" not in str(url_or_path):
+        return LocalStorage(url_or_path)
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url_or_path), **(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"cannot open {url_or_path}: {e}") from e
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return LocalStorage(root)
+    return FsspecStorage(fs, root)
+

@@ -1,0 +1,176 @@
+"""Tensor files: a streaming safetensors writer with checksums computed on the fly, and range readers.
+
+A file is laid out exactly as safetensors specifies (8-byte little-endian header length, a JSON header
+padded with spaces to a multiple of 8, then the tensors' bytes back to back), so the safetensors library
+opens it by itself. The writer never builds the file, nor a copy of a large tensor, in memory: it writes
+each tensor in chunks of ``knobs.chunk_bytes``, hashing (xxh3-64) each chunk just before it is written,
+while it is hot in cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
+
+import numpy as np
+import xxhash
+
+from . import dtypes, knobs
+from .errors import CorruptCheckpointError
+from .manifest import TensorEntry
+from .tree import ArrayLeaf
+
+HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
+
+
+@dataclasses.dataclass(frozen=True)
+class FilePlan:
+    """One tensor file to write: its name and the arrays it holds, in order."""
+
+    name: str
+    indices: tuple[int, ...]
+
+
+def tensor_names(arrays: Sequence[ArrayLeaf]) -> list[str]:
+    """A unique, readable safetensors key for each array: its key path joined by '/'."""
+    names: list[str] = []
+    seen: set[str] = set()
+    for leaf in arrays:
+        base = "/".join(str(k) for k in leaf.path) or "<root>"
+        name, n = base, 1
+        while name in seen:
+            n += 1
+            name = f"{base}#{n}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def plan_files(arrays: Sequence[ArrayLeaf], prefix: str, max_file_bytes: int) -> list[FilePlan]:
+    """Group arrays, in order, into files of at most ``max_file_bytes`` (a larger array gets its own)."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, leaf in enumerate(arrays):
+        n = leaf.array.nbytes
+        if not groups or (size + n > max_file_bytes and size > 0):
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return [FilePlan(f"{prefix}-{k:05d}.safetensors", tuple(g)) for k, g in enumerate(groups)]
+
+
+def _header(arrays: Sequence[ArrayLeaf], names: Sequence[str], indices: Sequence[int]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": {"writer": "ckptstore"}}
+    pos = 0
+    for i in indices:
+        leaf = arrays[i]
+        n = leaf.array.nbytes
+        entries[names[i]] = {"dtype": leaf.dtype, "shape": list(leaf.array.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _chunks(arr: np.ndarray, chunk: int) -> Iterator[memoryview]:
+    """The array's bytes in C order, as views of at most about ``chunk`` bytes; a non-contiguous array is
+    copied one slab at a time, never whole."""
+    if arr.nbytes == 0:
+        return
+    if arr.flags.c_contiguous:
+        flat = memoryview(arr.reshape(-1).view(np.uint8))
+        for start in range(0, len(flat), chunk):
+            yield flat[start : start + chunk]
+        return
+    row_bytes = arr.nbytes // arr.shape[0]
+    if row_bytes > chunk and arr.ndim > 1:
+        for row in arr:
+            yield from _chunks(row, chunk)
+        return
+    step = max(1, chunk // max(row_bytes, 1))
+    for start in range(0, arr.shape[0], step):
+        yield memoryview(np.ascontiguousarray(arr[start : start + step]).reshape(-1).view(np.uint8))
+
+
+def write_file(
+    f: BinaryIO, arrays: Sequence[ArrayLeaf], names: Sequence[str], plan: FilePlan, file_index: int
+) -> tuple[int, list[TensorEntry]]:
+    """Write one safetensors file; return its size and the manifest entry of each array in it."""
+    header = _header(arrays, names, plan.indices)
+    f.write(header)
+    pos = len(header)
+    chunk = knobs.current.chunk_bytes
+    entries = []
+    for i in plan.indices:
+        leaf = arrays[i]
+        h = xxhash.xxh3_64()
+        for piece in _chunks(leaf.array, chunk):
+            h.update(piece)
+            f.write(piece)
+        n = leaf.array.nbytes
+        entries.append(
+            TensorEntry(names[i], file_index, leaf.dtype, tuple(leaf.array.shape), pos, n, h.intdigest())
+        )
+        pos += n
+    return pos, entries
+
+
+def read_tensor(f: BinaryIO, entry: TensorEntry, *, verify: bool, source: str) -> np.ndarray:
+    """Read one tensor's bytes from an open file into a fresh array; check its checksum if ``verify``."""
+    buf = np.empty(entry.nbytes, dtype=np.uint8)
+    view = memoryview(buf)
+    f.seek(entry.offset)
+    got = 0
+    while got < entry.nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise CorruptCheckpointError(
+                f"{source}: tensor {entry.name!r} is truncated ({got} of {entry.nbytes} bytes)"
+            )
+        got += n
+    if verify:
+        check(buf, entry, source)
+    return buf.view(dtypes.dtype_of(entry.dtype)).reshape(entry.shape)
+
+
+def check(buf: np.ndarray | memoryview | bytes, entry: TensorEntry, source: str) -> None:
+    """Raise :class:`CorruptCheckpointError` unless ``buf`` has the tensor's recorded checksum."""
+    if xxhash.xxh3_64_intdigest(buf) != entry.xxh3:
+        raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} fails its checksum (xxh3-64)")
+
+
+def hash_stream(f: BinaryIO, entry: TensorEntry, source: str) -> None:
+    """Check a tensor's checksum reading its bytes in chunks (bounded memory)."""
+    h = xxhash.xxh3_64()
+    f.seek(entry.offset)
+    left = entry.nbytes
+    chunk = knobs.current.chunk_bytes
+    while left:
+        data = f.read(min(chunk, left))
+        if not data:
+            raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} is truncated")
+        h.update(data)
+        left -= len(data)
+    if h.intdigest() != entry.xxh3:
+        raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} fails its checksum (xxh3-64)")
+
+
+def read_header(f: BinaryIO, size: int, source: str) -> dict[str, object]:
+    """Parse a safetensors header with strict bounds (for verification and inspection)."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise CorruptCheckpointError(f"{source}: too short for a safetensors file")
+    (n,) = struct.unpack("<Q", raw)
+    if n > HEADER_LIMIT or n + 8 > size:
+        raise CorruptCheckpointError(f"{source}: safetensors header length {n} is out of bounds (file: {size})")
+    try:
+        header = json.loads(f.read(n))
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{source}: safetensors header is not JSON ({e})") from None
+    if type(header) is not dict:
+        raise CorruptCheckpointError(f"{source}: safetensors header is not a JSON object")
+    return header

@@ -1,0 +1,273 @@
+"""Walk a state tree: split it into a skeleton (plain values, msgpack-ready) and a list of arrays.
+
+``flatten(state)`` returns the skeleton, in which every array is replaced by a :class:`TensorRef`
+(its index in the array list), and the arrays with their key paths. ``rebuild(skeleton, load, like)``
+does the reverse, converting each array to the framework, dtype and device of its counterpart in
+``like`` and restoring stateful objects in place.
+
+Containers: dict (and Mapping subclasses, saved as dict), list, tuple, NamedTuple. Stateful objects
+(anything with ``state_dict()`` and ``load_state_dict()``) are saved as their state dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from .errors import StructureMismatchError, UnsupportedTypeError
+from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named
+
+KeyPath = tuple[Any, ...]
+
+_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def render_path(path: KeyPath, root: str = "state") -> str:
+    """``('opt', 'param_groups', 0)`` -> ``state['opt']['param_groups'][0]``."""
+    return root + "".join(f"[{k!r}]" for k in path)
+
+
+# --- skeleton nodes ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TensorRef:
+    """An array's place in the skeleton: its index in the manifest's tensor list."""
+
+    index: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stateful:
+    """A stateful object, saved as its ``state_dict()``; ``type_name`` is for people, never imported."""
+
+    type_name: str
+    state: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NamedTuple:
+    """A NamedTuple, saved as its type name, field names and values."""
+
+    type_name: str
+    fields: tuple[str, ...]
+    values: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Scalar:
+    """A NumPy scalar (``np.float32(1.5)``): its dtype code and raw bytes."""
+
+    dtype: str
+    data: bytes
+
+    def value(self) -> np.generic:
+        arr = np.frombuffer(self.data, dtype=dtypes.dtype_of(self.dtype))
+        if arr.shape != (1,):
+            from .errors import CorruptCheckpointError
+
+            raise CorruptCheckpointError(f"numpy scalar of dtype {self.dtype} has {len(self.data)} bytes")
+        return arr[0]
+
+
+@dataclasses.dataclass(slots=True)
+class ArrayLeaf:
+    """An array met while flattening: where it was, and its host (NumPy) view."""
+
+    path: KeyPath
+    array: np.ndarray
+    dtype: str
+
+
+# --- flatten ----------------------------------------------------------------------------------------
+
+_PLAIN_TYPES = frozenset({str, bytes, float, bool, int, complex, type(None)})
+
+
+def type_name(x: Any) -> str:
+    t = type(x)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def is_stateful(x: Any) -> bool:
+    """Whether ``x`` is saved through ``state_dict()`` and restored through ``load_state_dict()``."""
+    return callable(getattr(x, "state_dict", None)) and callable(getattr(x, "load_state_dict", None))
+
+
+def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]]:
+    """Split ``state`` into a skeleton and its arrays.
+
+    With ``snapshot=True`` each array is copied to host memory that the caller's later in-place updates
+    cannot reach (for saves that finish in the background).
+
+    Raises:
+        UnsupportedTypeError: a leaf cannot be saved; the message names its key path.
+    """
+    arrays: list[ArrayLeaf] = []
+
+    def walk(x: Any, path: KeyPath) -> Any:
+        t = type(x)
+        if t in _PLAIN_TYPES:
+            return x
+        if t is dict:
+            return {_key(k, path): walk(v, (*path, k)) for k, v in x.items()}
+        if t is list:
+            return [walk(v, (*path, i)) for i, v in enumerate(x)]
+        if t is tuple:
+            return tuple(walk(v, (*path, i)) for i, v in enumerate(x))
+        adapter = adapter_for(x)
+        if adapter is not None:
+            return TensorRef(add_array(adapter, x, path))
+        if isinstance(x, np.generic):
+            code = dtypes.code_of(x.dtype)
+            if code is None:
+                raise UnsupportedTypeError(f"{render_path(path)} is a numpy scalar of dtype {x.dtype}")
+            return Scalar(code, x.tobytes())
+        if is_stateful(x):
+            return Stateful(type_name(x), walk(x.state_dict(), path))
+        if isinstance(x, Mapping):
+            return {_key(k, path): walk(v, (*path, k)) for k, v in x.items()}
+        if isinstance(x, tuple) and isinstance(getattr(x, "_fields", None), tuple):
+            fields = tuple(str(f) for f in x._fields)  # type: ignore[attr-defined]
+            return NamedTuple(type_name(x), fields, tuple(walk(v, (*path, f)) for f, v in zip(fields, x)))
+        if isinstance(x, list):
+            return walk(list(x), path)
+        if isinstance(x, tuple):
+            return walk(tuple(x), path)
+        for base in (bool, int, float, str, bytes):  # subclasses (IntEnum, StrEnum, ...) as their base
+            if isinstance(x, base):
+                return base(x)
+        raise UnsupportedTypeError(
+            f"{render_path(path)} is a {type_name(x)}, which ckptstore cannot save "
+            "(arrays, containers, plain Python values and objects with state_dict() are supported)"
+        )
+
+    def add_array(adapter: Adapter, x: Any, path: KeyPath) -> int:
+        try:
+            host = adapter.to_numpy(x, copy=snapshot)
+        except UnsupportedTypeError as e:
+            raise UnsupportedTypeError(f"{render_path(path)}: {e}") from None
+        code = dtypes.code_of(host.dtype)
+        if code is None:
+            raise UnsupportedTypeError(
+                f"{render_path(path)} has dtype {host.dtype}, which safetensors cannot hold"
+            )
+        arrays.append(ArrayLeaf(path, host, code))
+        return len(arrays) - 1
+
+    skeleton = walk(state, ())
+    return skeleton, arrays
+
+
+def _key(k: Any, path: KeyPath) -> Any:
+    if type(k) is str or type(k) is int:
+        return k
+    if isinstance(k, str | int) and not isinstance(k, bool):
+        return int(k) if isinstance(k, int) else str(k)
+    raise UnsupportedTypeError(
+        f"{render_path(path)} has a key of type {type(k).__name__} ({k!r}); dict keys must be str or int"
+    )
+
+
+# --- rebuild ----------------------------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+def rebuild(
+    skeleton: Any,
+    load: Callable[[int], np.ndarray],
+    *,
+    like: Any = _MISSING,
+    framework: str | None = None,
+) -> Any:
+    """Turn a skeleton back into a state tree.
+
+    Args:
+        skeleton: the decoded skeleton of a manifest.
+        load: returns the host array of a tensor index.
+        like: a template tree; each array comes back like its counterpart (framework, dtype, device) and
+            each stateful object in it is restored in place. Its structure must match the checkpoint's.
+        framework: arrays without a counterpart in ``like`` come back as this framework's arrays
+            (default numpy).
+
+    Raises:
+        StructureMismatchError: ``like`` does not fit the checkpoint; the message names the key path.
+    """
+    default = adapter_named(framework or "numpy")
+
+    def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
+        if type(node) is TensorRef:
+            arr = load(node.index)
+            if tmpl is _MISSING or tmpl is None:
+                return fallback.from_numpy(arr, None)
+            adapter = adapter_for(tmpl)
+            if adapter is None:
+                if strict:
+                    raise StructureMismatchError(
+                        f"{render_path(path)}: the checkpoint holds an array, `like` a {type_name(tmpl)}"
+                    )
+                return fallback.from_numpy(arr, None)
+            shape = tuple(getattr(tmpl, "shape", arr.shape))
+            if shape != arr.shape:
+                raise StructureMismatchError(
+                    f"{render_path(path)}: the checkpoint's array has shape {arr.shape}, `like`'s {shape}"
+                )
+            return adapter.from_numpy(arr, tmpl)
+        if type(node) is dict:
+            if tmpl is _MISSING or not isinstance(tmpl, Mapping):
+                _mismatch(strict, tmpl, path, "a dict")
+                return {k: walk(v, _MISSING, (*path, k), fallback, strict) for k, v in node.items()}
+            if strict and tmpl.keys() != node.keys():
+                missing = [k for k in tmpl if k not in node]
+                extra = [k for k in node if k not in tmpl]
+                raise StructureMismatchError(
+                    f"{render_path(path)}: keys differ; in `like` only: {missing}, in the checkpoint only: {extra}"
+                )
+            out = {k: walk(v, tmpl.get(k, _MISSING), (*path, k), fallback, strict) for k, v in node.items()}
+            return out
+        if type(node) is list or type(node) is tuple:
+            if tmpl is _MISSING or not isinstance(tmpl, list | tuple) or len(tmpl) != len(node):
+                _mismatch(strict, tmpl, path, f"a {type(node).__name__} of {len(node)}")
+                items = [walk(v, _MISSING, (*path, i), fallback, strict) for i, v in enumerate(node)]
+            else:
+                items = [walk(v, t, (*path, i), fallback, strict) for i, (v, t) in enumerate(zip(node, tmpl))]
+            return items if type(node) is list else tuple(items)
+        if type(node) is NamedTuple:
+            if tmpl is not _MISSING and isinstance(tmpl, tuple) and getattr(tmpl, "_fields", None) == node.fields:
+                values = [walk(v, t, (*path, f), fallback, strict) for f, v, t in zip(node.fields, node.values, tmpl)]
+                return type(tmpl)(*values)
+            _mismatch(strict, tmpl, path, f"a NamedTuple {node.type_name}")
+            return {f: walk(v, _MISSING, (*path, f), fallback, strict) for f, v in zip(node.fields, node.values)}
+        if type(node) is Stateful:
+            if tmpl is not _MISSING and is_stateful(tmpl):
+                hint = adapter_for_stateful(tmpl) or fallback
+                state = walk(node.state, tmpl.state_dict(), path, hint, False)
+                tmpl.load_state_dict(state)
+                return tmpl
+            _mismatch(strict, tmpl, path, f"the state of a {node.type_name}")
+            return walk(node.state, _MISSING, path, fallback, strict)
+        if type(node) is Scalar:
+            return node.value()
+        return node
+
+    return walk(skeleton, like, (), default, like is not _MISSING)
+
+
+def _mismatch(strict: bool, tmpl: Any, path: KeyPath, what: str) -> None:
+    if strict and tmpl is not _MISSING:
+        raise StructureMismatchError(f"{render_path(path)}: the checkpoint holds {what}, `like` a {type_name(tmpl)}")
+
+
+def adapter_for_stateful(obj: Any) -> Adapter | None:
+    """Arrays inside a stateful object's state come back in the framework of the object's class (or of a
+    base class: a user's ``nn.Module`` subclass is torch's) where its ``state_dict()`` has no counterpart."""
+    for cls in type(obj).__mro__:
+        adapter = adapter_for_module(cls.__module__)
+        if adapter is not None:
+            return adapter
+    return None
