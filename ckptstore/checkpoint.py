@@ -133,9 +133,12 @@ def load_tensors(
         if actual != fe.size:
             raise CorruptCheckpointError(f"{source} has {actual} bytes, the manifest says {fe.size} (truncated?)")
         idx.sort(key=lambda i: m.tensors[i].offset)
-        with storage.open_read(rel) as f:
+        f = storage.open_read(rel)
+        try:
             for i in idx:
                 out[i] = tensorio.read_tensor(f, m.tensors[i], verify=verify, source=source)
+        finally:
+            f.close()
     return out
 
 

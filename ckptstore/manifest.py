@@ -15,9 +15,10 @@ unknown extension type is an error, not code to run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -36,6 +37,8 @@ EXT_NAMEDTUPLE = 4  # payload: [type name, [field, ...], [value, ...]]
 EXT_SCALAR = 5  # payload: [dtype code, raw bytes] (a NumPy scalar)
 EXT_BIGINT = 6  # payload: decimal string of an int outside 64 bits
 EXT_COMPLEX = 7  # payload: [real, imag]
+
+_T = TypeVar("_T")
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
@@ -193,9 +196,10 @@ def _unpack_fields(data: bytes, n: int, what: str) -> list[Any]:
     return items
 
 
-def _expect(value: Any, kind: type, what: str) -> None:
+def _expect(value: Any, kind: type[_T], what: str) -> _T:
     if type(value) is not kind:
         raise CorruptCheckpointError(f"manifest field {what} is a {type(value).__name__}, not {kind.__name__}")
+    return value
 
 
 def _int(value: Any, what: str, low: int = 0) -> int:
@@ -235,12 +239,9 @@ def _validate(doc: Any) -> Manifest:
     created = doc.get("created")
     if type(created) is not float or not math.isfinite(created):
         raise CorruptCheckpointError(f"bad creation time {created!r}")
-    writer = doc.get("writer")
-    _expect(writer, str, "writer")
-    metadata = doc.get("metadata")
-    _expect(metadata, dict, "metadata")
-    raw_files = doc.get("files")
-    _expect(raw_files, list, "files")
+    writer = _expect(doc.get("writer"), str, "writer")
+    metadata = _expect(doc.get("metadata"), dict, "metadata")
+    raw_files = _expect(doc.get("files"), list, "files")
     files = []
     for f in raw_files:
         _expect(f, dict, "files[]")
@@ -250,8 +251,7 @@ def _validate(doc: Any) -> Manifest:
         files.append(FileEntry(name, _int(f.get("size"), "files[].size")))
     if len({f.name for f in files}) != len(files):
         raise CorruptCheckpointError("a tensor file is listed twice")
-    raw_tensors = doc.get("tensors")
-    _expect(raw_tensors, list, "tensors")
+    raw_tensors = _expect(doc.get("tensors"), list, "tensors")
     tensors = []
     for t in raw_tensors:
         _expect(t, dict, "tensors[]")
@@ -263,8 +263,7 @@ def _validate(doc: Any) -> Manifest:
         dtype = t.get("dtype")
         _expect(dtype, str, "tensors[].dtype")
         itemsize = dtypes.dtype_of(dtype).itemsize
-        shape = t.get("shape")
-        _expect(shape, list, "tensors[].shape")
+        shape = _expect(t.get("shape"), list, "tensors[].shape")
         count = 1
         for d in shape:
             count *= _int(d, f"shape of tensor {name!r}")
@@ -286,6 +285,6 @@ def _validate(doc: Any) -> Manifest:
 
 def _check_no_overlap(tensors: list[TensorEntry], files: list[FileEntry]) -> None:
     spans = sorted((t.file, t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)
-    for (f1, _, end1, n1), (f2, start2, _, n2) in zip(spans, spans[1:]):
+    for (f1, _, end1, n1), (f2, start2, _, n2) in itertools.pairwise(spans):
         if f1 == f2 and start2 < end1:
             raise CorruptCheckpointError(f"tensors {n1!r} and {n2!r} overlap in {files[f1].name}")

@@ -26,7 +26,6 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import filelock
@@ -36,6 +35,7 @@ import fsspec.implementations.local
 from . import knobs
 from .errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from .manifest import MANIFEST_NAME
+from .tensorio import Readable
 
 STEP_RE = re.compile(r"step_([0-9]{8,20})")
 LOCK_NAME = ".ckptstore.lock"
@@ -114,8 +114,8 @@ class Storage(ABC):
         """A whole small file (a manifest); raises CheckpointNotFoundError if it does not exist."""
 
     @abstractmethod
-    def open_read(self, rel: str) -> BinaryIO:
-        """A file for ranged reads (``seek`` + ``readinto``)."""
+    def open_read(self, rel: str) -> Readable:
+        """A file for ranged reads (``seek`` + ``readinto``); the caller closes it."""
 
     @abstractmethod
     def sizes(self, rel_dir: str) -> dict[str, int]:
@@ -134,7 +134,6 @@ class Storage(ABC):
     def clean_leftovers(self) -> list[str]:
         """Remove what crashed writers left (temp data, half-deleted steps); return what was removed.
         Call under :meth:`lock`."""
-
 
 
 # --- local disk -------------------------------------------------------------------------------------
@@ -182,7 +181,7 @@ class _LocalStaging(Staging):
         os.mkdir(self.path)
 
     def open(self, name: str) -> BinaryIO:
-        return open(os.path.join(self.path, name), "xb", buffering=1 << 20)  # noqa: SIM115
+        return open(os.path.join(self.path, name), "xb", buffering=1 << 20)
 
     def close_file(self, f: BinaryIO) -> None:
         try:
@@ -266,9 +265,9 @@ class LocalStorage(Storage):
             raise CorruptCheckpointError(f"{self.url_of(rel)} is larger than {limit} bytes")
         return data
 
-    def open_read(self, rel: str) -> BinaryIO:
+    def open_read(self, rel: str) -> Readable:
         try:
-            return open(self._path(rel), "rb", buffering=0)  # noqa: SIM115
+            return open(self._path(rel), "rb", buffering=0)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
 
@@ -298,27 +297,23 @@ class LocalStorage(Storage):
 
     def clean_leftovers(self) -> list[str]:
         removed = []
-        now = time.time()
         for entry in list(os.scandir(self.root)):
             name = entry.name
             if name.startswith(TRASH_PREFIX):
                 shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(name)
-            elif name.startswith(TMP_PREFIX) and not name.endswith(".alive"):
-                if self._writer_dead(entry.path) or now - _mtime(entry.path) > knobs.current.stale_after_s:
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path + ".alive")
-                    removed.append(name)
-            elif name.startswith(TMP_PREFIX) and name.endswith(".alive"):
-                if not os.path.exists(entry.path[: -len(".alive")]) and self._writer_dead(entry.path[:-6]):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
-            elif parse_step(name) is not None and entry.is_dir():
-                if not os.path.exists(os.path.join(entry.path, MANIFEST_NAME)):
-                    # Never a save in progress (those live in .tmp- directories): a deletion cut short.
-                    self._remove_tree(entry.path)
-                    removed.append(name)
+            elif name.startswith(TMP_PREFIX):
+                tmp = entry.path.removesuffix(".alive")
+                if not self._writer_dead(tmp):
+                    continue
+                shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp + ".alive")
+            elif parse_step(name) is not None and entry.is_dir() and not self.is_committed(name):
+                # Never a save in progress (those live in .tmp- directories): a deletion cut short.
+                self._remove_tree(entry.path)
+            else:
+                continue
+            removed.append(name)
         return removed
 
     @staticmethod
@@ -338,13 +333,6 @@ class LocalStorage(Storage):
         return True
 
 
-def _mtime(path: str) -> float:
-    try:
-        return os.stat(path).st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
 # --- any fsspec filesystem --------------------------------------------------------------------------
 
 _FS_LOCKS: dict[str, threading.RLock] = {}
@@ -361,7 +349,7 @@ class _FsspecStaging(Staging):
     def open(self, name: str) -> BinaryIO:
         path = self.storage._path(f"{self.dir}/{name}")
         self.written.append(path)
-        return self.storage.fs.open(path, "wb")  # type: ignore[no-any-return]
+        return self.storage.fs.open(path, "wb")
 
     def close_file(self, f: BinaryIO) -> None:
         f.close()  # object stores: the object exists, complete, once close returns
@@ -452,9 +440,9 @@ class FsspecStorage(Storage):
             raise CorruptCheckpointError(f"{self.url_of(rel)} is larger than {limit} bytes")
         return bytes(data)
 
-    def open_read(self, rel: str) -> BinaryIO:
+    def open_read(self, rel: str) -> Readable:
         try:
-            return self.fs.open(self._path(rel), "rb")  # type: ignore[no-any-return]
+            return self.fs.open(self._path(rel), "rb")
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
 
@@ -465,8 +453,11 @@ class FsspecStorage(Storage):
             entries = self.fs.ls(path, detail=True)
         except FileNotFoundError:
             return {}
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries
-                if e.get("type") == "file"}
+        return {
+            e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries
+            if e.get("type") == "file"
+        }
 
     def is_committed(self, name: str) -> bool:
         path = self._path(f"{name}/{MANIFEST_NAME}")
@@ -519,7 +510,7 @@ class FsspecStorage(Storage):
 
 def open_storage(url_or_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
     """The backend for a path or URL: local directories commit by rename, everything else manifest-last."""
-    if isinstance(url_or_path, os.PathLike) or "://" not in str(url_or_path) and "::" not in str(url_or_path):
+    if isinstance(url_or_path, os.PathLike) or ("://" not in str(url_or_path) and "::" not in str(url_or_path)):
         return LocalStorage(url_or_path)
     try:
         fs, root = fsspec.core.url_to_fs(str(url_or_path), **(storage_options or {}))
@@ -528,4 +519,3 @@ def open_storage(url_or_path: str | os.PathLike[str], storage_options: dict[str,
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         return LocalStorage(root)
     return FsspecStorage(fs, root)
-

@@ -201,4 +201,3 @@ def _manifest(storage: Storage, name: str) -> Manifest:
         return checkpoint.read_manifest(storage, name)
     except CheckpointNotFoundError:
         raise CheckpointNotFoundError(f"no committed checkpoint at {storage.url_of(name)}") from None
-

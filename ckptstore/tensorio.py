@@ -13,7 +13,7 @@ import dataclasses
 import json
 import struct
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import xxhash
@@ -24,6 +24,15 @@ from .manifest import TensorEntry
 from .tree import ArrayLeaf
 
 HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
+
+
+class Readable(Protocol):
+    """A file opened for ranged reads."""
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def read(self, size: int = -1, /) -> bytes: ...
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +78,11 @@ def _header(arrays: Sequence[ArrayLeaf], names: Sequence[str], indices: Sequence
     for i in indices:
         leaf = arrays[i]
         n = leaf.array.nbytes
-        entries[names[i]] = {"dtype": leaf.dtype, "shape": list(leaf.array.shape), "data_offsets": [pos, pos + n]}
+        entries[names[i]] = {
+            "dtype": leaf.dtype,
+            "shape": list(leaf.array.shape),
+            "data_offsets": [pos, pos + n],
+        }
         pos += n
     raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -82,7 +95,7 @@ def _chunks(arr: np.ndarray, chunk: int) -> Iterator[memoryview]:
     if arr.nbytes == 0:
         return
     if arr.flags.c_contiguous:
-        flat = memoryview(arr.reshape(-1).view(np.uint8))
+        flat = arr.reshape(-1).view(np.uint8).data
         for start in range(0, len(flat), chunk):
             yield flat[start : start + chunk]
         return
@@ -93,7 +106,7 @@ def _chunks(arr: np.ndarray, chunk: int) -> Iterator[memoryview]:
         return
     step = max(1, chunk // max(row_bytes, 1))
     for start in range(0, arr.shape[0], step):
-        yield memoryview(np.ascontiguousarray(arr[start : start + step]).reshape(-1).view(np.uint8))
+        yield np.ascontiguousarray(arr[start : start + step]).reshape(-1).view(np.uint8).data
 
 
 def write_file(
@@ -112,17 +125,15 @@ def write_file(
             h.update(piece)
             f.write(piece)
         n = leaf.array.nbytes
-        entries.append(
-            TensorEntry(names[i], file_index, leaf.dtype, tuple(leaf.array.shape), pos, n, h.intdigest())
-        )
+        entries.append(TensorEntry(names[i], file_index, leaf.dtype, tuple(leaf.array.shape), pos, n, h.intdigest()))
         pos += n
     return pos, entries
 
 
-def read_tensor(f: BinaryIO, entry: TensorEntry, *, verify: bool, source: str) -> np.ndarray:
+def read_tensor(f: Readable, entry: TensorEntry, *, verify: bool, source: str) -> np.ndarray:
     """Read one tensor's bytes from an open file into a fresh array; check its checksum if ``verify``."""
     buf = np.empty(entry.nbytes, dtype=np.uint8)
-    view = memoryview(buf)
+    view = buf.data
     f.seek(entry.offset)
     got = 0
     while got < entry.nbytes:
@@ -137,13 +148,13 @@ def read_tensor(f: BinaryIO, entry: TensorEntry, *, verify: bool, source: str) -
     return buf.view(dtypes.dtype_of(entry.dtype)).reshape(entry.shape)
 
 
-def check(buf: np.ndarray | memoryview | bytes, entry: TensorEntry, source: str) -> None:
+def check(buf: np.ndarray, entry: TensorEntry, source: str) -> None:
     """Raise :class:`CorruptCheckpointError` unless ``buf`` has the tensor's recorded checksum."""
-    if xxhash.xxh3_64_intdigest(buf) != entry.xxh3:
+    if xxhash.xxh3_64_intdigest(buf.data) != entry.xxh3:
         raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} fails its checksum (xxh3-64)")
 
 
-def hash_stream(f: BinaryIO, entry: TensorEntry, source: str) -> None:
+def hash_stream(f: Readable, entry: TensorEntry, source: str) -> None:
     """Check a tensor's checksum reading its bytes in chunks (bounded memory)."""
     h = xxhash.xxh3_64()
     f.seek(entry.offset)
@@ -159,7 +170,7 @@ def hash_stream(f: BinaryIO, entry: TensorEntry, source: str) -> None:
         raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} fails its checksum (xxh3-64)")
 
 
-def read_header(f: BinaryIO, size: int, source: str) -> dict[str, object]:
+def read_header(f: Readable, size: int, source: str) -> dict[str, object]:
     """Parse a safetensors header with strict bounds (for verification and inspection)."""
     raw = f.read(8)
     if len(raw) != 8:

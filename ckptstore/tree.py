@@ -86,6 +86,7 @@ class ArrayLeaf:
 # --- flatten ----------------------------------------------------------------------------------------
 
 _PLAIN_TYPES = frozenset({str, bytes, float, bool, int, complex, type(None)})
+_PLAIN_BASES: tuple[type, ...] = (bool, int, float, str, bytes)
 
 
 def type_name(x: Any) -> str:
@@ -138,7 +139,7 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
             return walk(list(x), path)
         if isinstance(x, tuple):
             return walk(tuple(x), path)
-        for base in (bool, int, float, str, bytes):  # subclasses (IntEnum, StrEnum, ...) as their base
+        for base in _PLAIN_BASES:  # subclasses (IntEnum, StrEnum, ...) are saved as their base type
             if isinstance(x, base):
                 return base(x)
         raise UnsupportedTypeError(
@@ -153,9 +154,7 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
             raise UnsupportedTypeError(f"{render_path(path)}: {e}") from None
         code = dtypes.code_of(host.dtype)
         if code is None:
-            raise UnsupportedTypeError(
-                f"{render_path(path)} has dtype {host.dtype}, which safetensors cannot hold"
-            )
+            raise UnsupportedTypeError(f"{render_path(path)} has dtype {host.dtype}, which safetensors cannot hold")
         arrays.append(ArrayLeaf(path, host, code))
         return len(arrays) - 1
 

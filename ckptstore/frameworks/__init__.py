@@ -51,8 +51,14 @@ _MODULES: dict[str, str] = {
     "keras": "tf",
 }
 # framework= names -> adapter module.
-_NAMES: dict[str, str] = {"numpy": "numpy", "np": "numpy", "torch": "torch", "jax": "jax", "tf": "tf",
-                          "tensorflow": "tf"}
+_NAMES: dict[str, str] = {
+    "numpy": "numpy",
+    "np": "numpy",
+    "torch": "torch",
+    "jax": "jax",
+    "tf": "tf",
+    "tensorflow": "tf",
+}
 _loaded: dict[str, Adapter] = {}
 
 

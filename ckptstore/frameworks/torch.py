@@ -46,10 +46,7 @@ class TorchAdapter:
 
     def from_numpy(self, arr: np.ndarray, like: Any | None) -> Any:
         via = _INT_OF.get(arr.dtype)
-        if via is not None:
-            t = torch.from_numpy(arr.view(via[0])).view(via[1])
-        else:
-            t = torch.from_numpy(arr)
+        t = torch.from_numpy(arr) if via is None else torch.from_numpy(arr.view(via[0])).view(via[1])
         if isinstance(like, torch.Tensor):
             t = t.to(device=like.device, dtype=like.dtype)
             if like.requires_grad:
