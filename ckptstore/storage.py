@@ -228,16 +228,17 @@ class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
-        os.makedirs(self.root, exist_ok=True)
         self._lock = _ProcessLock(os.path.join(self.root, LOCK_NAME))
 
     def url_of(self, rel: str) -> str:
         return os.path.join(self.root, rel)
 
     def begin(self, name: str, token: str) -> Staging:
+        os.makedirs(self.root, exist_ok=True)  # only writers create the root; readers never do
         return _LocalStaging(self, name, token)
 
     def lock(self) -> contextlib.AbstractContextManager[Any]:
+        os.makedirs(self.root, exist_ok=True)  # the lock file lives in the root
         return self._lock
 
     def committed_steps(self) -> list[int]:

@@ -26,14 +26,13 @@ class CheckpointInfo:
     path: str
     #: Creation time, seconds since the epoch.
     created: float
-    #: Bytes of tensor data and manifest together.
+    #: Bytes of the checkpoint's tensor files.
     nbytes: int
     metadata: dict[str, Any]
 
 
-def _info(storage: Storage, name: str, m: Manifest, manifest_size: int | None = None) -> CheckpointInfo:
-    nbytes = sum(f.size for f in m.files) + (manifest_size or 0)
-    return CheckpointInfo(m.step, storage.url_of(name), m.created, nbytes, m.metadata)
+def _info(storage: Storage, name: str, m: Manifest) -> CheckpointInfo:
+    return CheckpointInfo(m.step, storage.url_of(name), m.created, sum(f.size for f in m.files), m.metadata)
 
 
 def _check_step(step: Any) -> int:

@@ -1,0 +1,174 @@
+"""The ``ckptstore`` command: look at stores and checkpoints from a shell.
+
+    ckptstore ls URL                 committed steps: step, time, size, metadata
+    ckptstore show URL [--step N]    the tree of one checkpoint: key path, dtype and shape, or value
+
+URL is a store root or (for ``show``) one checkpoint directory; ``-o key=value`` passes fsspec storage
+options (values are parsed as JSON where they can be: ``-o anon=true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from . import checkpoint, tree
+from .errors import CkptStoreError
+from .manifest import Manifest
+from .storage import Storage, step_name
+from .store import CheckpointStore
+
+Command = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    """Register a subcommand's handler (its arguments are declared in :func:`build_parser`)."""
+
+    def register(fn: Command) -> Command:
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise CkptStoreError(f"storage option {pair!r} is not key=value")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _time(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
+
+
+def _store(args: argparse.Namespace) -> CheckpointStore:
+    return CheckpointStore(args.url, storage_options=_options(args.option))
+
+
+@command("ls")
+def _ls(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = [("STEP", "CREATED", "SIZE", "METADATA")]
+    for step in store.steps():
+        info = store.info(step)
+        meta = json.dumps(info.metadata, default=repr) if info.metadata else ""
+        rows.append((str(step), _time(info.created), _human(info.nbytes), meta))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip())
+    return 0
+
+
+def _locate(args: argparse.Namespace) -> tuple[Storage, str]:
+    """The storage and directory name of the checkpoint ``show`` is about."""
+    from .api import _split
+
+    if args.step is None:
+        storage, name = _split(args.url, _options(args.option))
+        if storage.is_committed(name):
+            return storage, name
+    store = _store(args)
+    step = store.latest_step() if args.step is None else args.step
+    if step is None:
+        raise CkptStoreError(f"no committed checkpoint in {store.url}")
+    return store.storage, step_name(step)
+
+
+def describe(m: Manifest) -> Iterator[tuple[str, str]]:
+    """(key path, description) of every leaf of a checkpoint's tree, from its manifest alone."""
+
+    def walk(node: Any, path: tree.KeyPath) -> Iterator[tuple[str, str]]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, (*path, k))
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                yield from walk(v, (*path, i))
+        elif isinstance(node, tree.NamedTuple):
+            yield from walk(dict(zip(node.fields, node.values)), path)
+        elif isinstance(node, tree.Stateful):
+            yield tree.render_path(path), f"<{node.type_name}>"
+            yield from walk(node.state, path)
+        elif isinstance(node, tree.TensorRef):
+            if 0 <= node.index < len(m.tensors):
+                t = m.tensors[node.index]
+                yield tree.render_path(path), f"{t.dtype} {list(t.shape)}"
+            else:
+                yield tree.render_path(path), f"<missing tensor #{node.index}>"
+        elif isinstance(node, tree.Scalar):
+            yield tree.render_path(path), f"{node.value()!r}"
+        else:
+            yield tree.render_path(path), repr(node)
+
+    yield from walk(m.tree, ())
+
+
+@command("show")
+def _show(args: argparse.Namespace) -> int:
+    storage, name = _locate(args)
+    m = checkpoint.read_manifest(storage, name)
+    print(f"# {storage.url_of(name)}  step {m.step}  created {_time(m.created)}")
+    if m.metadata:
+        print(f"# metadata {json.dumps(m.metadata, default=repr)}")
+    for path, what in describe(m):
+        print(f"{path}  {what}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="ckptstore", description="Inspect ckptstore checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("url", help="store root (path or fsspec URL)")
+        p.add_argument(
+            "-o",
+            "--option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="fsspec storage option (repeatable)",
+        )
+        return p
+
+    add("ls", "list committed checkpoints")
+    add("show", "show the tree of a checkpoint").add_argument("--step", type=int, help="default: the latest")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ckptstore`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except CkptStoreError as e:
+        print(f"ckptstore {args.command}: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `ckptstore show ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
