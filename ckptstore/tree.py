@@ -190,7 +190,9 @@ def rebuild(
         skeleton: the decoded skeleton of a manifest.
         load: returns the host array of a tensor index.
         like: a template tree; each array comes back like its counterpart (framework, dtype, device) and
-            each stateful object in it is restored in place. Its structure must match the checkpoint's.
+            each stateful object in it is restored in place. Its containers must match the checkpoint's;
+            a plain value in it (``0``, ``None``, ``[]``, a dict of numbers) is a placeholder: what was
+            saved there comes back as saved.
         framework: arrays without a counterpart in ``like`` come back as this framework's arrays
             (default numpy).
 
@@ -200,6 +202,8 @@ def rebuild(
     default = adapter_named(framework or "numpy")
 
     def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
+        if tmpl is not _MISSING and is_plain(tmpl):
+            tmpl = _MISSING  # a plain placeholder (0, None, [], {"lr": 0.1}): the checkpoint's value wins
         if type(node) is TensorRef:
             arr = load(node.index)
             if tmpl is _MISSING or tmpl is None:
@@ -255,6 +259,18 @@ def rebuild(
         return node
 
     return walk(skeleton, like, (), default, like is not _MISSING)
+
+
+def is_plain(x: Any) -> bool:
+    """Whether ``x`` is plain data: no arrays, stateful or custom objects anywhere in it."""
+    t = type(x)
+    if t in _PLAIN_TYPES:
+        return True
+    if t is list or t is tuple:
+        return all(is_plain(v) for v in x)
+    if t is dict:
+        return all(is_plain(v) for v in x.values())
+    return False
 
 
 def _mismatch(strict: bool, tmpl: Any, path: KeyPath, what: str) -> None:
