@@ -43,7 +43,8 @@ def save(
     if not overwrite and storage.is_committed(name):
         raise CheckpointExistsError(f"{storage.url_of(name)} is already committed (pass overwrite=True)")
     step = metadata.get("step", 0) if isinstance(metadata, dict) else 0
-    checkpoint.write(storage, name, step if isinstance(step, int) and step >= 0 else 0, prepared, overwrite=overwrite)
+    step = step if type(step) is int and 0 <= step < 1 << 63 else 0  # bool is an int, but not a step
+    checkpoint.write(storage, name, step, prepared, overwrite=overwrite)
 
 
 def restore(

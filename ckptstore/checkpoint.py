@@ -44,7 +44,11 @@ def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise UnsupportedTypeError(f"metadata must be a dict, not {type(metadata).__name__}")
-    skeleton, arrays = tree.flatten(metadata)
+    try:
+        skeleton, arrays = tree.flatten(metadata)
+    except UnsupportedTypeError as e:  # flatten names paths from "state"; here they lie in "metadata"
+        msg = str(e)
+        raise UnsupportedTypeError("metadata" + msg.removeprefix("state") if msg.startswith("state") else msg) from None
     if arrays:
         raise UnsupportedTypeError(
             f"{tree.render_path(arrays[0].path, 'metadata')} is an array; metadata holds small plain "

@@ -36,10 +36,13 @@ class RetentionPolicy:
     keep_every_n_hours: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_to_keep", "keep_every_n_steps", "keep_every_n_hours"):
+        for name, kinds in (("max_to_keep", int), ("keep_every_n_steps", int), ("keep_every_n_hours", (int, float))):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not value > 0):
-                raise CkptStoreError(f"{name} must be a positive number or None, got {value!r}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+                what = "a positive int" if kinds is int else "a positive number"
+                raise CkptStoreError(f"{name} must be {what} or None, got {value!r}")
 
     @property
     def keeps_all(self) -> bool:

@@ -36,8 +36,9 @@ def _info(storage: Storage, name: str, m: Manifest) -> CheckpointInfo:
 
 
 def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CkptStoreError(f"step must be a non-negative int, got {step!r}")
+    # The upper bound keeps the step in an int64 (and the directory name within what listing parses).
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 63:
+        raise CkptStoreError(f"step must be an int in [0, 2**63), got {step!r}")
     return int(step)
 
 

@@ -141,7 +141,8 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
             return walk(tuple(x), path)
         for base in _PLAIN_BASES:  # subclasses (IntEnum, StrEnum, ...) are saved as their base type
             if isinstance(x, base):
-                return base(x)
+                # str() of a (str, Enum) member is "Cls.NAME"; str.__str__ gives the string's own value.
+                return str.__str__(x) if base is str else base(x)
         raise UnsupportedTypeError(
             f"{render_path(path)} is a {type_name(x)}, which ckptstore cannot save "
             "(arrays, containers, plain Python values and objects with state_dict() are supported)"
