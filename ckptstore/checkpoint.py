@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 
 from . import knobs, manifest, tensorio, tree
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedTypeError
+from .errors import (
+    CheckpointNotFoundError,
+    CkptStoreError,
+    CorruptCheckpointError,
+    StorageError,
+    UnsupportedTypeError,
+)
 from .manifest import MANIFEST_NAME, Manifest
 from .storage import Storage, new_token
 
@@ -78,7 +84,12 @@ def write(storage: Storage, name: str, step: int, prepared: Prepared, *, overwri
     arrays = prepared.arrays
     names = tensorio.tensor_names(arrays)
     plans = tensorio.plan_files(arrays, f"tensors-{token}", knobs.current.max_file_bytes)
-    staging = storage.begin(name, token)
+    try:
+        staging = storage.begin(name, token)
+    except OSError as e:
+        if isinstance(e, CkptStoreError):
+            raise
+        raise storage_error(e, f"saving {storage.url_of(name)} failed; nothing was written") from e
     try:
         files: list[manifest.FileEntry] = []
         entries: list[manifest.TensorEntry | None] = [None] * len(arrays)
@@ -103,10 +114,20 @@ def write(storage: Storage, name: str, step: int, prepared: Prepared, *, overwri
             tensors=tuple(e for e in entries if e is not None),
         )
         staging.commit(manifest.encode(m), overwrite=overwrite)
-    except BaseException:
+    except BaseException as e:
         staging.abort()
+        if isinstance(e, OSError) and not isinstance(e, CkptStoreError):
+            raise storage_error(e, f"saving {storage.url_of(name)} failed; nothing was committed") from e
         raise
     return m
+
+
+def storage_error(e: OSError, what: str) -> StorageError:
+    """A filesystem failure as a StorageError that keeps its errno (``e.errno == errno.ENOSPC`` still works)."""
+    if e.errno is None:
+        return StorageError(f"{what}: {e}")
+    where = f" ({e.filename})" if e.filename else ""
+    return StorageError(e.errno, f"{what}: {e.strerror or e}{where}")
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:

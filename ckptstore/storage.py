@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -139,12 +141,43 @@ class Storage(ABC):
 # --- local disk -------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class LocalOps:
+    """The filesystem calls that change a local store, one method each.
+
+    Durability comes from exactly these calls: :meth:`fsync` of every file written, :meth:`fsync_dir` of a
+    directory after its entries changed. They are methods so that a test can put a wrapper in between
+    (fault injection at the k-th call, power-loss simulation: see tests/faults.py).
+    """
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def create(self, path: str) -> BinaryIO:
+        """A new file for writing; fails if ``path`` exists."""
+        return open(path, "xb", buffering=1 << 20)
+
+    def fsync(self, f: BinaryIO) -> None:
+        """Flush a file written through :meth:`create` and make its data durable."""
+        f.flush()
+        os.fsync(f.fileno())
+
+    def fsync_dir(self, path: str) -> None:
+        """Make a directory's entries (files created, renamed or removed in it) durable."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def rmtree(self, path: str) -> None:
+        """Remove a directory tree, best effort (a later clean-up finishes what is left)."""
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _ProcessLock:
@@ -175,27 +208,33 @@ class _LocalStaging(Staging):
         self.final_name = name
         self.dir = f"{TMP_PREFIX}{name}-{token}"
         self.path = os.path.join(storage.root, self.dir)
+        self.ops = storage.ops
         # Held for as long as this writer lives: a cleaner that can take it knows the writer is dead.
         self._alive_fd = os.open(self.path + ".alive", os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._alive_fd, fcntl.LOCK_EX)
-        os.mkdir(self.path)
+        try:
+            self.ops.mkdir(self.path)
+        except BaseException:
+            self._release()
+            raise
 
     def open(self, name: str) -> BinaryIO:
-        return open(os.path.join(self.path, name), "xb", buffering=1 << 20)
+        return self.ops.create(os.path.join(self.path, name))
 
     def close_file(self, f: BinaryIO) -> None:
         try:
-            f.flush()
-            os.fsync(f.fileno())
+            self.ops.fsync(f)
         finally:
             f.close()
 
     def commit(self, manifest: bytes, *, overwrite: bool) -> None:
-        with open(os.path.join(self.path, MANIFEST_NAME), "xb") as f:
+        f = self.ops.create(os.path.join(self.path, MANIFEST_NAME))
+        try:
             f.write(manifest)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(self.path)
+            self.ops.fsync(f)
+        finally:
+            f.close()
+        self.ops.fsync_dir(self.path)
         final = os.path.join(self.storage.root, self.final_name)
         with self.storage.lock():
             if os.path.exists(os.path.join(final, MANIFEST_NAME)):
@@ -204,12 +243,18 @@ class _LocalStaging(Staging):
                 self.storage.delete(self.final_name)
             elif os.path.exists(final):  # a half-deleted step: its manifest is gone already
                 self.storage._remove_tree(final)
-            os.rename(self.path, final)
-            _fsync_dir(self.storage.root)
+            self.ops.rename(self.path, final)
+            try:
+                self.ops.fsync_dir(self.storage.root)
+            except BaseException:
+                # Not durable, so not committed: a save that raises leaves no checkpoint behind.
+                with contextlib.suppress(Exception):
+                    self.storage.delete(self.final_name)
+                raise
         self._release()
 
     def abort(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.ops.rmtree(self.path)
         self._release()
 
     def _release(self) -> None:
@@ -225,9 +270,10 @@ class LocalStorage(Storage):
 
     atomic_rename = True
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], ops: LocalOps | None = None) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
+        self.ops = ops or LocalOps()
         self._lock = _ProcessLock(os.path.join(self.root, LOCK_NAME))
 
     def url_of(self, rel: str) -> str:
@@ -258,7 +304,7 @@ class LocalStorage(Storage):
 
     def read_bytes(self, rel: str, limit: int) -> bytes:
         try:
-            with open(self._path(rel), "rb") as f:
+            with self._open_file(rel) as f:
                 data = f.read(limit + 1)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
@@ -268,15 +314,32 @@ class LocalStorage(Storage):
 
     def open_read(self, rel: str) -> Readable:
         try:
-            return open(self._path(rel), "rb", buffering=0)
+            return self._open_file(rel)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
 
+    def _open_file(self, rel: str) -> io.FileIO:
+        """A regular file of a checkpoint, opened for reading. A symlink (which could point anywhere) or
+        anything but a regular file is refused: a checkpoint's files are its own."""
+        path = self._path(rel)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            why = "is a symlink" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
+            raise CorruptCheckpointError(f"{path} {why}; refused") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptCheckpointError(f"{path} is not a regular file; refused")
+        return open(fd, "rb", buffering=0)
+
     def sizes(self, rel_dir: str) -> dict[str, int]:
         try:
-            return {e.name: e.stat().st_size for e in os.scandir(self._path(rel_dir)) if e.is_file()}
+            entries = list(os.scandir(self._path(rel_dir)))
         except FileNotFoundError:
             return {}
+        return {e.name: e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False)}
 
     def is_committed(self, name: str) -> bool:
         return os.path.exists(os.path.join(self.root, name, MANIFEST_NAME))
@@ -284,31 +347,31 @@ class LocalStorage(Storage):
     def delete(self, name: str) -> None:
         path = os.path.join(self.root, name)
         try:
-            os.unlink(os.path.join(path, MANIFEST_NAME))
+            self.ops.unlink(os.path.join(path, MANIFEST_NAME))
         except FileNotFoundError:
             return
-        _fsync_dir(path)
+        self.ops.fsync_dir(path)  # the manifest is gone for good before any data goes
         self._remove_tree(path)
 
     def _remove_tree(self, path: str) -> None:
         # Rename first, so a crash half-way leaves a .trash- directory, never a step name with half its files.
         trash = os.path.join(self.root, f"{TRASH_PREFIX}{os.path.basename(path)}-{new_token()}")
-        os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        self.ops.rename(path, trash)
+        self.ops.rmtree(trash)
 
     def clean_leftovers(self) -> list[str]:
         removed = []
         for entry in list(os.scandir(self.root)):
             name = entry.name
             if name.startswith(TRASH_PREFIX):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                self.ops.rmtree(entry.path)
             elif name.startswith(TMP_PREFIX):
                 tmp = entry.path.removesuffix(".alive")
                 if not self._writer_dead(tmp):
                     continue
-                shutil.rmtree(tmp, ignore_errors=True)
+                self.ops.rmtree(tmp)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp + ".alive")
+                    self.ops.unlink(tmp + ".alive")
             elif parse_step(name) is not None and entry.is_dir() and not self.is_committed(name):
                 # Never a save in progress (those live in .tmp- directories): a deletion cut short.
                 self._remove_tree(entry.path)
@@ -346,6 +409,7 @@ class _FsspecStaging(Staging):
         self.token = token
         self.dir = name
         self.written: list[str] = []
+        self._manifest: bytes | None = None  # set once the manifest PUT has been tried
 
     def open(self, name: str) -> BinaryIO:
         path = self.storage._path(f"{self.dir}/{name}")
@@ -361,11 +425,13 @@ class _FsspecStaging(Staging):
         with self.storage.lock():
             if overwrite and self.storage.is_committed(self.dir):
                 self.storage.delete(self.dir, keep=set(self.written))
+            self._manifest = manifest
             try:
                 fs.pipe_file(path, manifest, mode="create")
             except FileExistsError:
                 # The retry trap: our own PUT may have succeeded with its response lost. Ours or not?
                 if not self._is_ours(path, manifest):
+                    self._manifest = None  # somebody else's: abort must leave it alone
                     raise CheckpointExistsError(f"{self.storage.url_of(self.dir)} is already committed") from None
 
     def _is_ours(self, path: str, manifest: bytes) -> bool:
@@ -375,6 +441,16 @@ class _FsspecStaging(Staging):
             return False
 
     def abort(self) -> None:
+        if self._manifest is not None:
+            # The manifest PUT failed, or seemed to: it may have landed all the same. Remove it first if it
+            # is ours; if we cannot tell, remove nothing, since a committed checkpoint must keep its data
+            # (an uncommitted one is a leftover that a later writer cleans).
+            path = self.storage._path(f"{self.dir}/{MANIFEST_NAME}")
+            try:
+                if self._is_ours(path, self._manifest):
+                    self.storage.fs.rm_file(path)
+            except Exception:
+                return
         for path in self.written:
             with contextlib.suppress(Exception):
                 self.storage.fs.rm_file(path)
@@ -509,8 +585,13 @@ class FsspecStorage(Storage):
             return 0.0
 
 
-def open_storage(url_or_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
-    """The backend for a path or URL: local directories commit by rename, everything else manifest-last."""
+def open_storage(
+    url_or_path: str | os.PathLike[str] | Storage, storage_options: dict[str, Any] | None = None
+) -> Storage:
+    """The backend for a path or URL: local directories commit by rename, everything else manifest-last.
+    A :class:`Storage` object is used as it is (tests pass wrappers that inject faults)."""
+    if isinstance(url_or_path, Storage):
+        return url_or_path
     if isinstance(url_or_path, os.PathLike) or ("://" not in str(url_or_path) and "::" not in str(url_or_path)):
         return LocalStorage(url_or_path)
     try:

@@ -46,7 +46,8 @@ class CheckpointStore:
     """Versioned checkpoints of one training run under ``url_or_path``.
 
     Args:
-        url_or_path: a local directory (created if needed) or any fsspec URL (``s3://bucket/run1``).
+        url_or_path: a local directory (created if needed) or any fsspec URL (``s3://bucket/run1``), or a
+            :class:`~ckptstore.storage.Storage` object.
         max_to_keep: keep the newest N checkpoints (None keeps all).
         keep_every_n_steps: also keep every step divisible by K, forever.
         keep_every_n_hours: also keep one checkpoint per H hours.
@@ -61,7 +62,7 @@ class CheckpointStore:
 
     def __init__(
         self,
-        url_or_path: str | os.PathLike[str],
+        url_or_path: str | os.PathLike[str] | Storage,
         *,
         max_to_keep: int | None = None,
         keep_every_n_steps: int | None = None,
@@ -110,7 +111,14 @@ class CheckpointStore:
             )
         m = checkpoint.write(self.storage, name, step, prepared, overwrite=overwrite)
         self._created[step] = m.created
-        self._apply_retention()
+        try:
+            self._apply_retention()
+        except OSError as e:
+            if isinstance(e, CkptStoreError):
+                raise
+            raise checkpoint.storage_error(
+                e, f"step {step} is committed, but retention failed (it runs again on the next save)"
+            ) from e
         return _info(self.storage, name, m)
 
     def _apply_retention(self) -> list[int]:
