@@ -53,7 +53,7 @@ def restore(
     like: Any = tree._MISSING,
     framework: str | None = None,
     storage_options: dict[str, Any] | None = None,
-    verify: bool = False,
+    verify: bool = True,
 ) -> Any:
     """Restore the checkpoint directory at ``path`` (as yielded by ``checkpoints_iterator``, or given by
     ``CheckpointInfo.path``). ``like``, ``framework`` and ``verify`` are as for ``CheckpointStore.restore``.

@@ -2,6 +2,7 @@
 
     ckptstore ls URL                 committed steps: step, time, size, metadata
     ckptstore show URL [--step N]    the tree of one checkpoint: key path, dtype and shape, or value
+    ckptstore verify URL [--step N]  check every byte of every checkpoint (or one); exit status 1 if damaged
 
 URL is a store root or (for ``show``) one checkpoint directory; ``-o key=value`` passes fsspec storage
 options (values are parsed as JSON where they can be: ``-o anon=true``).
@@ -135,6 +136,38 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("verify")
+def _verify(args: argparse.Namespace) -> int:
+    from .api import _split
+    from .verify import verify_checkpoint
+
+    targets: list[tuple[Storage, str]] = []
+    if args.step is None:
+        storage, name = _split(args.url, _options(args.option))
+        if storage.is_committed(name):  # URL is one checkpoint directory
+            targets = [(storage, name)]
+    if not targets:
+        store = _store(args)
+        steps = store.steps() if args.step is None else [args.step]
+        if not steps:
+            raise CkptStoreError(f"no committed checkpoint in {store.url}")
+        targets = [(store.storage, step_name(s)) for s in steps]
+    damaged = 0
+    for storage, name in targets:
+        try:
+            r = verify_checkpoint(storage, name)
+        except CkptStoreError as e:
+            if args.step is None and not storage.is_committed(name):
+                continue  # deleted meanwhile (retention): nothing to verify
+            damaged += 1
+            print(f"{name}  DAMAGED  {e}")
+            continue
+        print(f"{name}  ok  {r.files} files, {r.tensors} tensors, {_human(r.nbytes)}")
+    if damaged:
+        print(f"ckptstore verify: {damaged} of {len(targets)} checkpoint(s) damaged", file=sys.stderr)
+    return 1 if damaged else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="ckptstore", description="Inspect ckptstore checkpoints.")
@@ -155,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("ls", "list committed checkpoints")
     add("show", "show the tree of a checkpoint").add_argument("--step", type=int, help="default: the latest")
+    add("verify", "check every byte of the checkpoints").add_argument("--step", type=int, help="default: every step")
     return parser
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "CkptStoreError",
     "CorruptCheckpointError",
     "StorageError",
+    "CorruptCheckpointWarning",
     "StructureMismatchError",
     "UnsupportedFormatError",
     "UnsupportedTypeError",
@@ -41,6 +42,10 @@ class StructureMismatchError(CkptStoreError, ValueError):
 
 class CorruptCheckpointError(CkptStoreError, ValueError):
     """A manifest or tensor file is unreadable, inconsistent, truncated or fails its checksum."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """``restore(fallback=True)`` skipped damaged checkpoints; the message names each one and why."""
 
 
 class UnsupportedFormatError(CorruptCheckpointError):
