@@ -6,7 +6,9 @@ does the reverse, converting each array to the framework, dtype and device of it
 ``like`` and restoring stateful objects in place.
 
 Containers: dict (and Mapping subclasses, saved as dict), list, tuple, NamedTuple. Stateful objects
-(anything with ``state_dict()`` and ``load_state_dict()``) are saved as their state dict.
+(anything with ``state_dict()`` and ``load_state_dict()``) are saved as their state dict. Framework
+objects without one (JAX pytree nodes, Keras layers and optimizers, NumPy generators) are saved as the
+state their adapter gives (:class:`ckptstore.frameworks.ObjectAdapter`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import StructureMismatchError, UnsupportedTypeError
-from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named
+from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named, object_adapter_for
 
 KeyPath = tuple[Any, ...]
 
@@ -143,6 +145,9 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
             if isinstance(x, base):
                 # str() of a (str, Enum) member is "Cls.NAME"; str.__str__ gives the string's own value.
                 return str.__str__(x) if base is str else base(x)
+        found = object_adapter_for(x)  # a JAX pytree node, a Keras layer, a NumPy generator, ...
+        if found is not None:
+            return Stateful(type_name(x), walk(found[1], path))
         raise UnsupportedTypeError(
             f"{render_path(path)} is a {type_name(x)}, which ckptstore cannot save "
             "(arrays, containers, plain Python values and objects with state_dict() are supported)"
@@ -253,6 +258,16 @@ def rebuild(
                 state = walk(node.state, tmpl.state_dict(), path, hint, False)
                 tmpl.load_state_dict(state)
                 return tmpl
+            found = None if tmpl is _MISSING else object_adapter_for(tmpl)
+            if found is not None:
+                adapter, template = found
+                return adapter.restore_object(
+                    tmpl,
+                    node.state,
+                    template,
+                    lambda n, t, k: walk(n, t, (*path, *k), adapter, strict),
+                    render_path(path),
+                )
             _mismatch(strict, tmpl, path, f"the state of a {node.type_name}")
             return walk(node.state, _MISSING, path, fallback, strict)
         if type(node) is Scalar:

@@ -6,19 +6,30 @@ from a value's type's module name, so a framework is imported only when one of i
 ``import ckptstore`` imports no ML framework.
 
 Adding a framework means adding a module here with a module-level ``ADAPTER`` and one line in
-``_MODULES``.
+``_MODULES``. An adapter may also save framework objects that are not arrays but hold some (a JAX
+pytree node, a Keras layer, a NumPy generator): it then implements :class:`ObjectAdapter` as well.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import CkptStoreError
 
-__all__ = ["Adapter", "adapter_for", "adapter_for_module", "adapter_named", "known_frameworks"]
+__all__ = [
+    "Adapter",
+    "ObjectAdapter",
+    "adapter_for",
+    "adapter_for_module",
+    "adapter_named",
+    "known_frameworks",
+    "object_adapter_for",
+]
 
 
 class Adapter(Protocol):
@@ -41,6 +52,31 @@ class Adapter(Protocol):
         ...
 
 
+#: ``walk(saved, template, key)`` rebuilds a part of a saved object state against a template part;
+#: ``key`` extends the key path (``()`` for none) so that errors name the exact place.
+Walk = Callable[[Any, Any, tuple[Any, ...]], Any]
+
+
+class ObjectAdapter(Adapter, Protocol):
+    """An adapter that also saves framework objects holding arrays but lacking ``state_dict()``.
+
+    Such an object is saved as a plain tree (its *object state*: containers, arrays, plain values) and
+    restored from that tree into an object of ``like`` (in place, or rebuilt with ``like``'s structure).
+    """
+
+    def object_state(self, x: Any) -> Any | None:
+        """The state tree of ``x``, or None when ``x`` is no object this adapter saves."""
+        ...
+
+    def restore_object(self, like: Any, saved: Any, template: Any, walk: Walk, where: str) -> Any:
+        """``like`` restored from ``saved`` (a skeleton part); ``template`` is ``object_state(like)``.
+
+        Returns the restored object (``like`` itself when restored in place).
+        Raises StructureMismatchError, naming ``where`` (the key path), when ``saved`` does not fit.
+        """
+        ...
+
+
 # Top-level module name of a value's type -> the adapter module that handles it.
 _MODULES: dict[str, str] = {
     "numpy": "numpy",
@@ -48,7 +84,7 @@ _MODULES: dict[str, str] = {
     "jax": "jax",
     "jaxlib": "jax",
     "tensorflow": "tf",
-    "keras": "tf",
+    "keras": "keras",
 }
 # framework= names -> adapter module.
 _NAMES: dict[str, str] = {
@@ -58,6 +94,7 @@ _NAMES: dict[str, str] = {
     "jax": "jax",
     "tf": "tf",
     "tensorflow": "tf",
+    "keras": "keras",
 }
 _loaded: dict[str, Adapter] = {}
 
@@ -85,8 +122,37 @@ def adapter_for_module(module_name: str) -> Adapter | None:
     return None if module is None else _load(module)
 
 
+def object_adapter_for(x: Any) -> tuple[ObjectAdapter, Any] | None:
+    """The adapter that saves ``x`` as an object, and ``x``'s object state; None if none does.
+
+    Asks the frameworks of ``x``'s classes first, then every framework already imported (a class
+    registered as a JAX pytree node may come from any module). Imports no framework that is not
+    imported yet.
+    """
+    for module in _object_candidates(type(x)):
+        adapter = _load(module)
+        object_state = getattr(adapter, "object_state", None)
+        if object_state is None:
+            continue
+        state = object_state(x)
+        if state is not None:
+            return adapter, state  # type: ignore[return-value]
+    return None
+
+
+def _object_candidates(cls: type) -> Iterator[str]:
+    seen: set[str] = set()
+    tops = [c.__module__.partition(".")[0] for c in cls.__mro__]
+    tops += [top for top in _MODULES if top in sys.modules]
+    for top in tops:
+        module = _MODULES.get(top)
+        if module is not None and module not in seen:
+            seen.add(module)
+            yield module
+
+
 def adapter_named(name: str) -> Adapter:
-    """The adapter for ``framework=name`` (numpy, torch, jax, tf)."""
+    """The adapter for ``framework=name`` (numpy, torch, jax, tf, keras)."""
     module = _NAMES.get(name)
     if module is None:
         raise CkptStoreError(f"unknown framework {name!r}; known: {', '.join(sorted(_NAMES))}")

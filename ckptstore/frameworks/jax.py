@@ -1,0 +1,115 @@
+"""JAX: ``jax.Array`` leaves, typed PRNG keys, and registered pytree nodes of any class.
+
+Arrays go to host NumPy arrays with their exact bits (bfloat16 and float8 are ml_dtypes types in JAX as
+in ckptstore) and come back with ``jax.device_put`` onto the sharding of their counterpart in ``like``
+(single-device placement; a sharding whose devices this process addresses all works too).
+
+A registered pytree node (a flax struct dataclass, a class registered with ``register_pytree_node`` or
+``register_dataclass``) is saved as its children one level down: a dict by field name where JAX gives
+names, else a list. It is rebuilt with the tree definition of its counterpart in ``like``, so static
+(meta) fields come from ``like``. NamedTuples (optax states) are tuples to ckptstore and need no JAX.
+
+A typed key (``jax.random.key``) is saved as its implementation's name and its ``key_data``; a raw
+``uint32`` key (``jax.random.PRNGKey``) is an ordinary array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..errors import StructureMismatchError, UnsupportedTypeError
+from . import Walk
+
+_KEY_FIELDS = ("impl", "key_data")
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _one_level(x: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """``x``'s children with their keys, and the tree definition of ``x`` one level deep."""
+    return jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda c: c is not x)
+
+
+def _children_state(pairs: list[tuple[Any, Any]]) -> dict[str, Any] | list[Any]:
+    names: list[str] = []
+    for keypath, _ in pairs:
+        key = keypath[0] if len(keypath) == 1 else None
+        name = key.key if isinstance(key, jax.tree_util.DictKey) else getattr(key, "name", None)
+        if type(name) is not str or name in names:
+            return [child for _, child in pairs]  # unnamed (register_pytree_node) or ambiguous
+        names.append(name)
+    return {n: child for n, (_, child) in zip(names, pairs)}
+
+
+class JaxAdapter:
+    name = "jax"
+
+    def is_array(self, x: Any) -> bool:
+        return isinstance(x, jax.Array) and not _is_key(x)
+
+    def to_numpy(self, x: Any, *, copy: bool) -> np.ndarray:
+        if not x.is_fully_addressable:
+            raise UnsupportedTypeError(
+                f"a jax.Array sharded over devices of other processes ({x.sharding}); "
+                "save each process's shards or gather it first"
+            )
+        # np.asarray of a CPU array may alias its buffer; JAX arrays are immutable, but a donated buffer
+        # is reused, so a snapshot copies.
+        return np.array(x, copy=True) if copy else np.asarray(x)
+
+    def from_numpy(self, arr: np.ndarray, like: Any | None) -> Any:
+        if isinstance(like, jax.Array) and not _is_key(like):
+            if arr.dtype != like.dtype:
+                arr = arr.astype(like.dtype)
+            return jax.device_put(arr, like.sharding)
+        return jax.device_put(arr)
+
+    # --- objects: typed keys and registered pytree nodes ------------------------------------------
+
+    def object_state(self, x: Any) -> Any | None:
+        if _is_key(x):
+            return {"impl": str(jax.random.key_impl(x)), "key_data": jax.random.key_data(x)}
+        if isinstance(x, jax.Array):
+            return None
+        pairs, treedef = _one_level(x)
+        if jax.tree_util.treedef_is_leaf(treedef):
+            return None  # not a registered pytree node
+        return _children_state(pairs)
+
+    def restore_object(self, like: Any, saved: Any, template: Any, walk: Walk, where: str) -> Any:
+        if _is_key(like):
+            if type(saved) is not dict or set(saved) != set(_KEY_FIELDS):
+                raise StructureMismatchError(f"{where}: the checkpoint holds no typed JAX key, `like` does")
+            if saved["impl"] != template["impl"]:
+                raise StructureMismatchError(
+                    f"{where}: the checkpoint holds a {saved['impl']} key, `like` a {template['impl']} key"
+                )
+            data = walk(saved["key_data"], template["key_data"], ("key_data",))
+            return jax.random.wrap_key_data(data, impl=template["impl"])
+        if (
+            type(saved) is not type(template)
+            or len(saved) != len(template)
+            or (isinstance(saved, dict) and saved.keys() != template.keys())
+        ):
+            raise StructureMismatchError(
+                f"{where}: the checkpoint's children {_describe(saved)} do not fit those of `like`, a "
+                f"{type(like).__qualname__} pytree node with children {_describe(template)}"
+            )
+        children = walk(saved, template, ())
+        values = [children[k] for k in template] if isinstance(template, dict) else children
+        _, treedef = _one_level(like)
+        return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _describe(children: Any) -> str:
+    if isinstance(children, dict):
+        return f"{list(children)}"
+    return f"({len(children)} unnamed)" if isinstance(children, list) else f"({type(children).__name__})"
+
+
+ADAPTER = JaxAdapter()
