@@ -8,6 +8,7 @@ Messages name the step, key path or file concerned.
 from __future__ import annotations
 
 __all__ = [
+    "AsyncSaveError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CkptStoreError",
@@ -54,3 +55,8 @@ class UnsupportedFormatError(CorruptCheckpointError):
 
 class StorageError(CkptStoreError, OSError):
     """The filesystem failed (after retries, where the filesystem is remote)."""
+
+
+class AsyncSaveError(CkptStoreError):
+    """A background save failed; raised by the store's next save, ``wait_until_finished`` or ``close``
+    (the original error is its ``__cause__``, and its handle's ``result()`` raises it as is)."""

@@ -29,6 +29,12 @@ class Knobs:
     stale_after_s: float = 3600.0
     #: Largest manifest that is read at all (a guard against hostile files).
     max_manifest_bytes: int = 1 << 30
+    #: Background saves (``save(..., blocking=False)``) in flight per store at once; another save waits for
+    #: a slot before taking its snapshot, so staging memory is at most this many copies of the state.
+    async_max_in_flight: int = 1
+    #: Keep an async save's staging buffer for the next snapshot (copying into memory already touched is
+    #: several times faster than into fresh pages); ``CheckpointStore.close()`` frees it either way.
+    async_keep_staging: bool = True
 
 
 _ENV_PREFIX = "CKPTSTORE_"

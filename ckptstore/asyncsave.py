@@ -1,0 +1,219 @@
+"""Saves that finish in the background: a snapshot on the caller's thread, files written on another.
+
+``CheckpointStore.save(step, state, blocking=False)`` walks the state and copies every array into host
+staging buffers (a device-to-host copy for accelerator tensors, a memcpy for host arrays), then returns a
+:class:`SaveHandle` while a thread writes, commits and applies retention. The caller may update its
+tensors in place as soon as ``save`` returns: what is written is the snapshot.
+
+Bounds, by design:
+
+* At most ``knobs.async_max_in_flight`` saves (default 1) are in flight per store; another ``save`` waits
+  for a slot *before* taking its snapshot, so staging memory is at most that many copies of the state.
+* Staging buffers are kept and reused by the next snapshot (a copy into memory already touched runs at
+  memcpy speed; fresh memory costs a page fault per page). :meth:`Saver.close` releases them.
+* Writer threads are not daemons: interpreter exit waits for in-flight saves to commit.
+
+An error in a background save is raised by its handle's :meth:`SaveHandle.result`, and (unless the
+handle already reported it) by the store's next ``save``, ``wait_until_finished`` or ``close`` as
+:class:`~ckptstore.errors.AsyncSaveError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from . import knobs, tree
+from .checkpoint import Prepared
+from .errors import AsyncSaveError
+
+__all__ = ["SaveHandle", "Saver", "StagingBuffer"]
+
+_log = logging.getLogger("ckptstore")
+_T = TypeVar("_T")
+_ALIGN = 64  # every staged array starts on a cache line (and on any dtype's alignment)
+
+
+class SaveHandle(Generic[_T]):
+    """A save running in the background, returned by ``CheckpointStore.save(..., blocking=False)``.
+
+    The snapshot is taken already: the caller's arrays may change. ``result()`` waits for the commit.
+    """
+
+    def __init__(self, step: int) -> None:
+        #: The step being saved.
+        self.step = step
+        self._future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._reported = False
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed, or failed)."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> _T:
+        """Wait for the save; return its :class:`~ckptstore.CheckpointInfo`, or raise its error.
+
+        Raises:
+            TimeoutError: the save did not finish within ``timeout`` seconds.
+            Exception: whatever the save raised (``StorageError``, ``CheckpointExistsError``, ...).
+        """
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the save of step {self.step} is still running") from None
+        except BaseException:
+            self._reported = True
+            raise
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the save; return its error, or None if it committed."""
+        e = self._future.exception(timeout)
+        if e is not None:
+            self._reported = True
+        return e
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("failed" if self._future.exception() else "committed")
+        return f"<SaveHandle step={self.step} {state}>"
+
+
+class StagingBuffer:
+    """One host buffer that a snapshot's arrays are copied into, back to back; grown when too small."""
+
+    def __init__(self) -> None:
+        self._buf: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else self._buf.nbytes
+
+    def snapshot(self, prepared: Prepared) -> Prepared:
+        """Copy the prepared arrays into this buffer; the returned Prepared shares nothing with the caller's
+        arrays. Non-contiguous arrays are copied element-wise into C order."""
+        sizes = [leaf.array.nbytes for leaf in prepared.arrays]
+        total = sum(n + (-n % _ALIGN) for n in sizes)
+        if self._buf is None or self._buf.nbytes < total:
+            self._buf = None  # drop the old buffer before allocating its replacement
+            self._buf = np.empty(total, dtype=np.uint8)
+        buf = self._buf
+        staged = []
+        pos = 0
+        for leaf, n in zip(prepared.arrays, sizes):
+            src = leaf.array
+            dst = buf[pos : pos + n].view(src.dtype).reshape(src.shape)
+            np.copyto(dst, src, casting="no")
+            staged.append(tree.ArrayLeaf(leaf.path, dst, leaf.dtype))
+            pos += n + (-n % _ALIGN)
+        return dataclasses.replace(prepared, arrays=staged)
+
+    def release(self) -> None:
+        self._buf = None
+
+
+class Saver:
+    """The background half of a store: in-flight saves, their staging buffers, their errors."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots = threading.Condition(self._lock)
+        self._taken = 0  # slots held: saves snapshotting or in flight
+        self._running: list[SaveHandle[Any]] = []
+        self._failed: list[SaveHandle[Any]] = []  # failed, and not reported through the store yet
+        self._free: list[StagingBuffer] = []
+
+    def in_flight(self) -> list[SaveHandle[Any]]:
+        """Saves not finished yet, oldest first."""
+        with self._lock:
+            return list(self._running)
+
+    def wait(self, *, raise_errors: bool = True) -> None:
+        """Wait for every in-flight save; then raise the first error no handle has reported yet."""
+        for handle in self.in_flight():
+            handle._future.exception()  # waits; never raises
+        if raise_errors:
+            self.raise_unreported()
+
+    def raise_unreported(self) -> None:
+        with self._lock:
+            failed = [h for h in self._failed if not h._reported]
+            self._failed.clear()
+        if failed:
+            h = failed[0]
+            h._reported = True
+            e = h._future.exception()
+            more = f" ({len(failed) - 1} more failed too)" if len(failed) > 1 else ""
+            raise AsyncSaveError(f"the background save of step {h.step} failed: {e!r}{more}") from e
+
+    def start(self, step: int, prepare: Callable[[], Prepared], work: Callable[[Prepared], _T]) -> SaveHandle[_T]:
+        """Wait for a free slot; call ``prepare()`` and snapshot what it returns (on this thread); then run
+        ``work(snapshot)`` on a new thread. Raises the error of an earlier save that no handle reported."""
+        with self._slots:
+            while self._taken >= max(1, knobs.current.async_max_in_flight):
+                self._slots.wait()
+            self._taken += 1
+        staging: StagingBuffer | None = None
+        try:
+            self.raise_unreported()
+            prepared = prepare()
+            with self._lock:
+                staging = self._free.pop() if self._free else StagingBuffer()
+            snap = staging.snapshot(prepared)
+            del prepared  # the caller's arrays: nothing below may touch them
+            handle: SaveHandle[_T] = SaveHandle(step)
+            # Not a daemon: interpreter exit joins it, so an in-flight save commits before the process ends.
+            thread = threading.Thread(
+                target=self._run, args=(handle, snap, work, staging), name=f"ckptstore-save-{step}", daemon=False
+            )
+            with self._lock:
+                self._running.append(handle)
+            try:
+                thread.start()
+            except BaseException:
+                with self._lock:
+                    self._running.remove(handle)
+                raise
+        except BaseException:
+            self._finish(staging)
+            raise
+        return handle
+
+    def _run(
+        self, handle: SaveHandle[_T], snap: Prepared, work: Callable[[Prepared], _T], staging: StagingBuffer
+    ) -> None:
+        try:
+            result = work(snap)
+        except BaseException as e:
+            _log.warning("ckptstore: background save of step %d failed: %r", handle.step, e)
+            with self._lock:
+                self._running.remove(handle)
+                self._failed.append(handle)
+            handle._future.set_exception(e)
+        else:
+            with self._lock:
+                self._running.remove(handle)
+            handle._future.set_result(result)
+        finally:
+            del snap
+            self._finish(staging)
+
+    def _finish(self, staging: StagingBuffer | None) -> None:
+        """Give a slot (and its staging buffer) back."""
+        with self._slots:
+            if staging is not None:
+                if not knobs.current.async_keep_staging:
+                    staging.release()
+                self._free.append(staging)
+            self._taken -= 1
+            self._slots.notify_all()
+
+    def release_staging(self) -> None:
+        """Free the kept staging buffers (those of saves in flight are freed when they finish)."""
+        with self._lock:
+            for s in self._free:
+                s.release()
