@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import dtypes
-from .errors import StructureMismatchError, UnsupportedTypeError
+from .errors import CkptStoreError, StructureMismatchError, UnsupportedTypeError
 from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named, object_adapter_for
 
 KeyPath = tuple[Any, ...]
@@ -164,7 +164,10 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
         arrays.append(ArrayLeaf(path, host, code))
         return len(arrays) - 1
 
-    skeleton = walk(state, ())
+    try:
+        skeleton = walk(state, ())
+    except RecursionError:  # a container that holds itself, or nesting deeper than Python's stack
+        raise UnsupportedTypeError("the state nests too deeply to save (does a container hold itself?)") from None
     return skeleton, arrays
 
 
@@ -256,7 +259,15 @@ def rebuild(
             if tmpl is not _MISSING and is_stateful(tmpl):
                 hint = adapter_for_stateful(tmpl) or fallback
                 state = walk(node.state, tmpl.state_dict(), path, hint, False)
-                tmpl.load_state_dict(state)
+                try:
+                    tmpl.load_state_dict(state)
+                except CkptStoreError:
+                    raise
+                except Exception as e:  # torch raises RuntimeError, KeyError, ... for a state that does not fit
+                    raise StructureMismatchError(
+                        f"{render_path(path)}: {type_name(tmpl)}.load_state_dict rejects the checkpoint's state "
+                        f"({type(e).__name__}: {e})"
+                    ) from e
                 return tmpl
             found = None if tmpl is _MISSING else object_adapter_for(tmpl)
             if found is not None:

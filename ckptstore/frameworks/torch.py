@@ -18,6 +18,25 @@ _VIA_INT: dict[torch.dtype, tuple[torch.dtype, np.dtype]] = {
 }
 if hasattr(torch, "float8_e8m0fnu") and hasattr(ml_dtypes, "float8_e8m0fnu"):
     _VIA_INT[torch.float8_e8m0fnu] = (torch.uint8, np.dtype(ml_dtypes.float8_e8m0fnu))
+# Torch dtypes that Tensor.numpy() converts by itself (any other raises a bare TypeError there).
+_NUMPY_OK = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
 _INT_OF: dict[np.dtype, tuple[np.dtype, torch.dtype]] = {
     np_dt: (np.dtype(np.int16) if t_dt is torch.bfloat16 else np.dtype(np.uint8), t_dt)
     for t_dt, (_, np_dt) in _VIA_INT.items()
@@ -32,8 +51,14 @@ class TorchAdapter:
 
     def to_numpy(self, x: Any, *, copy: bool) -> np.ndarray:
         t = x.detach()
-        if t.layout is not torch.strided or t.is_quantized:
-            raise UnsupportedTypeError(f"torch tensor layout {t.layout} (quantized={t.is_quantized})")
+        if t.is_nested or t.layout is not torch.strided or t.is_quantized:
+            raise UnsupportedTypeError(
+                f"torch tensor layout {t.layout} (nested={t.is_nested}, quantized={t.is_quantized})"
+            )
+        if t.device.type == "meta":
+            raise UnsupportedTypeError("a torch tensor on the meta device holds no data")
+        if t.dtype not in _NUMPY_OK and t.dtype not in _VIA_INT:
+            raise UnsupportedTypeError(f"torch dtype {t.dtype}, which safetensors cannot hold")
         t = t.resolve_conj().resolve_neg()
         if t.device.type != "cpu":
             t = t.to("cpu")  # a copy already
