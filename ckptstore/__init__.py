@@ -6,13 +6,16 @@ directories on any fsspec filesystem. Importing ckptstore imports no ML framewor
 
 from __future__ import annotations
 
-from . import errors, knobs
+from . import distributed, errors, knobs
 from .api import restore, save
+from .shard import Shard
 from .store import CheckpointInfo, CheckpointStore
 
 __all__ = [
     "CheckpointInfo",
     "CheckpointStore",
+    "Shard",
+    "distributed",
     "errors",
     "knobs",
     "restore",

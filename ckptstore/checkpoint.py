@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import knobs, manifest, tensorio, tree
+from . import distributed, knobs, manifest, shardio, tensorio, tree
 from .errors import (
     CheckpointNotFoundError,
     CkptStoreError,
@@ -80,6 +80,12 @@ def write(storage: Storage, name: str, step: int, prepared: Prepared, *, overwri
 
     On any failure the partial data is removed and nothing is committed.
     """
+    if any(a.global_shape is not None for a in prepared.arrays):  # Shards: the sharded layout, one process
+        done = distributed.save(
+            storage, name, step, None, overwrite=overwrite, coordinator=distributed.SINGLE, prepared=prepared
+        )
+        assert done.manifest is not None
+        return done.manifest
     token = new_token()
     arrays = prepared.arrays
     names = tensorio.tensor_names(arrays)
@@ -179,7 +185,9 @@ def read(
     """Restore the state tree of checkpoint directory ``name``."""
     if m is None:
         m = read_manifest(storage, name)
-    arrays = load_tensors(storage, name, m, verify=verify)
+    chunks = shardio.chunk_indices(m.tree)  # blocks of sharded arrays: read later, only where wanted
+    eager = [i for i in range(len(m.tensors)) if i not in chunks] if chunks else None
+    arrays = load_tensors(storage, name, m, eager, verify=verify)
 
     def load(index: int) -> np.ndarray:
         try:
@@ -189,7 +197,10 @@ def read(
                 f"{storage.url_of(name)}: the tree refers to tensor #{index}, the manifest lists {len(m.tensors)}"
             ) from None
 
-    return tree.rebuild(m.tree, load, like=like, framework=framework)
+    with shardio.BlockReader(storage, name, m, load, verify=verify) as blocks:
+        if chunks:
+            blocks.prefetch(shardio.wanted_blocks(m.tree, like))
+        return tree.rebuild(m.tree, load, like=like, framework=framework, blocks=blocks)
 
 
 def require_committed(storage: Storage, name: str) -> None:

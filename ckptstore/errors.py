@@ -13,8 +13,10 @@ __all__ = [
     "CheckpointNotFoundError",
     "CkptStoreError",
     "CorruptCheckpointError",
-    "StorageError",
     "CorruptCheckpointWarning",
+    "DistributedError",
+    "ShardingError",
+    "StorageError",
     "StructureMismatchError",
     "UnsupportedFormatError",
     "UnsupportedTypeError",
@@ -60,3 +62,13 @@ class StorageError(CkptStoreError, OSError):
 class AsyncSaveError(CkptStoreError):
     """A background save failed; raised by the store's next save, ``wait_until_finished`` or ``close``
     (the original error is its ``__cause__``, and its handle's ``result()`` raises it as is)."""
+
+
+class ShardingError(CkptStoreError, ValueError):
+    """Shards of an array do not fit its global shape: a block reaches outside it, blocks overlap or leave
+    a gap, or the ranks disagree about the array; the message names the key path."""
+
+
+class DistributedError(CkptStoreError, RuntimeError):
+    """A save or restore across ranks failed: another rank failed, died or timed out (nothing was
+    committed); the message names the rank where it is known."""

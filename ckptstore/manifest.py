@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from . import dtypes, tree
+from . import dtypes, shard, tree
 from .errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT = "ckptstore"
@@ -37,6 +37,7 @@ EXT_NAMEDTUPLE = 4  # payload: [type name, [field, ...], [value, ...]]
 EXT_SCALAR = 5  # payload: [dtype code, raw bytes] (a NumPy scalar)
 EXT_BIGINT = 6  # payload: decimal string of an int outside 64 bits
 EXT_COMPLEX = 7  # payload: [real, imag]
+EXT_SHARDED = 8  # payload: [global shape, dtype code, [[tensor index, [offset, ...]], ...]] (blocks of one array)
 
 _T = TypeVar("_T")
 
@@ -97,6 +98,9 @@ def _default(obj: Any) -> Any:
         return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
     if t is complex:
         return msgpack.ExtType(EXT_COMPLEX, _pack([obj.real, obj.imag]))
+    if t is tree.ShardedRef:
+        chunks = [[index, list(offsets)] for index, offsets in obj.chunks]
+        return msgpack.ExtType(EXT_SHARDED, _pack([list(obj.global_shape), obj.dtype, chunks]))
     raise TypeError(f"cannot encode {t.__name__} in a manifest")
 
 
@@ -171,6 +175,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
         if not re.fullmatch(r"-?[0-9]{1,4300}", text):
             raise CorruptCheckpointError(f"bad big integer {text[:40]!r}")
         return int(text)
+    if code == EXT_SHARDED:
+        return _sharded_ref(data)
     if code == EXT_COMPLEX:
         re_, im = _unpack_fields(data, 2, "complex")
         if type(re_) is not float or type(im) is not float:
@@ -280,7 +286,47 @@ def _validate(doc: Any) -> Manifest:
             )
         tensors.append(TensorEntry(name, file, dtype, tuple(shape), offset, nbytes, _int(t.get("xxh3"), "xxh3")))
     _check_no_overlap(tensors, files)
+    _check_sharded(doc.get("tree"), tensors)
     return Manifest(step, created, writer, metadata, doc.get("tree"), tuple(files), tuple(tensors), version)
+
+
+def _sharded_ref(data: bytes) -> tree.ShardedRef:
+    gshape, dtype, raw_chunks = _unpack_fields(data, 3, "sharded array")
+    _expect(gshape, list, "sharded array shape")
+    _expect(dtype, str, "sharded array dtype")
+    _expect(raw_chunks, list, "sharded array blocks")
+    dtypes.dtype_of(dtype)
+    dims = tuple(_int(d, "sharded array shape") for d in gshape)
+    chunks = []
+    for c in raw_chunks:
+        if type(c) is not list or len(c) != 2 or type(c[1]) is not list:
+            raise CorruptCheckpointError("bad block record of a sharded array")
+        offsets = tuple(_int(o, "sharded array block offset") for o in c[1])
+        chunks.append((_int(c[0], "sharded array block index"), offsets))
+    return tree.ShardedRef(dims, dtype, tuple(chunks))
+
+
+def _check_sharded(skeleton: Any, tensors: list[TensorEntry]) -> None:
+    """Each sharded array's blocks name existing tensors of its dtype, lie inside its shape and, together,
+    cover it exactly once."""
+    refs: list[tree.ShardedRef] = []
+    tree.map_refs(skeleton, lambda r: refs.append(r) if type(r) is tree.ShardedRef else None)
+    used: set[int] = set()
+    for ref in refs:
+        blocks = []
+        for index, offsets in ref.chunks:
+            if index >= len(tensors):
+                raise CorruptCheckpointError(f"a sharded array names tensor #{index}, but there are {len(tensors)}")
+            t = tensors[index]
+            if t.dtype != ref.dtype:
+                raise CorruptCheckpointError(f"block {t.name!r} is {t.dtype}, its sharded array {ref.dtype}")
+            if index in used:
+                raise CorruptCheckpointError(f"block {t.name!r} belongs to two sharded arrays (or twice to one)")
+            used.add(index)
+            blocks.append((offsets, t.shape))
+        problem = shard.check_partition(blocks, ref.global_shape)
+        if problem is not None:
+            raise CorruptCheckpointError(f"sharded array of shape {ref.global_shape}: {problem}")
 
 
 def _check_no_overlap(tensors: list[TensorEntry], files: list[FileEntry]) -> None:

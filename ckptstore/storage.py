@@ -35,7 +35,13 @@ import fsspec
 import fsspec.implementations.local
 
 from . import knobs
-from .errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptStoreError,
+    CorruptCheckpointError,
+    StorageError,
+)
 from .manifest import MANIFEST_NAME
 from .tensorio import Readable
 
@@ -86,6 +92,10 @@ class Staging(ABC):
     def abort(self) -> None:
         """Remove whatever this save wrote (best effort; leftovers are cleaned by a later writer)."""
 
+    def adopt(self, names: list[str]) -> None:  # noqa: B027 - optional hook; local staging needs nothing
+        """Count data files that other processes wrote into :attr:`dir` (the other ranks of a distributed
+        save) as this save's own: commit keeps them, abort removes them."""
+
 
 class Storage(ABC):
     """A store root on some filesystem."""
@@ -102,6 +112,12 @@ class Storage(ABC):
     @abstractmethod
     def begin(self, name: str, token: str) -> Staging:
         """Start writing a checkpoint directory ``name`` (relative to the root)."""
+
+    def join(self, name: str, token: str) -> Staging:
+        """Write data files into the save that another process began with ``begin(name, token)`` (another
+        rank of a distributed save). That process alone commits or aborts the checkpoint: this staging's
+        ``commit`` is refused and its ``abort`` removes only the files it wrote."""
+        raise CkptStoreError(f"{type(self).__name__} cannot take part in a save across processes")
 
     @abstractmethod
     def lock(self) -> contextlib.AbstractContextManager[Any]:
@@ -265,6 +281,35 @@ class _LocalStaging(Staging):
             self._alive_fd = -1
 
 
+class _LocalJoined(Staging):
+    """A share of a save begun by another process, in its temp directory (shared disk)."""
+
+    def __init__(self, storage: LocalStorage, name: str, token: str) -> None:
+        self.dir = f"{TMP_PREFIX}{name}-{token}"
+        self.path = os.path.join(storage.root, self.dir)
+        self.ops = storage.ops
+        self.written: list[str] = []
+
+    def open(self, name: str) -> BinaryIO:
+        path = os.path.join(self.path, name)
+        self.written.append(path)
+        return self.ops.create(path)
+
+    def close_file(self, f: BinaryIO) -> None:
+        try:
+            self.ops.fsync(f)
+        finally:
+            f.close()
+
+    def commit(self, manifest: bytes, *, overwrite: bool) -> None:
+        raise CkptStoreError(f"{self.path}: only the process that began a save commits it")
+
+    def abort(self) -> None:
+        for path in self.written:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
 class LocalStorage(Storage):
     """A store on a local (POSIX) filesystem; commits by atomic rename."""
 
@@ -282,6 +327,9 @@ class LocalStorage(Storage):
     def begin(self, name: str, token: str) -> Staging:
         os.makedirs(self.root, exist_ok=True)  # only writers create the root; readers never do
         return _LocalStaging(self, name, token)
+
+    def join(self, name: str, token: str) -> Staging:
+        return _LocalJoined(self, name, token)
 
     def lock(self) -> contextlib.AbstractContextManager[Any]:
         os.makedirs(self.root, exist_ok=True)  # the lock file lives in the root
@@ -419,6 +467,9 @@ class _FsspecStaging(Staging):
     def close_file(self, f: BinaryIO) -> None:
         f.close()  # object stores: the object exists, complete, once close returns
 
+    def adopt(self, names: list[str]) -> None:
+        self.written.extend(self.storage._path(f"{self.dir}/{n}") for n in names)
+
     def commit(self, manifest: bytes, *, overwrite: bool) -> None:
         fs = self.storage.fs
         path = self.storage._path(f"{self.dir}/{MANIFEST_NAME}")
@@ -481,6 +532,9 @@ class FsspecStorage(Storage):
 
     def begin(self, name: str, token: str) -> Staging:
         return _FsspecStaging(self, name, token)
+
+    def join(self, name: str, token: str) -> Staging:
+        return _FsspecStaging(self, name, token)  # never committed by its holder: abort removes its own files
 
     def lock(self) -> contextlib.AbstractContextManager[Any]:
         return self._lock

@@ -9,7 +9,7 @@ import os
 import warnings
 from typing import Any, Literal, overload
 
-from . import checkpoint, tree
+from . import checkpoint, distributed, tree
 from .asyncsave import SaveHandle, Saver
 from .errors import (
     CheckpointExistsError,
@@ -61,6 +61,8 @@ class CheckpointStore:
         keep_every_n_steps: also keep every step divisible by K, forever.
         keep_every_n_hours: also keep one checkpoint per H hours.
         storage_options: passed to the fsspec filesystem (``endpoint_url``, credentials, ...).
+        coordinator: how the processes of a distributed job save together (docs/distributed.md). Default:
+            torch.distributed's world when it is initialised at save time, else this process alone.
 
     Example::
 
@@ -77,8 +79,10 @@ class CheckpointStore:
         keep_every_n_steps: int | None = None,
         keep_every_n_hours: float | None = None,
         storage_options: dict[str, Any] | None = None,
+        coordinator: distributed.Coordinator | None = None,
     ) -> None:
         self.policy = RetentionPolicy(max_to_keep, keep_every_n_steps, keep_every_n_hours)
+        self.coordinator = coordinator
         self.storage = open_storage(url_or_path, storage_options)
         self._created: dict[int, float] = {}
         self._saver = Saver()
@@ -145,6 +149,12 @@ class CheckpointStore:
             AsyncSaveError: an earlier background save failed and its handle did not report it.
         """
         step = _check_step(step)
+        coord = distributed.resolve(self.coordinator)
+        if coord.world_size > 1:
+            if not blocking:
+                raise CkptStoreError("blocking=False is not supported for saves across ranks (yet)")
+            self._saver.wait()
+            return self._save_ranks(step, state, metadata, overwrite, coord)
         if blocking:
             self._saver.wait()  # saves commit in the order they were asked for
             return self._write(step, checkpoint.prepare(state, metadata), overwrite)
@@ -203,6 +213,19 @@ class CheckpointStore:
                 e, f"step {step} is committed, but retention failed (it runs again on the next save)"
             ) from e
         return _info(self.storage, name, m)
+
+    def _save_ranks(
+        self, step: int, state: Any, metadata: dict[str, Any] | None, overwrite: bool, coord: distributed.Coordinator
+    ) -> CheckpointInfo:
+        """Every rank writes its share, rank 0 commits; then rank 0 alone applies retention."""
+        name = step_name(step)
+        done = distributed.save(
+            self.storage, name, step, state, metadata=metadata, overwrite=overwrite, coordinator=coord
+        )
+        self._created[step] = done.created
+        if coord.rank == 0:
+            self._apply_retention()
+        return CheckpointInfo(step, self.storage.url_of(name), done.created, done.nbytes, done.metadata)
 
     def _apply_retention(self) -> list[int]:
         with self.storage.lock():
@@ -287,6 +310,9 @@ class CheckpointStore:
             CorruptCheckpointError: the manifest or a tensor file is damaged (with ``fallback``: all are).
             StructureMismatchError: ``like`` does not fit the checkpoint.
         """
+        coord = distributed.resolve(self.coordinator)
+        if step is None and coord.world_size > 1:  # every rank restores the same step: rank 0's latest
+            step = distributed.agree(coord, lambda: self._resolve(None))
         if fallback:
             return self._restore_fallback(step, like, framework)
         name = step_name(self._resolve(step))

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import dtypes
-from .errors import CkptStoreError, StructureMismatchError, UnsupportedTypeError
+from . import dtypes, shard
+from .errors import CkptStoreError, CorruptCheckpointError, ShardingError, StructureMismatchError, UnsupportedTypeError
 from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named, object_adapter_for
 
 KeyPath = tuple[Any, ...]
@@ -76,6 +76,16 @@ class Scalar:
         return arr[0]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardedRef:
+    """A global array stored as blocks (the ranks' shards): its shape, dtype code, and each block as
+    ``(index in the manifest's tensor list, offsets of its first element)``."""
+
+    global_shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[tuple[int, tuple[int, ...]], ...]
+
+
 @dataclasses.dataclass(slots=True)
 class ArrayLeaf:
     """An array met while flattening: where it was, and its host (NumPy) view."""
@@ -83,6 +93,9 @@ class ArrayLeaf:
     path: KeyPath
     array: np.ndarray
     dtype: str
+    #: For a :class:`ckptstore.Shard` (or DTensor) leaf: the global array's shape and this block's offsets.
+    global_shape: tuple[int, ...] | None = None
+    offsets: tuple[int, ...] | None = None
 
 
 # --- flatten ----------------------------------------------------------------------------------------
@@ -122,6 +135,8 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
             return [walk(v, (*path, i)) for i, v in enumerate(x)]
         if t is tuple:
             return tuple(walk(v, (*path, i)) for i, v in enumerate(x))
+        if t is shard.Shard or shard.is_dtensor(x):
+            return TensorRef(add_shard(x, path))
         adapter = adapter_for(x)
         if adapter is not None:
             return TensorRef(add_array(adapter, x, path))
@@ -164,6 +179,20 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
         arrays.append(ArrayLeaf(path, host, code))
         return len(arrays) - 1
 
+    def add_shard(x: Any, path: KeyPath) -> int:
+        try:
+            s = x if type(x) is shard.Shard else shard.from_dtensor(x)
+        except (UnsupportedTypeError, ShardingError) as e:
+            raise type(e)(f"{render_path(path)}: {e}") from None
+        if type(s) is not shard.Shard:  # a DTensor replicated on every mesh dimension: a plain array
+            return add_array(adapter_for(s), s, path)  # type: ignore[arg-type]
+        adapter = adapter_for(s.local)
+        if adapter is None:
+            raise UnsupportedTypeError(f"{render_path(path)} is a Shard of a {type_name(s.local)}, not of an array")
+        index = add_array(adapter, s.local, path)
+        arrays[index].global_shape, arrays[index].offsets = s.global_shape, s.offsets
+        return index
+
     try:
         skeleton = walk(state, ())
     except RecursionError:  # a container that holds itself, or nesting deeper than Python's stack
@@ -181,6 +210,24 @@ def _key(k: Any, path: KeyPath) -> Any:
     )
 
 
+def map_refs(node: Any, fn: Callable[[Any], Any]) -> Any:
+    """A copy of a skeleton in which each :class:`TensorRef` and :class:`ShardedRef` is ``fn(ref)``."""
+    t = type(node)
+    if t is TensorRef or t is ShardedRef:
+        return fn(node)
+    if t is dict:
+        return {k: map_refs(v, fn) for k, v in node.items()}
+    if t is list:
+        return [map_refs(v, fn) for v in node]
+    if t is tuple:
+        return tuple(map_refs(v, fn) for v in node)
+    if t is Stateful:
+        return Stateful(node.type_name, map_refs(node.state, fn))
+    if t is NamedTuple:
+        return NamedTuple(node.type_name, node.fields, tuple(map_refs(v, fn) for v in node.values))
+    return node
+
+
 # --- rebuild ----------------------------------------------------------------------------------------
 
 _MISSING: Any = object()
@@ -192,6 +239,7 @@ def rebuild(
     *,
     like: Any = _MISSING,
     framework: str | None = None,
+    blocks: BlockSource | None = None,
 ) -> Any:
     """Turn a skeleton back into a state tree.
 
@@ -204,17 +252,22 @@ def rebuild(
             saved there comes back as saved.
         framework: arrays without a counterpart in ``like`` come back as this framework's arrays
             (default numpy).
+        blocks: reads blocks of arrays, for :class:`ShardedRef` nodes and for ``like`` leaves that are
+            :class:`ckptstore.Shard` s or DTensors (default: slices of ``load``'s whole arrays).
 
     Raises:
         StructureMismatchError: ``like`` does not fit the checkpoint; the message names the key path.
     """
     default = adapter_named(framework or "numpy")
+    source = blocks if blocks is not None else _WholeArrays(load)
 
     def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
         if tmpl is not _MISSING and is_plain(tmpl):
             tmpl = _MISSING  # a plain placeholder (0, None, [], {"lr": 0.1}): the checkpoint's value wins
-        if type(node) is TensorRef:
-            arr = load(node.index)
+        if type(node) is TensorRef or type(node) is ShardedRef:
+            if tmpl is not _MISSING and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
+                return _shard_like(node, tmpl, path, source)
+            arr = load(node.index) if type(node) is TensorRef else source.read(node)
             if tmpl is _MISSING or tmpl is None:
                 return fallback.from_numpy(arr, None)
             adapter = adapter_for(tmpl)
@@ -298,6 +351,61 @@ def is_plain(x: Any) -> bool:
     if t is dict:
         return all(is_plain(v) for v in x.values())
     return False
+
+
+class BlockSource(Protocol):
+    """Reads arrays, or blocks of them, for :func:`rebuild`."""
+
+    def global_shape(self, node: TensorRef | ShardedRef) -> tuple[int, ...]:
+        """The shape of the whole array."""
+        ...
+
+    def read(
+        self, node: TensorRef | ShardedRef, offsets: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None
+    ) -> np.ndarray:
+        """The block of ``shape`` at ``offsets`` (default: the whole array) as a fresh host array."""
+        ...
+
+
+class _WholeArrays:
+    """Blocks cut from whole arrays (for callers that load every tensor whole)."""
+
+    def __init__(self, load: Callable[[int], np.ndarray]) -> None:
+        self.load = load
+
+    def global_shape(self, node: TensorRef | ShardedRef) -> tuple[int, ...]:
+        if isinstance(node, ShardedRef):
+            return node.global_shape
+        return tuple(self.load(node.index).shape)
+
+    def read(
+        self, node: TensorRef | ShardedRef, offsets: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None
+    ) -> np.ndarray:
+        if isinstance(node, ShardedRef):
+            raise CorruptCheckpointError("a sharded array cannot be read without a block reader")
+        arr = self.load(node.index)
+        if offsets is None or shape is None:
+            return arr
+        return np.ascontiguousarray(arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))])
+
+
+def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: BlockSource) -> Any:
+    """This rank's block of a saved array, shaped by a Shard or DTensor template."""
+    gshape = source.global_shape(node)
+    if type(tmpl) is shard.Shard:
+        offsets, shape, want, local_tmpl = tmpl.offsets, tmpl.local_shape, tmpl.global_shape, tmpl.local
+    else:
+        offsets, shape, _ = shard.dtensor_block(tmpl)
+        want, local_tmpl = tuple(int(d) for d in tmpl.shape), tmpl.to_local()
+    if gshape != want:
+        raise StructureMismatchError(
+            f"{render_path(path)}: the checkpoint's array has shape {gshape}, `like`'s global shape is {want}"
+        )
+    arr = source.read(node, offsets, shape)
+    local = (adapter_for(local_tmpl) or adapter_named("numpy")).from_numpy(arr, local_tmpl)
+    if type(tmpl) is shard.Shard:
+        return shard.Shard(local, gshape, offsets)
+    return shard.dtensor_like(tmpl, local)
 
 
 def _mismatch(strict: bool, tmpl: Any, path: KeyPath, what: str) -> None:

@@ -1,0 +1,182 @@
+"""Sharded arrays: :class:`Shard` (one process's block of a global array), block geometry, and the bridge
+to torch's DTensor.
+
+A global array of shape ``global_shape`` is cut into rectangular blocks; a rank holds the block whose
+first element sits at ``offsets``. Blocks of one array must not overlap and, together, cover it (identical
+blocks held by several ranks, as a DTensor replicated over one mesh dimension has them, count once).
+This module imports no ML framework: DTensors are recognised by their type's module name and torch is
+imported only when one is met.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ShardingError, UnsupportedTypeError
+
+__all__ = ["Shard", "check_partition", "intersect", "is_dtensor"]
+
+Dims = tuple[int, ...]
+
+
+def _dims(value: Any, what: str) -> Dims:
+    try:
+        dims = tuple(value)
+    except TypeError:
+        raise ShardingError(f"{what} must be a sequence of ints, got {value!r}") from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ShardingError(f"{what} must hold non-negative ints, got {value!r}")
+    return tuple(int(d) for d in dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's block of a global array: ``local`` holds ``global[offsets[0]:offsets[0]+n0, ...]``.
+
+    Save a state whose leaves are Shards from every rank of a job and the checkpoint holds the global
+    arrays; restore with ``like=`` leaves that are Shards of *any* partition (another number of ranks,
+    another split) and each rank gets a Shard of the same block as its template, read from storage.
+
+    Args:
+        local: the block, an array of any supported framework (numpy, torch, jax, ...).
+        global_shape: the shape of the whole array.
+        offsets: the index of the block's first element in the global array.
+
+    Raises:
+        ShardingError: the block does not fit inside ``global_shape``, or the ranks disagree.
+
+    Example::
+
+        rows = slice(rank * 512, (rank + 1) * 512)
+        state = {"w": ckptstore.Shard(w_full[rows], (1024, 256), (rows.start, 0))}
+    """
+
+    local: Any
+    global_shape: Dims
+    offsets: Dims
+
+    def __post_init__(self) -> None:
+        shape = getattr(self.local, "shape", None)
+        if shape is None:
+            raise ShardingError(f"Shard.local must be an array, got a {type(self.local).__name__}")
+        local_shape = _dims(shape, "Shard.local.shape")
+        gshape = _dims(self.global_shape, "Shard.global_shape")
+        offsets = _dims(self.offsets, "Shard.offsets")
+        if not len(local_shape) == len(gshape) == len(offsets):
+            raise ShardingError(
+                f"Shard of local shape {local_shape}, global shape {gshape} and offsets {offsets}: "
+                "all three must have as many dimensions as the array"
+            )
+        if any(o + n > g for o, n, g in zip(offsets, local_shape, gshape)):
+            raise ShardingError(
+                f"Shard of shape {local_shape} at offsets {offsets} reaches outside the global shape {gshape}"
+            )
+        object.__setattr__(self, "global_shape", gshape)
+        object.__setattr__(self, "offsets", offsets)
+
+    @property
+    def local_shape(self) -> Dims:
+        """The shape of the block."""
+        return tuple(int(d) for d in self.local.shape)
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        """Where the block lies in the global array: ``full[shard.slices]`` is ``shard.local``."""
+        return tuple(slice(o, o + n) for o, n in zip(self.offsets, self.local_shape))
+
+
+# --- geometry ---------------------------------------------------------------------------------------
+
+
+def intersect(a_off: Dims, a_shape: Dims, b_off: Dims, b_shape: Dims) -> tuple[Dims, Dims] | None:
+    """The common block of two blocks as ``(offsets, shape)``, or None if they share no element."""
+    lo = tuple(max(a, b) for a, b in zip(a_off, b_off))
+    hi = tuple(min(a + n, b + m) for a, n, b, m in zip(a_off, a_shape, b_off, b_shape))
+    if any(h <= low for low, h in zip(lo, hi)):
+        return None
+    return lo, tuple(h - low for low, h in zip(lo, hi))
+
+
+def check_partition(chunks: Sequence[tuple[Dims, Dims]], global_shape: Dims) -> str | None:
+    """Why the blocks ``(offsets, shape)`` are not an exact partition of ``global_shape`` (every block
+    inside it, no two sharing an element, all of them covering it), or None if they are one."""
+    ndim = len(global_shape)
+    total = 0
+    for off, shape in chunks:
+        if len(off) != ndim or len(shape) != ndim:
+            return f"block at {off} of shape {shape} has not {ndim} dimensions"
+        if any(o + n > g for o, n, g in zip(off, shape, global_shape)):
+            return f"block at {off} of shape {shape} reaches outside the global shape {global_shape}"
+        total += math.prod(shape)
+    # Sweep along dimension 0: only blocks whose row ranges meet can overlap, so sorted row-sharded
+    # arrays cost n log n, not n^2.
+    live = sorted((c for c in chunks if math.prod(c[1])), key=lambda c: c[0][0] if ndim else 0)
+    for i, (off, shape) in enumerate(live):
+        end0 = off[0] + shape[0] if ndim else 1
+        for off2, shape2 in live[i + 1 :]:
+            if ndim and off2[0] >= end0:
+                break
+            if intersect(off, shape, off2, shape2) is not None:
+                return f"blocks at {off} (shape {shape}) and {off2} (shape {shape2}) overlap"
+    if total != math.prod(global_shape):
+        return f"the blocks hold {total} elements, the global shape {global_shape} has {math.prod(global_shape)}"
+    return None
+
+
+# --- torch DTensor ----------------------------------------------------------------------------------
+
+
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a torch DTensor (checked by type name: never imports torch)."""
+    return any(c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed") for c in type(x).__mro__[:-1])
+
+
+def dtensor_block(x: Any) -> tuple[Dims, Dims, bool]:
+    """``(offsets, local shape, replicated)`` of this rank's block of a DTensor.
+
+    Raises:
+        UnsupportedTypeError: a placement other than Shard(dim) or Replicate (Partial sums, strided
+            shards), which has no single block to save.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Shard as TorchShard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for p in x.placements:
+        if type(p) is not TorchShard and type(p) is not Replicate:
+            raise UnsupportedTypeError(
+                f"DTensor placement {p} is not supported (only Shard(dim) and Replicate); "
+                "redistribute it first (e.g. dtensor.redistribute(placements=[Replicate()]))"
+            )
+    shape, offsets = compute_local_shape_and_global_offset(x.shape, x.device_mesh, x.placements)
+    replicated = all(type(p) is Replicate for p in x.placements)
+    return tuple(int(o) for o in offsets), tuple(int(n) for n in shape), replicated
+
+
+def from_dtensor(x: Any) -> Any:
+    """A DTensor as what ckptstore saves: a :class:`Shard` of its local tensor, or the local tensor itself
+    when every placement is Replicate (a replicated array)."""
+    offsets, shape, replicated = dtensor_block(x)
+    local = x.to_local()
+    if replicated:
+        return local
+    if tuple(local.shape) != shape:
+        raise ShardingError(f"DTensor's local tensor has shape {tuple(local.shape)}, its placements say {shape}")
+    return Shard(local, tuple(int(d) for d in x.shape), offsets)
+
+
+def dtensor_like(template: Any, local: Any) -> Any:
+    """A DTensor on ``template``'s mesh and placements whose local tensor is ``local`` (no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local,
+        template.device_mesh,
+        template.placements,
+        run_check=False,
+        shape=template.shape,
+        stride=template.stride(),
+    )

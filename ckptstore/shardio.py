@@ -1,0 +1,229 @@
+"""Reading blocks of sharded arrays: each rank reads only the bytes its block needs.
+
+A sharded array is stored as blocks (one tensor each, row-major, in any of the checkpoint's files); a
+rank that restores into a :class:`ckptstore.Shard` or DTensor template wants one block of the global
+array, which may overlap several stored blocks partly. For each overlap the reader finds the contiguous
+byte runs in the stored block (row-major: an overlap that spans whole trailing dimensions is one run),
+and reads each run, or one span covering several runs where the bytes in between are few (a ranged GET
+costs far more than a few wasted bytes).
+
+With ``verify`` a stored block is read whole once and checked against its checksum before any part of it
+is used, so verification costs reading every overlapping stored block whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import dtypes, shard, tensorio, tree
+from .errors import CorruptCheckpointError, StructureMismatchError
+from .manifest import Manifest, TensorEntry
+from .storage import Storage
+from .tensorio import Readable
+
+#: Bytes between two wanted runs that are read rather than skipped by a second request.
+GAP_BYTES = 1 << 20
+
+Dims = tuple[int, ...]
+Ref = tree.TensorRef | tree.ShardedRef
+
+
+def chunk_indices(skeleton: Any) -> set[int]:
+    """Indices (in the manifest's tensor list) of the stored blocks of sharded arrays."""
+    found: set[int] = set()
+
+    def visit(ref: Any) -> Any:
+        if type(ref) is tree.ShardedRef:
+            found.update(index for index, _ in ref.chunks)
+        return ref
+
+    tree.map_refs(skeleton, visit)
+    return found
+
+
+def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims | None]]:
+    """The blocks a restore with ``like`` will ask for: ``(ref, offsets, shape)``, ``None`` for a whole
+    sharded array. A side-effect-free walk over plain containers and ``state_dict()`` s; what it cannot
+    see is read when the rebuild asks for it."""
+    out: list[tuple[Ref, Dims | None, Dims | None]] = []
+    missing = tree._MISSING
+
+    def walk(node: Any, tmpl: Any) -> None:
+        t = type(node)
+        if t is tree.TensorRef or t is tree.ShardedRef:
+            if tmpl is not missing and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
+                if type(tmpl) is shard.Shard:
+                    out.append((node, tmpl.offsets, tmpl.local_shape))
+                else:
+                    offsets, shape, _ = shard.dtensor_block(tmpl)
+                    out.append((node, offsets, shape))
+            elif t is tree.ShardedRef:
+                out.append((node, None, None))
+        elif t is dict:
+            get = tmpl.get if isinstance(tmpl, dict) else None
+            for k, v in node.items():
+                walk(v, get(k, missing) if get else missing)
+        elif t is list or t is tuple or t is tree.NamedTuple:
+            values = node.values if t is tree.NamedTuple else node
+            same = isinstance(tmpl, list | tuple) and len(tmpl) == len(values)
+            for i, v in enumerate(values):
+                walk(v, tmpl[i] if same else missing)
+        elif t is tree.Stateful:
+            walk(node.state, tmpl.state_dict() if tree.is_stateful(tmpl) else missing)
+
+    walk(skeleton, like)
+    return out
+
+
+class BlockReader:
+    """Blocks of a checkpoint's arrays, for :func:`ckptstore.tree.rebuild` (a ``BlockSource``).
+
+    ``load`` gives the whole arrays that were loaded eagerly (the replicated ones). :meth:`prefetch` reads
+    the blocks the rebuild will want before it starts, so a failed checksum stops the restore before any
+    object is touched. Close the reader when done (it keeps files open between blocks).
+    """
+
+    def __init__(
+        self, storage: Storage, name: str, m: Manifest, load: Callable[[int], np.ndarray], *, verify: bool
+    ) -> None:
+        self.storage, self.name, self.m, self.load, self.verify = storage, name, m, load, verify
+        self._files: dict[int, Readable] = {}
+        self._sizes: dict[str, int] | None = None
+        self._ready: dict[tuple[int, Dims | None, Dims | None], np.ndarray] = {}
+        self._whole: dict[int, np.ndarray] = {}  # verified stored blocks of the array being read
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._ready.clear()
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def prefetch(self, wanted: list[tuple[Ref, Dims | None, Dims | None]]) -> None:
+        """Read (and verify) these blocks now; :meth:`read` hands each out once."""
+        for ref, offsets, shape in wanted:
+            self._ready[(id(ref), offsets, shape)] = self._read(ref, offsets, shape)
+
+    def global_shape(self, node: Ref) -> Dims:
+        if isinstance(node, tree.ShardedRef):
+            return node.global_shape
+        return self._entry(node.index).shape
+
+    def read(self, node: Ref, offsets: Dims | None = None, shape: Dims | None = None) -> np.ndarray:
+        ready = self._ready.pop((id(node), offsets, shape), None)
+        return ready if ready is not None else self._read(node, offsets, shape)
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _entry(self, index: int) -> TensorEntry:
+        if index >= len(self.m.tensors):
+            raise CorruptCheckpointError(
+                f"{self.storage.url_of(self.name)}: the tree refers to tensor #{index}, "
+                f"the manifest lists {len(self.m.tensors)}"
+            )
+        return self.m.tensors[index]
+
+    def _read(self, node: Ref, offsets: Dims | None, shape: Dims | None) -> np.ndarray:
+        gshape = self.global_shape(node)
+        if offsets is None or shape is None:
+            offsets, shape = (0,) * len(gshape), gshape
+        if len(offsets) != len(gshape) or any(o + n > g for o, n, g in zip(offsets, shape, gshape)):
+            raise StructureMismatchError(f"block at {offsets} of shape {shape} lies outside the array's {gshape}")
+        if isinstance(node, tree.TensorRef):
+            arr = self.load(node.index)
+            if tuple(shape) == tuple(arr.shape):
+                return arr
+            return np.ascontiguousarray(arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))])
+        try:
+            return self._assemble(node, offsets, shape)
+        finally:
+            self._whole.clear()
+
+    def _assemble(self, node: tree.ShardedRef, offsets: Dims, shape: Dims) -> np.ndarray:
+        out = np.empty(shape, dtype=dtypes.dtype_of(node.dtype))
+        for index, chunk_offsets in node.chunks:
+            entry = self._entry(index)
+            common = shard.intersect(offsets, shape, chunk_offsets, entry.shape)
+            if common is None:
+                continue
+            lo, n = common
+            src = tuple(a - c for a, c in zip(lo, chunk_offsets))
+            dst = out[tuple(slice(a - o, a - o + k) for a, o, k in zip(lo, offsets, n))]
+            if self.verify:
+                whole = self._verified(index, entry)
+                dst[...] = whole[tuple(slice(s, s + k) for s, k in zip(src, n))]
+            else:
+                self._read_region(self._file(entry.file), entry, entry.offset, entry.shape, src, n, dst)
+        return out
+
+    def _verified(self, index: int, entry: TensorEntry) -> np.ndarray:
+        whole = self._whole.get(index)
+        if whole is None:
+            source = self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}")
+            whole = tensorio.read_tensor(self._file(entry.file), entry, verify=True, source=source)
+            self._whole[index] = whole
+        return whole
+
+    def _file(self, file_index: int) -> Readable:
+        f = self._files.get(file_index)
+        if f is None:
+            fe = self.m.files[file_index]
+            rel = f"{self.name}/{fe.name}"
+            if self._sizes is None:
+                self._sizes = self.storage.sizes(self.name)
+            actual = self._sizes.get(fe.name)
+            if actual is None:
+                raise CorruptCheckpointError(f"{self.storage.url_of(rel)} is missing")
+            if actual != fe.size:
+                raise CorruptCheckpointError(
+                    f"{self.storage.url_of(rel)} has {actual} bytes, the manifest says {fe.size} (truncated?)"
+                )
+            f = self._files[file_index] = self.storage.open_read(rel)
+        return f
+
+    def _read_region(
+        self, f: Readable, entry: TensorEntry, base: int, cshape: Dims, start: Dims, shape: Dims, dst: np.ndarray
+    ) -> None:
+        """Copy the region ``start``/``shape`` of the row-major block of shape ``cshape`` whose first byte
+        is at ``base`` into ``dst``: one read of the span from its first to its last element if the bytes
+        between are few, else one region per index of the first dimension."""
+        dtype = dtypes.dtype_of(entry.dtype)
+        isz = dtype.itemsize
+        strides = [math.prod(cshape[d + 1 :]) for d in range(len(cshape))]
+        first = sum(s * st for s, st in zip(start, strides))
+        last = sum((s + n - 1) * st for s, n, st in zip(start, shape, strides)) + 1
+        needed = math.prod(shape)
+        if needed == 0:
+            return
+        if len(shape) <= 1 or (last - first - needed) * isz <= max(needed * isz, GAP_BYTES):
+            buf = self._read_bytes(f, entry, base + first * isz, (last - first) * isz)
+            view = np.lib.stride_tricks.as_strided(
+                buf.view(dtype), shape=shape, strides=tuple(st * isz for st in strides), writeable=False
+            )
+            dst[...] = view
+            return
+        for i in range(shape[0]):
+            row_base = base + (start[0] + i) * strides[0] * isz
+            self._read_region(f, entry, row_base, cshape[1:], start[1:], shape[1:], dst[i])
+
+    def _read_bytes(self, f: Readable, entry: TensorEntry, pos: int, n: int) -> np.ndarray:
+        buf = np.empty(n, dtype=np.uint8)
+        view = buf.data
+        f.seek(pos)
+        got = 0
+        while got < n:
+            k = f.readinto(view[got:])
+            if not k:
+                source = self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}")
+                raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} is truncated")
+            got += k
+        return buf
