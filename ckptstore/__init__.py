@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from . import distributed, errors, knobs
 from .api import restore, save
+from .rng import RNGState
 from .shard import Shard
 from .store import CheckpointInfo, CheckpointStore
 
 __all__ = [
     "CheckpointInfo",
     "CheckpointStore",
+    "RNGState",
     "Shard",
     "distributed",
     "errors",

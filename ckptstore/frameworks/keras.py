@@ -23,6 +23,7 @@ from . import Walk
 from ._variables import restore_in_order, variables_by_path
 
 _OBJECTS = (keras.Layer, keras.optimizers.Optimizer, keras.metrics.Metric)
+_TF_BACKEND = keras.backend.backend() == "tensorflow"
 
 
 class KerasAdapter:
@@ -32,7 +33,8 @@ class KerasAdapter:
         return isinstance(x, keras.Variable)
 
     def to_numpy(self, x: Any, *, copy: bool) -> np.ndarray:
-        arr = np.asarray(keras.ops.convert_to_numpy(x.value))
+        # On TensorFlow, convert_to_numpy goes through np.array(tensor), which NumPy 2 warns about.
+        arr = np.asarray(x.value.numpy() if _TF_BACKEND else keras.ops.convert_to_numpy(x.value))
         return np.array(arr, copy=True) if copy else arr
 
     def from_numpy(self, arr: np.ndarray, like: Any | None) -> Any:
