@@ -285,6 +285,9 @@ def rebuild(
             return adapter.from_numpy(arr, tmpl)
         if type(node) is dict:
             if tmpl is _MISSING or not isinstance(tmpl, Mapping):
+                if tmpl is not _MISSING and (is_stateful(tmpl) or object_adapter_for(tmpl) is not None):
+                    # a saved state dict (torch's, or a JAX params dict) restored into an object
+                    return walk(Stateful("dict", node), tmpl, path, fallback, strict)
                 _mismatch(strict, tmpl, path, "a dict")
                 return {k: walk(v, _MISSING, (*path, k), fallback, strict) for k, v in node.items()}
             if strict and tmpl.keys() != node.keys():
@@ -332,6 +335,8 @@ def rebuild(
                     lambda n, t, k: walk(n, t, (*path, *k), adapter, strict),
                     render_path(path),
                 )
+            if isinstance(tmpl, Mapping | list | tuple):  # an object's state into plain containers (of arrays)
+                return walk(node.state, tmpl, path, fallback, strict)
             _mismatch(strict, tmpl, path, f"the state of a {node.type_name}")
             return walk(node.state, _MISSING, path, fallback, strict)
         if type(node) is Scalar:
