@@ -71,10 +71,10 @@ print(draw())
     assert set(json.loads(got)) == {"python", "gauss", "numpy", "torch"}
 
 
-def test_state_dict_holds_what_the_issue_names(tmp_path: Any) -> None:
+def test_state_dict_holds_what_the_issue_names() -> None:
     state = ckptstore.RNGState().state_dict()
     assert set(state) >= {"python", "numpy", "torch"}
-    version, internal, gauss = state["python"]
+    version, internal, _gauss = state["python"]
     assert version == 3 and len(internal) == 625 and all(type(i) is int for i in internal)
     assert state["numpy"]["bit_generator"] == "MT19937"
     assert isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8
