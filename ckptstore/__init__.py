@@ -8,19 +8,25 @@ from __future__ import annotations
 
 from . import distributed, errors, knobs
 from .api import restore, save
+from .leases import Lease, pin
 from .rng import RNGState
 from .shard import Shard
 from .store import CheckpointInfo, CheckpointStore
+from .watch import checkpoints_iterator, wait_for_new_checkpoint
 
 __all__ = [
     "CheckpointInfo",
     "CheckpointStore",
+    "Lease",
     "RNGState",
     "Shard",
+    "checkpoints_iterator",
     "distributed",
     "errors",
     "knobs",
+    "pin",
     "restore",
     "save",
+    "wait_for_new_checkpoint",
 ]
 __version__ = "0.1.0"

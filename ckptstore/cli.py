@@ -3,6 +3,7 @@
     ckptstore ls URL                 committed steps: step, time, size, metadata
     ckptstore show URL [--step N]    the tree of one checkpoint: key path, dtype and shape, or value
     ckptstore verify URL [--step N]  check every byte of every checkpoint (or one); exit status 1 if damaged
+    ckptstore watch URL [--timeout S] [--every]   print each new checkpoint's path as it is committed
 
 URL is a store root or (for ``show``) one checkpoint directory; ``-o key=value`` passes fsspec storage
 options (values are parsed as JSON where they can be: ``-o anon=true``).
@@ -168,6 +169,22 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
+@command("watch")
+def _watch(args: argparse.Namespace) -> int:
+    from .watch import checkpoints_iterator
+
+    # No pin: the path is printed and left at once, and a watcher needs only read access.
+    paths = checkpoints_iterator(
+        args.url, timeout=args.timeout, storage_options=_options(args.option), every_checkpoint=args.every, pin=False
+    )
+    try:
+        for path in paths:
+            print(path, flush=True)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="ckptstore", description="Inspect ckptstore checkpoints.")
@@ -189,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("ls", "list committed checkpoints")
     add("show", "show the tree of a checkpoint").add_argument("--step", type=int, help="default: the latest")
     add("verify", "check every byte of the checkpoints").add_argument("--step", type=int, help="default: every step")
+    watch = add("watch", "print each new checkpoint's path as it is committed")
+    watch.add_argument("--timeout", type=float, help="stop after waiting this many seconds for a new one")
+    watch.add_argument("--every", action="store_true", help="every checkpoint in step order, not the newest only")
     return parser
 
 

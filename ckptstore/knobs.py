@@ -18,6 +18,11 @@ from typing import Any
 
 @dataclasses.dataclass
 class Knobs:
+    #: Seconds between two looks for a new checkpoint in ``checkpoints_iterator`` (shortened to fit a timeout).
+    poll_interval_s: float = 1.0
+    #: A reader's lease on a checkpoint lasts this long unless renewed (renewed every third of it while held),
+    #: so a reader that died stops blocking retention after at most this long.
+    lease_ttl_s: float = 300.0
     #: Bytes per read/write/hash call when streaming tensor bytes.
     chunk_bytes: int = 16 << 20
     #: A new tensor file is started once a file holds this many bytes (a larger tensor gets a file alone).

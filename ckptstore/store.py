@@ -7,9 +7,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, overload
 
-from . import checkpoint, distributed, tree
+from . import checkpoint, distributed, leases, tree, watch
 from .asyncsave import SaveHandle, Saver
 from .errors import (
     CheckpointExistsError,
@@ -234,11 +235,11 @@ class CheckpointStore:
                 return []
             steps = self.storage.committed_steps()
             infos = [StepInfo(s, self._created_of(s)) for s in steps]
-            doomed = self.policy.to_delete(infos)
-            for s in doomed:
-                self.storage.delete(step_name(s))
+            doomed = self.policy.to_delete(infos, pinned=leases.pinned_steps(self.storage))
+            deleted = leases.delete_unpinned(self.storage, doomed)  # a reader may pin one meanwhile
+            for s in deleted:
                 self._created.pop(s, None)
-            return doomed
+            return deleted
 
     def _created_of(self, step: int) -> float:
         if self.policy.keep_every_n_hours is None:
@@ -282,6 +283,40 @@ class CheckpointStore:
         """The :class:`CheckpointInfo` of ``step`` (default: the latest), from its manifest alone."""
         name = step_name(self._resolve(step))
         return _info(self.storage, name, _manifest(self.storage, name))
+
+    def iter_new(
+        self,
+        min_interval_secs: float = 0,
+        timeout: float | None = None,
+        timeout_fn: Callable[[], bool] | None = None,
+        *,
+        every_checkpoint: bool = False,
+        pin: bool = True,
+    ) -> Iterator[CheckpointInfo]:
+        """Yield the :class:`CheckpointInfo` of each new committed checkpoint as it appears, pinned while the
+        caller works on it: ``ckptstore.checkpoints_iterator`` on this store (same arguments, same rules)."""
+        return watch.watch(
+            self.storage,
+            self.info,
+            min_interval_secs=min_interval_secs,
+            timeout=timeout,
+            timeout_fn=timeout_fn,
+            every_checkpoint=every_checkpoint,
+            pin=pin,
+        )
+
+    def pin(self, step: int | None = None, *, ttl: float | None = None) -> leases.Lease:
+        """Pin checkpoint ``step`` (default: the latest) against retention until the lease is released (or
+        expires, ``ttl`` seconds after its holder stopped renewing it); a context manager.
+
+        Raises:
+            CheckpointNotFoundError: no such committed checkpoint, or it is being deleted.
+        """
+        name = step_name(self._resolve(step))
+        lease = leases.acquire(self.storage, name, ttl=ttl)
+        if lease is None:
+            raise CheckpointNotFoundError(f"{self.storage.url_of(name)} is not committed, or is being deleted")
+        return lease
 
     def restore(
         self,

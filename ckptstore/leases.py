@@ -1,0 +1,238 @@
+"""Leases: a reader's pin on a checkpoint, so that retention does not delete it while the reader works on it.
+
+Everything lives in small empty files under ``<store root>/.leases/``; their names say it all, so a single
+listing tells who holds what (no file is read)::
+
+    step_00000042.1767225600000.<token>.lease   a reader's pin on step_00000042, live until the time in ms
+    step_00000042.<token>.deleting              retention is about to delete step_00000042
+
+The protocol needs no lock shared by the processes, only a filesystem whose listings see what was written
+before (local POSIX disk; S3, which is strongly consistent since 2020):
+
+* a reader writes its lease, then looks: if the checkpoint is marked for deletion or no longer committed,
+  it drops the lease and skips the checkpoint;
+* retention writes a deletion mark, then looks: if a live lease exists, it drops the mark and keeps the
+  checkpoint; otherwise it deletes the checkpoint (manifest first), then the mark.
+
+Each side writes before it looks, so at least one of them sees the other: never both go ahead. A held lease
+is renewed in the background every third of its time to live (``knobs.lease_ttl_s``), so a reader that dies
+blocks deletion for at most that long. Expiry times are wall-clock times: the clocks of readers and trainer
+must agree to well within ``lease_ttl_s``. Explicit deletions (``CheckpointStore.delete``) ignore leases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from . import knobs
+from .api import _split
+from .errors import CheckpointNotFoundError, CkptStoreError, StorageError
+from .storage import FsspecStorage, LocalStorage, Storage, new_token, parse_step, step_name
+
+__all__ = ["LEASE_DIR", "Lease", "acquire", "delete_unpinned", "pin", "pinned_steps"]
+
+LEASE_DIR = ".leases"
+_LEASE, _MARK = "lease", "deleting"
+log = logging.getLogger(__name__)
+
+
+class _Files:
+    """The lease directory of a store, as a flat set of empty files."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.fs: fsspec.AbstractFileSystem
+        if isinstance(storage, FsspecStorage):
+            self.fs, root = storage.fs, storage.root
+        elif isinstance(storage, LocalStorage):
+            self.fs, root = LocalFileSystem(auto_mkdir=True), storage.root
+        else:
+            raise CkptStoreError(f"leases are not supported on {type(storage).__name__}")
+        self.dir = f"{root}/{LEASE_DIR}"
+        self.url = storage.url_of(LEASE_DIR)
+
+    def put(self, name: str) -> None:
+        try:
+            self.fs.pipe_file(f"{self.dir}/{name}", b"")
+        except OSError as e:
+            raise StorageError(
+                f"cannot write {self.url}/{name}: {e} (a reader needs write access to pin checkpoints; "
+                "pass pin=False to watch without pinning)"
+            ) from e
+
+    def names(self) -> list[str]:
+        """The names in the directory, listed fresh."""
+        self.fs.invalidate_cache(self.dir)
+        try:
+            paths = self.fs.ls(self.dir, detail=False)
+        except FileNotFoundError:
+            return []
+        return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in paths]
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(f"{self.dir}/{name}")
+
+
+def _parse(name: str) -> tuple[str, str, float] | None:
+    """(checkpoint name, kind, expiry in seconds) of a lease-directory entry; expiry is inf for marks."""
+    if name.endswith("." + _LEASE):
+        parts = name.rsplit(".", 3)
+        if len(parts) == 4 and parts[1].isdigit():
+            return parts[0], _LEASE, int(parts[1]) / 1000.0
+    elif name.endswith("." + _MARK):
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3:
+            return parts[0], _MARK, float("inf")
+    return None
+
+
+def _live_leases(names: Iterable[str], now: float) -> set[str]:
+    """The checkpoint names that some unexpired lease pins."""
+    return {p[0] for p in map(_parse, names) if p is not None and p[1] == _LEASE and p[2] > now}
+
+
+class Lease:
+    """A reader's pin on one checkpoint directory; retention keeps the checkpoint until :meth:`release`
+    (or until the lease expires, ``knobs.lease_ttl_s`` after the holder stopped renewing it, e.g. died).
+
+    A context manager. Made by :func:`pin`, :meth:`CheckpointStore.pin` and ``checkpoints_iterator``.
+    """
+
+    def __init__(self, files: _Files, name: str, path: str, ttl: float) -> None:
+        self._files = files
+        self.name = name
+        #: Path or URL of the pinned checkpoint directory.
+        self.path = path
+        self.ttl = ttl
+        self._file = self._write()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    @property
+    def step(self) -> int | None:
+        """The pinned step (None for a checkpoint directory that is not named after a step)."""
+        return parse_step(self.name)
+
+    def _write(self) -> str:
+        expires_ms = int((time.time() + self.ttl) * 1000)
+        file = f"{self.name}.{expires_ms}.{new_token()}.{_LEASE}"
+        self._files.put(file)
+        return file
+
+    def _start_renewing(self) -> None:
+        self._renewer = threading.Thread(target=self._renew_loop, name=f"ckptstore-lease-{self.name}", daemon=True)
+        self._renewer.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.renew()
+            except Exception as e:  # a transient storage failure: try again next time, before expiry
+                log.warning("could not renew the lease on %s: %s", self.path, e)
+
+    def renew(self) -> None:
+        """Extend the lease by its time to live (done in the background while it is held)."""
+        old, self._file = self._file, self._write()  # the new one first: the pin never lapses
+        self._files.remove(old)
+
+    def release(self) -> None:
+        """Unpin the checkpoint. Releasing twice does nothing."""
+        self._stop.set()
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join()
+        if self._file:
+            self._files.remove(self._file)
+            self._file = ""
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Lease({self.path!r}, ttl={self.ttl})"
+
+
+def acquire(storage: Storage, name: str, *, ttl: float | None = None) -> Lease | None:
+    """Pin the checkpoint directory ``name`` of ``storage``; None if it is gone or being deleted."""
+    files = _Files(storage)
+    lease = Lease(files, name, storage.url_of(name), knobs.current.lease_ttl_s if ttl is None else ttl)
+    try:
+        # Written first, looked second (see the module docstring): the order is what makes the pin safe.
+        marked = any(p is not None and p[0] == name and p[1] == _MARK for p in map(_parse, files.names()))
+        usable = not marked and storage.is_committed(name)
+    except BaseException:
+        lease.release()
+        raise
+    if not usable:
+        lease.release()
+        return None
+    lease._start_renewing()
+    return lease
+
+
+def pin(
+    path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None, ttl: float | None = None
+) -> Lease:
+    """Pin the checkpoint directory at ``path`` (as returned by ``wait_for_new_checkpoint``) against
+    retention, until the lease is released; use it as a context manager::
+
+        path = ckptstore.wait_for_new_checkpoint("s3://bucket/run", timeout=600)
+        with ckptstore.pin(path):
+            state = ckptstore.restore(path)
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is no longer committed, or is being deleted.
+    """
+    storage, name = _split(path, storage_options)
+    lease = acquire(storage, name, ttl=ttl)
+    if lease is None:
+        raise CheckpointNotFoundError(f"{storage.url_of(name)} is not committed, or is being deleted")
+    return lease
+
+
+def pinned_steps(storage: Storage) -> set[int]:
+    """Steps that a live lease pins (one listing)."""
+    pinned = (parse_step(n) for n in _live_leases(_Files(storage).names(), time.time()))
+    return {s for s in pinned if s is not None}
+
+
+def delete_unpinned(storage: Storage, steps: Iterable[int]) -> list[int]:
+    """Delete the committed ``steps`` that no reader pins, safely against readers pinning at the same time;
+    return the steps deleted. Call under ``storage.lock()``: it assumes it is the only deleter, and so also
+    removes deletion marks that a crashed deleter left, and leases that expired."""
+    steps = list(steps)
+    if not steps:
+        return []
+    files = _Files(storage)
+    marks = {s: f"{step_name(s)}.{new_token()}.{_MARK}" for s in steps}
+    for mark in marks.values():
+        files.put(mark)
+    deleted = []
+    try:
+        names = files.names()  # looked at after the marks were written (see the module docstring)
+        pinned = _live_leases(names, time.time())
+        for s in steps:
+            if step_name(s) not in pinned:
+                storage.delete(step_name(s))
+                deleted.append(s)
+    finally:
+        for mark in marks.values():
+            files.remove(mark)
+    now = time.time()
+    for n in names:
+        p = _parse(n)
+        stale_mark = p is not None and p[1] == _MARK and n not in marks.values()
+        if stale_mark or (p is not None and p[1] == _LEASE and p[2] < now - knobs.current.lease_ttl_s):
+            files.remove(n)
+    return deleted
