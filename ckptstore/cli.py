@@ -100,10 +100,10 @@ def describe(m: Manifest) -> Iterator[tuple[str, str]]:
     """(key path, description) of every leaf of a checkpoint's tree, from its manifest alone."""
 
     def walk(node: Any, path: tree.KeyPath) -> Iterator[tuple[str, str]]:
-        if isinstance(node, dict):
+        if isinstance(node, dict) and node:  # an empty container is a leaf: shown as {} / [] / ()
             for k, v in node.items():
                 yield from walk(v, (*path, k))
-        elif isinstance(node, list | tuple):
+        elif isinstance(node, list | tuple) and node:
             for i, v in enumerate(node):
                 yield from walk(v, (*path, i))
         elif isinstance(node, tree.NamedTuple):
