@@ -123,9 +123,21 @@ def write(storage: Storage, name: str, step: int, prepared: Prepared, *, overwri
     except BaseException as e:
         staging.abort()
         if isinstance(e, OSError) and not isinstance(e, CkptStoreError):
-            raise storage_error(e, f"saving {storage.url_of(name)} failed; nothing was committed") from e
+            raise storage_error(e, f"saving {storage.url_of(name)} failed; {_outcome(storage, name)}") from e
         raise
     return m
+
+
+def _outcome(storage: Storage, name: str) -> str:
+    """What a failed save left, in words: the failure may have come after the checkpoint was published
+    (a sync of the root, a lost response) and its removal failed too."""
+    try:
+        committed = storage.is_committed(name)
+    except Exception:
+        return "it may or may not be committed (check with CheckpointStore.verify)"
+    if committed:
+        return "it is committed all the same (its data was complete before it was published)"
+    return "nothing was committed"
 
 
 def storage_error(e: OSError, what: str) -> StorageError:

@@ -231,7 +231,7 @@ class _LocalStaging(Staging):
         try:
             self.ops.mkdir(self.path)
         except BaseException:
-            self._release()
+            self.abort()  # the directory may exist all the same (an error reported after the fact)
             raise
 
     def open(self, name: str) -> BinaryIO:

@@ -207,9 +207,7 @@ class CheckpointStore:
         self._created[step] = m.created
         try:
             self._apply_retention()
-        except OSError as e:
-            if isinstance(e, CkptStoreError):
-                raise
+        except OSError as e:  # StorageError included: the message must say the checkpoint is safe
             raise checkpoint.storage_error(
                 e, f"step {step} is committed, but retention failed (it runs again on the next save)"
             ) from e

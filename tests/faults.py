@@ -242,6 +242,14 @@ class FaultyFS:
     def pipe_file(self, path: str, value: bytes, **kwargs: Any) -> Any:
         return self.plan.run("put", path, lambda: self._fs.pipe_file(path, value, **kwargs))
 
+    def call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """s3fs's raw API calls (ckptstore's parallel uploads use them): uploads and deletions count."""
+        kind = _S3_KINDS.get(method)
+        if kind is None:
+            return self._fs.call_s3(method, *args, **kwargs)
+        path = f"{kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}"
+        return self.plan.run(kind, path, lambda: self._fs.call_s3(method, *args, **kwargs))
+
     def rm_file(self, path: str) -> Any:
         return self.plan.run("delete", path, lambda: self._fs.rm_file(path))
 
@@ -249,6 +257,16 @@ class FaultyFS:
         paths = [path] if isinstance(path, str) else list(path)
         for p in paths:  # one call per object, as a client deleting a batch may fail part way
             self.plan.run("delete", p, lambda p=p: self._fs.rm(p, *args, **kwargs))
+
+
+_S3_KINDS = {
+    "put_object": "put",
+    "create_multipart_upload": "put",
+    "upload_part": "put",
+    "complete_multipart_upload": "put",
+    "delete_object": "delete",
+    "delete_objects": "delete",
+}
 
 
 # --- power loss ------------------------------------------------------------------------------------
