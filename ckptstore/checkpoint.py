@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from . import distributed, knobs, manifest, shardio, tensorio, tree
+from . import distributed, knobs, manifest, ranged, shardio, tensorio, tree
 from .errors import (
     CheckpointNotFoundError,
     CkptStoreError,
@@ -176,6 +177,11 @@ def load_tensors(
         if actual != fe.size:
             raise CorruptCheckpointError(f"{source} has {actual} bytes, the manifest says {fe.size} (truncated?)")
         idx.sort(key=lambda i: m.tensors[i].offset)
+        read_range = getattr(storage, "read_range", None)
+        if read_range is not None:  # remote: parallel ranged GETs of just these tensors' bytes
+            fetch = functools.partial(read_range, rel)
+            out.update(ranged.read_tensors(fetch, [(i, m.tensors[i]) for i in idx], verify=verify, source=source))
+            continue
         f = storage.open_read(rel)
         try:
             for i in idx:

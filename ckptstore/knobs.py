@@ -29,6 +29,20 @@ class Knobs:
     max_file_bytes: int = 1 << 30
     #: Threads that write (or read) tensor files at once. Remote filesystems profit from more.
     io_threads: int = 4
+    #: Remote reads: bytes per ranged GET (a larger tensor is fetched in parallel pieces of this size).
+    read_part_bytes: int = 32 << 20
+    #: Remote reads: tensors closer than this in one file are fetched by one ranged GET (fewer requests,
+    #: a few unwanted bytes).
+    read_coalesce_bytes: int = 1 << 16
+    #: Remote writes: bytes per part of a multipart upload; ``io_threads`` parts go up at once, so a file
+    #: being written holds at most about ``io_threads * upload_part_bytes`` in memory.
+    upload_part_bytes: int = 16 << 20
+    #: Whole-operation retries of a remote operation after a transient failure (on top of the client
+    #: library's per-request retries), with exponential backoff and jitter between retry_base_s and
+    #: retry_max_s seconds. See :mod:`ckptstore.retry`.
+    retries: int = 3
+    retry_base_s: float = 0.2
+    retry_max_s: float = 10.0
     #: Leftovers of a writer (temp directories, uncommitted objects) whose liveness cannot be checked
     #: are removed once they are older than this.
     stale_after_s: float = 3600.0

