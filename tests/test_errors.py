@@ -34,10 +34,11 @@ def store(tmp_path: pathlib.Path) -> ckptstore.CheckpointStore:
 
 
 def entries(root: str | os.PathLike[str]) -> list[str]:
-    """What a store root holds, besides its lock file (nothing if it does not exist)."""
+    """What a store root holds besides the store's own hidden files (lock, leases), but with any temp or
+    trash directory or writer liveness file (nothing if the root does not exist)."""
     if not os.path.exists(root):
         return []
-    return sorted(n for n in os.listdir(root) if n != ".ckptstore.lock")
+    return sorted(n for n in os.listdir(root) if not n.startswith(".") or n.startswith((".tmp-", ".trash-")))
 
 
 # --- unsupported leaves: named key path, nothing written ----------------------------------------------
