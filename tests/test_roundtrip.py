@@ -428,3 +428,32 @@ def test_single_directory_api_round_trip(store: ckptstore.CheckpointStore) -> No
     assert back["meta"] == {"k": (1, 2)}
     t = ckptstore.restore(path, framework="torch")
     assert isinstance(t["a"], torch.Tensor) and t["a"].dtype == torch.float64
+
+
+def test_keys_whose_tensor_names_collide(store: ckptstore.CheckpointStore) -> None:
+    """Tensor names in the safetensors file join key paths with '/': different paths may give one name."""
+    state = {"a/b": np.ones(1), "a": {"b": np.zeros(1)}, "1": np.full(1, 5), 1: np.full(1, 6), "": np.full(2, 7)}
+    store.save(0, state)
+    back = store.restore(0)
+    assert list(back) == ["a/b", "a", "1", 1, ""]
+    assert back["a/b"].tolist() == [1.0] and back["a"]["b"].tolist() == [0.0]
+    assert back["1"].tolist() == [5] and back[1].tolist() == [6] and back[""].tolist() == [7, 7]
+
+
+def test_big_and_mixed_dict_keys(store: ckptstore.CheckpointStore) -> None:
+    state = {1 << 70: "big", -(1 << 70): "neg", "1": "str", 1: "int", "é\n\"'": "odd", "x" * 500: "long"}
+    store.save(0, state)
+    back = store.restore(0)
+    assert back == state and list(back) == list(state)
+    assert [type(k) for k in back] == [type(k) for k in state]
+
+
+def test_parameter_like_gives_a_parameter(store: ckptstore.CheckpointStore) -> None:
+    p = torch.nn.Parameter(torch.randn(3))
+    frozen = torch.nn.Parameter(torch.randn(2), requires_grad=False)
+    store.save(0, {"p": p, "f": frozen})
+    back = store.restore(0, like={"p": torch.nn.Parameter(torch.zeros(3)), "f": torch.nn.Parameter(torch.zeros(2))})
+    assert type(back["p"]) is torch.nn.Parameter and back["p"].requires_grad
+    assert torch.equal(back["p"].detach(), p.detach())
+    assert type(back["f"]) is torch.nn.Parameter
+    torch.optim.SGD([back["p"]], lr=0.1)  # usable as a parameter

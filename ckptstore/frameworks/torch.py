@@ -74,6 +74,8 @@ class TorchAdapter:
         t = torch.from_numpy(arr) if via is None else torch.from_numpy(arr.view(via[0])).view(via[1])
         if isinstance(like, torch.Tensor):
             t = t.to(device=like.device, dtype=like.dtype)
+            if isinstance(like, torch.nn.Parameter):  # a Parameter in, a Parameter out (an optimizer can take it)
+                return torch.nn.Parameter(t, requires_grad=like.requires_grad)
             if like.requires_grad:
                 t.requires_grad_(True)
         return t
