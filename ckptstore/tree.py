@@ -269,14 +269,14 @@ def rebuild(
                 return _shard_like(node, tmpl, path, source)
             arr = load(node.index) if type(node) is TensorRef else source.read(node)
             if tmpl is _MISSING or tmpl is None:
-                return fallback.from_numpy(arr, None)
+                return _untemplated(fallback, arr, path)
             adapter = adapter_for(tmpl)
             if adapter is None:
                 if strict:
                     raise StructureMismatchError(
                         f"{render_path(path)}: the checkpoint holds an array, `like` a {type_name(tmpl)}"
                     )
-                return fallback.from_numpy(arr, None)
+                return _untemplated(fallback, arr, path)
             shape = tuple(getattr(tmpl, "shape", arr.shape))
             if shape != arr.shape:
                 raise StructureMismatchError(
@@ -344,6 +344,14 @@ def rebuild(
         return node
 
     return walk(skeleton, like, (), default, like is not _MISSING)
+
+
+def _untemplated(adapter: Adapter, arr: np.ndarray, path: KeyPath) -> Any:
+    """``arr`` as an array of the ``framework=`` adapter; one it cannot hold is an error naming its path."""
+    try:
+        return adapter.from_numpy(arr, None)
+    except UnsupportedTypeError as e:
+        raise UnsupportedTypeError(f"{render_path(path)}: {e}") from None
 
 
 def is_plain(x: Any) -> bool:

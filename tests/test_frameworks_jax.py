@@ -198,3 +198,13 @@ def test_restore_places_arrays_on_likes_device() -> None:
         """
     )
     assert out.split() == ["ok", "2"]
+
+
+def test_int64_beyond_int32_without_x64_is_a_named_error(tmp_path: Any) -> None:
+    assert not jax.config.jax_enable_x64
+    ckptstore.save(tmp_path / "c", {"small": np.arange(3, dtype=np.int64), "big": np.array([1 << 40], np.int64)})
+    with pytest.raises(UnsupportedTypeError, match=r"state\['big'\].*int64.*jax_enable_x64"):
+        ckptstore.restore(tmp_path / "c", framework="jax")
+    out = ckptstore.restore(tmp_path / "c", framework="jax", like={"small": 0, "big": np.zeros(1, np.int64)})
+    assert out["small"].dtype == jnp.int32 and out["small"].tolist() == [0, 1, 2]  # fits: converted
+    assert out["big"].dtype == np.int64 and out["big"][0] == 1 << 40  # a NumPy template keeps it whole

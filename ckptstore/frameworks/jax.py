@@ -46,6 +46,21 @@ def _children_state(pairs: list[tuple[Any, Any]]) -> dict[str, Any] | list[Any]:
     return {n: child for n, (_, child) in zip(names, pairs)}
 
 
+def _fit_without_x64(arr: np.ndarray) -> np.ndarray:
+    """Without ``jax_enable_x64`` JAX stores 64-bit values in 32 bits and silently wraps integers that do
+    not fit. Floats lose precision as in any JAX program; integers that would change are an error."""
+    target = jax.dtypes.canonicalize_dtype(arr.dtype)
+    if target == arr.dtype or arr.dtype.kind not in "iu" or arr.size == 0:
+        return arr
+    info = np.iinfo(target)
+    if arr.min() < info.min or arr.max() > info.max:
+        raise UnsupportedTypeError(
+            f"{arr.dtype} values up to {arr.max()} do not fit JAX's {target} (jax_enable_x64 is off); "
+            "enable it, restore with like= a template, or with framework='numpy'"
+        )
+    return arr.astype(target)
+
+
 class JaxAdapter:
     name = "jax"
 
@@ -67,7 +82,7 @@ class JaxAdapter:
             if arr.dtype != like.dtype:
                 arr = arr.astype(like.dtype)
             return jax.device_put(arr, like.sharding)
-        return jax.device_put(arr)
+        return jax.device_put(_fit_without_x64(arr))
 
     # --- objects: typed keys and registered pytree nodes ------------------------------------------
 
