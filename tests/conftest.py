@@ -12,6 +12,7 @@ Fixtures:
     memory_url  ``memory://<unique>/run`` in fsspec's (global) memory filesystem, cleared first
     local_url   a directory under tmp_path
     store_url   parametrised over the three above, ids "local", "memory", "s3"
+    s3_proxy    (Location, FaultProxy): a fresh bucket on moto through a proxy that records and fails requests
     weed_server, weed_url   the same on SeaweedFS (a production S3 server), where its binary is installed
 """
 
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple
 import pytest
 
 import ckptstore
-from tests import s3server
+from tests import s3proxy, s3server
 
 
 class Location(NamedTuple):
@@ -119,6 +120,18 @@ def weed_url(weed_server: s3server.Server) -> Location:
     """A fresh bucket on the SeaweedFS server: ``Location("s3://<bucket>/run", storage_options)``."""
     bucket = new_bucket(weed_server.endpoint)
     return Location(f"s3://{bucket}/run", s3server.storage_options(weed_server.endpoint))
+
+
+@pytest.fixture
+def s3_proxy(s3_server: s3server.Server) -> Iterator[tuple[Location, s3proxy.FaultProxy]]:
+    """A fresh bucket on moto reached through a :class:`tests.s3proxy.FaultProxy` (records requests,
+    injects faults); botocore retries each request at most twice more, so faults show quickly."""
+    bucket = new_bucket(s3_server.endpoint)
+    with s3proxy.FaultProxy(s3_server.endpoint) as proxy:
+        opts = s3server.storage_options(
+            proxy.endpoint, config_kwargs={"retries": {"mode": "standard", "max_attempts": 3}}
+        )
+        yield Location(f"s3://{bucket}/run", opts), proxy
 
 
 def clear_memory_fs() -> None:
