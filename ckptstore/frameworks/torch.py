@@ -1,4 +1,5 @@
-"""PyTorch tensors, on any device, every dtype safetensors holds (bfloat16 and float8 included)."""
+"""PyTorch tensors, on any device, every dtype safetensors holds (bfloat16 and float8 included), and
+``torch.Generator`` objects (saved as their ``get_state()``, restored into the generator in ``like``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from ..errors import UnsupportedTypeError
+from ..errors import StructureMismatchError, UnsupportedTypeError
+from . import Walk
 
 # Torch dtypes NumPy lacks: reinterpret their bits through a same-width integer type.
 _VIA_INT: dict[torch.dtype, tuple[torch.dtype, np.dtype]] = {
@@ -79,6 +81,26 @@ class TorchAdapter:
             if like.requires_grad:
                 t.requires_grad_(True)
         return t
+
+    # --- objects: torch.Generator (no state_dict(); get_state/set_state) -------------------------
+
+    def object_state(self, x: Any) -> Any | None:
+        if isinstance(x, torch.Generator):
+            return {"device": str(x.device), "state": x.get_state()}
+        return None
+
+    def restore_object(self, like: Any, saved: Any, template: Any, walk: Walk, where: str) -> Any:
+        if not isinstance(saved, dict) or set(saved) != {"device", "state"}:
+            raise StructureMismatchError(f"{where}: the checkpoint holds no torch.Generator state here")
+        state = walk(saved["state"], template["state"], ("state",))
+        try:
+            like.set_state(state)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise StructureMismatchError(
+                f"{where}: the saved {saved['device']} generator state does not fit a {template['device']} "
+                f"torch.Generator ({e})"
+            ) from None
+        return like
 
 
 ADAPTER = TorchAdapter()
