@@ -24,6 +24,17 @@ def _split(path: str | os.PathLike[str], storage_options: dict[str, Any] | None)
     return open_storage(parent, storage_options), name
 
 
+def _occupied(path: str) -> bool:
+    """Whether something other than an empty directory lies at ``path``."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is not None
+    except NotADirectoryError:
+        return True
+
+
 def save(
     path: str | os.PathLike[str],
     state: Any,
@@ -40,8 +51,13 @@ def save(
     """
     prepared = checkpoint.prepare(state, metadata)
     storage, name = _split(path, storage_options)
-    if not overwrite and storage.is_committed(name):
+    committed = storage.is_committed(name)
+    if not overwrite and committed:
         raise CheckpointExistsError(f"{storage.url_of(name)} is already committed (pass overwrite=True)")
+    if not committed and isinstance(storage, LocalStorage) and _occupied(storage.url_of(name)):
+        # The local commit replaces an uncommitted directory of that name (a store's half-deleted step);
+        # here the name is the user's, and what lies there is theirs.
+        raise CheckpointExistsError(f"{storage.url_of(name)} exists and is not a checkpoint; not replacing it")
     step = metadata.get("step", 0) if isinstance(metadata, dict) else 0
     step = step if type(step) is int and 0 <= step < 1 << 63 else 0  # bool is an int, but not a step
     checkpoint.write(storage, name, step, prepared, overwrite=overwrite)

@@ -341,6 +341,8 @@ class LocalStorage(Storage):
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return []
+        except NotADirectoryError:
+            raise StorageError(f"{self.root} is a file, not a store directory") from None
         for entry in entries:
             step = parse_step(entry.name)
             if step is not None and os.path.exists(os.path.join(entry.path, MANIFEST_NAME)):

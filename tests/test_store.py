@@ -14,7 +14,7 @@ import pytest
 import safetensors.numpy
 
 import ckptstore
-from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from tests.conftest import Location
 
 
@@ -329,3 +329,29 @@ def test_verify_passes_on_an_intact_checkpoint(location: Location) -> None:
     store.save(1, state_of(1))
     assert store.restore(1, verify=True)["step"] == 1
     assert ckptstore.restore(store.info(1).path, verify=True)["name"] == "s1"
+
+
+def test_single_directory_save_never_replaces_what_is_not_a_checkpoint(tmp_path: pathlib.Path) -> None:
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("important")
+    (tmp_path / "afile").write_text("x")
+    for target in (project, tmp_path / "afile"):
+        for overwrite in (False, True):
+            with pytest.raises(CheckpointExistsError, match="not a checkpoint"):
+                ckptstore.save(target, {"a": 1}, overwrite=overwrite)
+    assert (project / "src" / "main.py").read_text() == "important"
+    assert (tmp_path / "afile").read_text() == "x"
+    (tmp_path / "empty").mkdir()  # an empty directory is fine (made beforehand with makedirs, say)
+    ckptstore.save(tmp_path / "empty", {"a": 1})
+    assert ckptstore.restore(tmp_path / "empty") == {"a": 1}
+
+
+def test_store_root_that_is_a_file(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    store = ckptstore.CheckpointStore(tmp_path / "afile")
+    with pytest.raises(StorageError):
+        store.steps()
+    with pytest.raises(StorageError):
+        store.save(1, {"a": 1})
+    assert (tmp_path / "afile").read_text() == "x"
