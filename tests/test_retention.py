@@ -193,3 +193,28 @@ def test_overwrite_does_not_trigger_extra_deletion(location: Location) -> None:
     store.save(2, {"s": 22}, overwrite=True)
     assert store.steps() == [1, 2]
     assert store.restore(2) == {"s": 22}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_incremental_retention_equals_one_pass(seed: int) -> None:
+    """Applying the policy after every save (as a store does) keeps exactly what one pass over the whole
+    history keeps, and applying it again to the survivors deletes nothing (random histories)."""
+    import random
+
+    rnd = random.Random(seed)
+    policy = RetentionPolicy(
+        max_to_keep=rnd.randint(1, 4),
+        keep_every_n_steps=rnd.choice([None, 2, 5, 7]),
+        keep_every_n_hours=rnd.choice([None, 0.5, 1, 3]),
+    )
+    history, t = [], 0.0
+    for step in sorted(rnd.sample(range(200), 40)):
+        t += rnd.uniform(0, 1.5) * HOUR
+        history.append(StepInfo(step, t))
+    alive: list[StepInfo] = []
+    for info in history:
+        alive.append(info)
+        doomed = set(policy.to_delete(alive))
+        alive = [i for i in alive if i.step not in doomed]
+    assert {i.step for i in alive} == policy.to_keep(history)
+    assert policy.to_delete(alive) == []
