@@ -234,3 +234,42 @@ def test_state_dict_saved_directly_and_module_in_list(store: ckptstore.Checkpoin
     for m, f in zip(models, fresh):
         assert_tree_equal(f.state_dict(), m.state_dict())
     assert set(back["sd"]) == {"weight", "bias"}
+
+
+MORE_SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
+    "plateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5),
+    "cosine_restarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3),
+    "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [torch.optim.lr_scheduler.LinearLR(o, 0.5, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
+        milestones=[2],
+    ),
+    "chained": lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+        [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)]
+    ),
+    "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.01, 0.1, step_size_up=2),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_SCHEDULERS))
+def test_more_schedulers(store: ckptstore.CheckpointStore, name: str) -> None:
+    def make() -> tuple[torch.optim.Optimizer, Any]:
+        torch.manual_seed(0)
+        opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+        return opt, MORE_SCHEDULERS[name](opt)
+
+    def step(opt: torch.optim.Optimizer, sched: Any, k: int) -> None:
+        opt.step()
+        sched.step(float(k % 2)) if name == "plateau" else sched.step()
+
+    opt, sched = make()
+    for k in range(5):
+        step(opt, sched, k)
+    store.save(5, {"opt": opt, "sched": sched})
+    opt2, sched2 = make()
+    store.restore(like={"opt": opt2, "sched": sched2})
+    assert repr(sched2.state_dict()) == repr(sched.state_dict())
+    for k in range(5, 9):
+        step(opt, sched, k)
+        step(opt2, sched2, k)
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
