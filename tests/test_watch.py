@@ -9,11 +9,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,7 +119,7 @@ def test_store_iter_new_yields_infos(store_url: Location) -> None:
 # --- TensorFlow's timing semantics (local disk) -------------------------------------------------------
 
 
-def test_timeout_is_waited_in_full_on_an_empty_store(tmp_path: str) -> None:
+def test_timeout_is_waited_in_full_on_an_empty_store(tmp_path: Path) -> None:
     d = os.path.join(tmp_path, "run")
     t0 = time.monotonic()
     assert list(ckptstore.checkpoints_iterator(d, timeout=0.4)) == []
@@ -125,7 +127,7 @@ def test_timeout_is_waited_in_full_on_an_empty_store(tmp_path: str) -> None:
     assert not os.path.exists(d)  # a reader never creates the store
 
 
-def test_poll_interval_is_shortened_to_fit_the_timeout(tmp_path: str) -> None:
+def test_poll_interval_is_shortened_to_fit_the_timeout(tmp_path: Path) -> None:
     """TensorFlow returns None as soon as now + interval > deadline: a checkpoint committed in the last
     interval before the deadline is missed. Here the last look happens at the deadline."""
     store = ckptstore.CheckpointStore(tmp_path)
@@ -141,7 +143,7 @@ def test_poll_interval_is_shortened_to_fit_the_timeout(tmp_path: str) -> None:
     assert 0.5 <= time.monotonic() - t0 < 10
 
 
-def test_timeout_fn_false_waits_again_then_true_stops(tmp_path: str) -> None:
+def test_timeout_fn_false_waits_again_then_true_stops(tmp_path: Path) -> None:
     calls = []
 
     def timeout_fn() -> bool:
@@ -154,7 +156,7 @@ def test_timeout_fn_false_waits_again_then_true_stops(tmp_path: str) -> None:
     assert calls[0] - t0 >= 0.2 and calls[1] - calls[0] >= 0.2 and calls[2] - calls[1] >= 0.2
 
 
-def test_timeout_fn_is_consulted_after_each_yield(tmp_path: str) -> None:
+def test_timeout_fn_is_consulted_after_each_yield(tmp_path: Path) -> None:
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state(1))
     calls = []
@@ -169,7 +171,7 @@ def test_timeout_fn_is_consulted_after_each_yield(tmp_path: str) -> None:
     assert calls == [1]
 
 
-def test_timeout_fn_false_after_a_yield_keeps_waiting(tmp_path: str) -> None:
+def test_timeout_fn_false_after_a_yield_keeps_waiting(tmp_path: Path) -> None:
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state(1))
     got: list[int] = []
@@ -187,7 +189,7 @@ def test_timeout_fn_false_after_a_yield_keeps_waiting(tmp_path: str) -> None:
     assert len(calls) >= 3  # after step 1, after at least one timeout, after step 2
 
 
-def test_checkpoints_committed_before_done_are_still_yielded(tmp_path: str) -> None:
+def test_checkpoints_committed_before_done_are_still_yielded(tmp_path: Path) -> None:
     """The trainer commits its final checkpoint while the evaluator works on an earlier one, then says it is
     done: the final checkpoint is yielded (without a wait) before the loop ends."""
     store = ckptstore.CheckpointStore(tmp_path)
@@ -203,7 +205,7 @@ def test_checkpoints_committed_before_done_are_still_yielded(tmp_path: str) -> N
     assert time.monotonic() - t0 < 10  # the 30 s timeout was never waited
 
 
-def test_min_interval_between_yields_counts_the_callers_time(tmp_path: str) -> None:
+def test_min_interval_between_yields_counts_the_callers_time(tmp_path: Path) -> None:
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state(1))
     times = []
@@ -216,7 +218,7 @@ def test_min_interval_between_yields_counts_the_callers_time(tmp_path: str) -> N
     assert times[1] - times[0] >= 0.5
 
 
-def test_every_checkpoint_respects_min_interval(tmp_path: str) -> None:
+def test_every_checkpoint_respects_min_interval(tmp_path: Path) -> None:
     store = ckptstore.CheckpointStore(tmp_path)
     for s in (1, 2, 3):
         store.save(s, state(s))
@@ -225,7 +227,7 @@ def test_every_checkpoint_respects_min_interval(tmp_path: str) -> None:
     assert all(b - a >= 0.2 for a, b in itertools.pairwise(times))
 
 
-def test_skips_checkpoints_written_while_the_caller_works(tmp_path: str) -> None:
+def test_skips_checkpoints_written_while_the_caller_works(tmp_path: Path) -> None:
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state(1))
     got = []
@@ -237,7 +239,7 @@ def test_skips_checkpoints_written_while_the_caller_works(tmp_path: str) -> None
     assert got == [1, 4]
 
 
-def test_wait_for_new_checkpoint(tmp_path: str) -> None:
+def test_wait_for_new_checkpoint(tmp_path: Path) -> None:
     store = ckptstore.CheckpointStore(tmp_path)
     t0 = time.monotonic()
     assert ckptstore.wait_for_new_checkpoint(tmp_path, seconds_to_sleep=0.05, timeout=0.3) is None
@@ -259,7 +261,7 @@ def test_wait_for_new_checkpoint(tmp_path: str) -> None:
     "kwargs",
     [{"timeout": -1}, {"timeout": "5"}, {"min_interval_secs": float("nan")}, {"timeout_fn": True}],
 )
-def test_bad_arguments_are_named_errors_at_once(tmp_path: str, kwargs: dict[str, object]) -> None:
+def test_bad_arguments_are_named_errors_at_once(tmp_path: Path, kwargs: dict[str, object]) -> None:
     with pytest.raises(CkptStoreError, match=next(iter(kwargs))):
         ckptstore.checkpoints_iterator(tmp_path, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(CkptStoreError, match="seconds_to_sleep"):
@@ -283,7 +285,7 @@ def test_cli_watch_prints_each_new_checkpoint(store_url: Location, capsys: pytes
     assert [step_of(line) for line in capsys.readouterr().out.split()] == [2]
 
 
-def test_cli_watch_follows_a_trainer_in_another_process(tmp_path: str) -> None:
+def test_cli_watch_follows_a_trainer_in_another_process(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckptstore.cli", "watch", str(tmp_path), "--timeout", "1", "--every"],
         stdout=subprocess.PIPE,
@@ -298,3 +300,16 @@ def test_cli_watch_follows_a_trainer_in_another_process(tmp_path: str) -> None:
         lines.append(proc.stdout.readline().strip())  # printed (and flushed) as each one is committed
     assert [step_of(line) for line in lines] == [10, 20, 30]
     assert proc.wait(30) == 0
+
+
+# --- docs/evaluator.md --------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "evaluator.md"
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_the_docs_examples_run(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = re.findall(r"^```python\n(.*?)^```$", DOC.read_text(), flags=re.S | re.M)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[index], f"{DOC}:python block {index}", "exec"), {"__name__": "__doc_example__"})
