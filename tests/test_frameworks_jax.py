@@ -208,3 +208,18 @@ def test_int64_beyond_int32_without_x64_is_a_named_error(tmp_path: Any) -> None:
     out = ckptstore.restore(tmp_path / "c", framework="jax", like={"small": 0, "big": np.zeros(1, np.int64)})
     assert out["small"].dtype == jnp.int32 and out["small"].tolist() == [0, 1, 2]  # fits: converted
     assert out["big"].dtype == np.int64 and out["big"][0] == 1 << 40  # a NumPy template keeps it whole
+
+
+def test_saving_a_traced_value_is_a_named_error(tmp_path: Any) -> None:
+    errors: list[str] = []
+
+    @jax.jit
+    def step(x: Any) -> Any:
+        try:
+            ckptstore.save(tmp_path / "c", {"x": x})
+        except UnsupportedTypeError as e:
+            errors.append(str(e))
+        return x
+
+    step(jnp.ones(2))
+    assert len(errors) == 1 and "state['x']" in errors[0] and "traced" in errors[0]

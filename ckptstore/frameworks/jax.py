@@ -68,6 +68,8 @@ class JaxAdapter:
         return isinstance(x, jax.Array) and not _is_key(x)
 
     def to_numpy(self, x: Any, *, copy: bool) -> np.ndarray:
+        if isinstance(x, jax.core.Tracer):
+            raise UnsupportedTypeError(f"a traced JAX value ({type(x).__name__}): save outside jit/grad/vmap")
         if not x.is_fully_addressable:
             raise UnsupportedTypeError(
                 f"a jax.Array sharded over devices of other processes ({x.sharding}); "
