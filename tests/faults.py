@@ -443,6 +443,13 @@ def pipe() -> tuple[Any, Any]:
     return multiprocessing.get_context("forkserver").Pipe(duplex=False)  # type: ignore[no-any-return]
 
 
+def barrier(parties: int) -> Any:
+    """A barrier for processes made by :func:`spawn` (to start racing calls at the same moment)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("forkserver").Barrier(parties)
+
+
 def drain(reader: Any) -> list[Any]:
     """Every message a (possibly killed) process managed to send."""
     out = []
