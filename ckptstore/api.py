@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Sequence
 from typing import Any
 
 from . import checkpoint, tree
@@ -70,9 +71,11 @@ def restore(
     framework: str | None = None,
     storage_options: dict[str, Any] | None = None,
     verify: bool = True,
+    keys: Sequence[str] | str | None = None,
 ) -> Any:
     """Restore the checkpoint directory at ``path`` (as yielded by ``checkpoints_iterator``, or given by
-    ``CheckpointInfo.path``). ``like``, ``framework`` and ``verify`` are as for ``CheckpointStore.restore``.
+    ``CheckpointInfo.path``). ``like``, ``framework``, ``verify`` and ``keys`` are as for
+    ``CheckpointStore.restore``.
 
     Raises:
         CheckpointNotFoundError: ``path`` holds no committed checkpoint.
@@ -84,4 +87,4 @@ def restore(
         raise CheckpointNotFoundError(
             f"no committed checkpoint at {storage.url_of(name)} (a store root? use CheckpointStore(path).restore())"
         ) from None
-    return checkpoint.read(storage, name, like=like, framework=framework, verify=verify, m=m)
+    return checkpoint.read(storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import distributed, knobs, manifest, ranged, shardio, tensorio, tree
+from . import distributed, knobs, manifest, ranged, shardio, subset, tensorio, tree
 from .errors import (
     CheckpointNotFoundError,
     CkptStoreError,
@@ -199,12 +199,16 @@ def read(
     framework: str | None = None,
     verify: bool = False,
     m: Manifest | None = None,
+    keys: Sequence[str] | str | None = None,
 ) -> Any:
-    """Restore the state tree of checkpoint directory ``name``."""
+    """Restore the state tree of checkpoint directory ``name`` (only the subtrees ``keys`` select, and
+    only their tensors read, when given: see :mod:`.subset`)."""
     if m is None:
         m = read_manifest(storage, name)
-    chunks = shardio.chunk_indices(m.tree)  # blocks of sharded arrays: read later, only where wanted
-    eager = [i for i in range(len(m.tensors)) if i not in chunks] if chunks else None
+    skeleton = m.tree if keys is None else subset.select(m.tree, keys)
+    chunks = shardio.chunk_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
+    wanted = range(len(m.tensors)) if keys is None else sorted(set(subset.tensor_indices(skeleton)))
+    eager = [i for i in wanted if i not in chunks] if chunks or keys is not None else None
     arrays = load_tensors(storage, name, m, eager, verify=verify)
 
     def load(index: int) -> np.ndarray:
@@ -217,8 +221,8 @@ def read(
 
     with shardio.BlockReader(storage, name, m, load, verify=verify) as blocks:
         if chunks:
-            blocks.prefetch(shardio.wanted_blocks(m.tree, like))
-        return tree.rebuild(m.tree, load, like=like, framework=framework, blocks=blocks)
+            blocks.prefetch(shardio.wanted_blocks(skeleton, like))
+        return tree.rebuild(skeleton, load, like=like, framework=framework, blocks=blocks)
 
 
 def require_committed(storage: Storage, name: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, overload
 
 from . import checkpoint, distributed, leases, tree, watch
@@ -324,6 +324,7 @@ class CheckpointStore:
         framework: str | None = None,
         verify: bool = True,
         fallback: bool = False,
+        keys: Sequence[str] | str | None = None,
     ) -> Any:
         """Restore checkpoint ``step`` (default: the latest committed).
 
@@ -337,6 +338,9 @@ class CheckpointStore:
                 the page cache, less from disk or network; pass False to skip it.
             fallback: if the checkpoint is damaged (or deleted while being read), restore the newest
                 intact older one instead, with a warning naming each one skipped. Implies ``verify``.
+            keys: restore only these subtrees: paths of dict keys joined by '/' (``["model"]``,
+                ``"model/encoder"``). The result keeps only what they select, and only their tensors'
+                bytes are read (ranged reads on object stores). ``like`` then matches that subset.
 
         Raises:
             CheckpointNotFoundError: no such committed checkpoint.
@@ -347,12 +351,14 @@ class CheckpointStore:
         if step is None and coord.world_size > 1:  # every rank restores the same step: rank 0's latest
             step = distributed.agree(coord, lambda: self._resolve(None))
         if fallback:
-            return self._restore_fallback(step, like, framework)
+            return self._restore_fallback(step, like, framework, keys)
         name = step_name(self._resolve(step))
         m = _manifest(self.storage, name)
-        return checkpoint.read(self.storage, name, like=like, framework=framework, verify=verify, m=m)
+        return checkpoint.read(self.storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys)
 
-    def _restore_fallback(self, step: int | None, like: Any, framework: str | None) -> Any:
+    def _restore_fallback(
+        self, step: int | None, like: Any, framework: str | None, keys: Sequence[str] | str | None = None
+    ) -> Any:
         newest = self._resolve(step)
         skipped: list[str] = []
         for s in reversed([s for s in self.steps() if s <= newest] or [newest]):
@@ -361,7 +367,7 @@ class CheckpointStore:
                 m = _manifest(self.storage, name)
                 # Every tensor is read and checked before the tree is rebuilt, so a damaged checkpoint
                 # fails before any object in ``like`` is touched.
-                state = checkpoint.read(self.storage, name, like=like, framework=framework, verify=True, m=m)
+                state = checkpoint.read(self.storage, name, like=like, framework=framework, verify=True, m=m, keys=keys)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 skipped.append(f"step {s}: {e}")
                 continue
