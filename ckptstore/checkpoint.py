@@ -43,6 +43,9 @@ def prepare(state: Any, metadata: dict[str, Any] | None, *, snapshot: bool = Fal
     """Walk the state and check the metadata; raise before anything is written if either is unsupported."""
     skeleton, arrays = tree.flatten(state, snapshot=snapshot)
     meta = _check_metadata(metadata)
+    problem = manifest.nesting_problem(skeleton) or manifest.nesting_problem(meta)
+    if problem:  # refused now, or saved and never restorable
+        raise UnsupportedTypeError(f"the state cannot be saved: {problem}")
     return Prepared(skeleton, arrays, meta)
 
 

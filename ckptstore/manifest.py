@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import math
 import re
+import threading
 from typing import Any, TypeVar
 
 import msgpack
@@ -87,7 +88,7 @@ def _default(obj: Any) -> Any:
     if t is tuple:
         return msgpack.ExtType(EXT_TUPLE, _pack(list(obj)))
     if t is tree.TensorRef:
-        return msgpack.ExtType(EXT_TENSOR, msgpack.packb(obj.index))
+        return msgpack.ExtType(EXT_TENSOR, _uint(obj.index))
     if t is tree.Stateful:
         return msgpack.ExtType(EXT_STATEFUL, _pack([obj.type_name, obj.state]))
     if t is tree.NamedTuple:
@@ -102,6 +103,32 @@ def _default(obj: Any) -> Any:
         chunks = [[index, list(offsets)] for index, offsets in obj.chunks]
         return msgpack.ExtType(EXT_SHARDED, _pack([list(obj.global_shape), obj.dtype, chunks]))
     raise TypeError(f"cannot encode {t.__name__} in a manifest")
+
+
+def _uint(n: int) -> bytes:
+    """``msgpack.packb(n)`` for an int >= 0, byte for byte, without a call into msgpack (one per tensor)."""
+    if n < 0x80:
+        return _FIXINT[n]
+    if n < 0x100:
+        return b"\xcc" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xcd" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\xce" + n.to_bytes(4, "big")
+    return b"\xcf" + n.to_bytes(8, "big")
+
+
+_FIXINT = [bytes([i]) for i in range(0x80)]
+
+
+def _read_uint(data: bytes) -> int | None:
+    """The reverse of :func:`_uint` for well-formed payloads; None for anything else (the slow path decides)."""
+    n = len(data)
+    if n == 1 and data[0] < 0x80:
+        return data[0]
+    if n in (2, 3, 5, 9) and data[0] == (0xCC, 0xCD, 0xCE, 0xCF)[(2, 3, 5, 9).index(n)]:
+        return int.from_bytes(data[1:], "big")
+    return None
 
 
 def _pack(obj: Any) -> bytes:
@@ -143,8 +170,58 @@ def encode_value(value: Any) -> bytes:
 # --- decode -----------------------------------------------------------------------------------------
 
 
+#: Deepest nesting of containers in a tree (metadata or skeleton). Deeper cannot be saved (UnsupportedTypeError)
+#: nor read (CorruptCheckpointError): rebuilding recurses in Python.
+MAX_DEPTH = 100
+#: Deepest nesting of extension types (tuples, NamedTuples, stateful objects, ...). Each level is a nested
+#: call of msgpack's C unpacker, whose stack frame is large: a few hundred levels overflow the C stack and
+#: kill the interpreter, so a manifest is refused long before.
+MAX_EXT_DEPTH = 32
+_ext_depth = threading.local()
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
+    depth = getattr(_ext_depth, "n", 0)
+    if depth > MAX_EXT_DEPTH:  # MAX_EXT_DEPTH containers, then a leaf (a tensor reference) inside
+        raise CorruptCheckpointError(f"extension types nest deeper than {MAX_EXT_DEPTH} levels")
+    _ext_depth.n = depth + 1
+    try:
+        return _decode_ext(code, data)
+    finally:
+        _ext_depth.n = depth
+
+
+def nesting_problem(node: Any) -> str | None:
+    """Why a tree nests too deeply to be read back safely, or None (iterative: any depth is safe here)."""
+    stack = [(node, 1, 0)]
+    while stack:
+        x, depth, ext = stack.pop()
+        t = type(x)
+        if t is dict:
+            children: Any = x.values()
+        elif t is list:
+            children = x
+        elif t is tuple:
+            children, ext = x, ext + 1
+        elif t is tree.Stateful:
+            children, ext = (x.state,), ext + 1
+        elif t is tree.NamedTuple:
+            children, ext = x.values, ext + 1
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return f"containers nest deeper than {MAX_DEPTH} levels"
+        if ext > MAX_EXT_DEPTH:
+            return f"tuples, NamedTuples and stateful objects nest deeper than {MAX_EXT_DEPTH} levels"
+        stack.extend((c, depth + 1, ext) for c in children)
+    return None
+
+
+def _decode_ext(code: int, data: bytes) -> Any:
     if code == EXT_TENSOR:
+        fast = _read_uint(data)
+        if fast is not None:
+            return tree.TensorRef(fast)
         index = _unpack(data)
         if type(index) is not int or index < 0:
             raise CorruptCheckpointError(f"bad tensor reference {index!r}")
@@ -186,12 +263,18 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def _unpack(data: bytes) -> Any:
+    n = len(data)  # no string, array, map or extension can declare more than the bytes there are
     return msgpack.unpackb(
         data,
         ext_hook=_ext_hook,
         raw=False,
         strict_map_key=False,
         use_list=True,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n,
+        max_ext_len=n,
     )
 
 
@@ -252,7 +335,7 @@ def _validate(doc: Any) -> Manifest:
     for f in raw_files:
         _expect(f, dict, "files[]")
         name = f.get("name")
-        if type(name) is not str or not _SAFE_NAME.match(name) or name in (".", "..") or name == MANIFEST_NAME:
+        if type(name) is not str or not _SAFE_NAME.fullmatch(name) or name in (".", "..") or name == MANIFEST_NAME:
             raise CorruptCheckpointError(f"bad tensor file name {name!r}")
         files.append(FileEntry(name, _int(f.get("size"), "files[].size")))
     if len({f.name for f in files}) != len(files):
@@ -287,6 +370,9 @@ def _validate(doc: Any) -> Manifest:
         tensors.append(TensorEntry(name, file, dtype, tuple(shape), offset, nbytes, _int(t.get("xxh3"), "xxh3")))
     _check_no_overlap(tensors, files)
     _check_sharded(doc.get("tree"), tensors)
+    problem = nesting_problem(doc.get("tree")) or nesting_problem(metadata)
+    if problem:
+        raise CorruptCheckpointError(problem)
     return Manifest(step, created, writer, metadata, doc.get("tree"), tuple(files), tuple(tensors), version)
 
 

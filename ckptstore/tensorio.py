@@ -180,7 +180,7 @@ def read_header(f: Readable, size: int, source: str) -> dict[str, object]:
         raise CorruptCheckpointError(f"{source}: safetensors header length {n} is out of bounds (file: {size})")
     try:
         header = json.loads(f.read(n))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested past Python's stack
         raise CorruptCheckpointError(f"{source}: safetensors header is not JSON ({e})") from None
     if type(header) is not dict:
         raise CorruptCheckpointError(f"{source}: safetensors header is not a JSON object")
