@@ -9,7 +9,7 @@ from typing import Any
 
 from . import checkpoint, tree
 from .errors import CheckpointExistsError, CheckpointNotFoundError, CkptStoreError
-from .storage import LocalStorage, Storage, open_storage
+from .storage import LocalStorage, Storage, storage_for, url_to_fs
 
 
 def _split(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Storage, str]:
@@ -18,11 +18,11 @@ def _split(path: str | os.PathLike[str], storage_options: dict[str, Any] | None)
         full = os.path.abspath(os.fspath(path))
         parent, name = os.path.split(full.rstrip(os.sep))
         return LocalStorage(parent), name
-    text = str(path).rstrip("/")
-    parent, name = posixpath.split(text)
-    if not name or parent.endswith(":/"):
+    fs, full = url_to_fs(str(path), storage_options)
+    parent, name = posixpath.split(full.rstrip("/"))
+    if not name:
         raise CkptStoreError(f"{path} names no checkpoint directory")
-    return open_storage(parent, storage_options), name
+    return storage_for(fs, parent), name
 
 
 def _occupied(path: str) -> bool:

@@ -680,10 +680,21 @@ def open_storage(
         return url_or_path
     if isinstance(url_or_path, os.PathLike) or ("://" not in str(url_or_path) and "::" not in str(url_or_path)):
         return LocalStorage(url_or_path)
+    fs, root = url_to_fs(str(url_or_path), storage_options)
+    return storage_for(fs, root)
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of a URL and the path within it."""
     try:
-        fs, root = fsspec.core.url_to_fs(str(url_or_path), **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError) as e:
-        raise StorageError(f"cannot open {url_or_path}: {e}") from e
+        raise StorageError(f"cannot open {url}: {e}") from e
+    return fs, str(path)
+
+
+def storage_for(fs: fsspec.AbstractFileSystem, root: str) -> Storage:
+    """The backend for a directory of a filesystem, by what the filesystem can do."""
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         return LocalStorage(root)
     return FsspecStorage(fs, root)
