@@ -217,6 +217,27 @@ def nesting_problem(node: Any) -> str | None:
     return None
 
 
+def _check_leaves(node: Any, n_tensors: int) -> None:
+    """Every tensor reference of a skeleton names a listed tensor, every NumPy scalar has its dtype's size
+    (so rebuilding cannot fail half-way, after some objects in ``like`` were already loaded)."""
+    stack = [node]
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t is dict:
+            stack.extend(x.values())
+        elif t is list or t is tuple:
+            stack.extend(x)
+        elif t is tree.Stateful:
+            stack.append(x.state)
+        elif t is tree.NamedTuple:
+            stack.extend(x.values)
+        elif t is tree.TensorRef and x.index >= n_tensors:
+            raise CorruptCheckpointError(f"the tree refers to tensor #{x.index}, the manifest lists {n_tensors}")
+        elif t is tree.Scalar and len(x.data) != dtypes.dtype_of(x.dtype).itemsize:
+            raise CorruptCheckpointError(f"a numpy scalar of dtype {x.dtype} has {len(x.data)} bytes")
+
+
 def _decode_ext(code: int, data: bytes) -> Any:
     if code == EXT_TENSOR:
         fast = _read_uint(data)
@@ -369,10 +390,11 @@ def _validate(doc: Any) -> Manifest:
             )
         tensors.append(TensorEntry(name, file, dtype, tuple(shape), offset, nbytes, _int(t.get("xxh3"), "xxh3")))
     _check_no_overlap(tensors, files)
-    _check_sharded(doc.get("tree"), tensors)
-    problem = nesting_problem(doc.get("tree")) or nesting_problem(metadata)
+    problem = nesting_problem(doc.get("tree")) or nesting_problem(metadata)  # first: the checks below recurse
     if problem:
         raise CorruptCheckpointError(problem)
+    _check_leaves(doc.get("tree"), len(tensors))
+    _check_sharded(doc.get("tree"), tensors)
     return Manifest(step, created, writer, metadata, doc.get("tree"), tuple(files), tuple(tensors), version)
 
 
