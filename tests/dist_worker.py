@@ -1,0 +1,300 @@
+"""One rank of a multi-process test job (torch.distributed, gloo, CPU), started by tests/test_distributed.py.
+
+Usage: ``python tests/dist_worker.py``, then one JSON job config a line on its stdin (see :func:`zygote`);
+each job forks one process per rank. Each rank writes ``<out>/rank<r>.json`` with what it saw and logs to
+``<out>/log<r>.txt``; the test reads those files.
+
+The state is a pure function of (step, rank, world size, partition), so any process can compute what a
+restore must give back. Partition "a" is the one saves use, "b" another one for restores (columns where
+"a" has rows, and so on), so a restore on another number of ranks reads blocks that straddle stored ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ckptstore
+from ckptstore import Shard
+
+# Global arrays: name -> (shape, dtype).
+SHAPES: dict[str, tuple[tuple[int, ...], str]] = {
+    "w": ((13, 6), "float32"),
+    "emb": ((5, 9, 3), "int64"),
+    "grid": ((6, 8), "float32"),
+    "m": ((13, 6), "float64"),
+    "dt": ((10, 4), "float32"),
+    "bias": ((7,), "float32"),
+}
+
+
+def full(name: str, step: int) -> np.ndarray:
+    """The global array ``name`` at ``step``: distinct values everywhere, exact in every dtype used."""
+    shape, dtype = SHAPES[name]
+    base = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    return (base + 1000 * step + 100_000 * list(SHAPES).index(name)).astype(dtype)
+
+
+def split(n: int, parts: int, i: int) -> tuple[int, int]:
+    """(start, size) of part ``i`` of ``n`` items cut into ``parts`` nearly equal runs (np.array_split)."""
+    q, r = divmod(n, parts)
+    start = i * q + min(i, r)
+    return start, q + (1 if i < r else 0)
+
+
+def block(name: str, rank: int, world: int, partition: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offsets, shape) of this rank's block of ``name`` under a partition."""
+    shape, _ = SHAPES[name]
+    dim = {
+        ("a", "w"): 0,
+        ("a", "emb"): 1,
+        ("a", "m"): 0,
+        ("a", "grid"): 1,
+        ("b", "w"): 1,
+        ("b", "emb"): 0,
+        ("b", "m"): 1,
+        ("b", "grid"): 0,
+        ("b", "bias"): 0,
+    }[(partition, name)]
+    offsets, sizes = [0] * len(shape), list(shape)
+    if name == "grid" and partition == "a" and world == 4:  # a 2 x 2 grid of blocks
+        for d, i in ((0, rank // 2), (1, rank % 2)):
+            offsets[d], sizes[d] = split(shape[d], 2, i)
+        return tuple(offsets), tuple(sizes)
+    offsets[dim], sizes[dim] = split(shape[dim], world, rank)
+    return tuple(offsets), tuple(sizes)
+
+
+def shard(name: str, step: int, rank: int, world: int, partition: str) -> Shard:
+    offsets, shape = block(name, rank, world, partition)
+    region = tuple(slice(o, o + n) for o, n in zip(offsets, shape))
+    return Shard(np.ascontiguousarray(full(name, step)[region]), SHAPES[name][0], offsets)
+
+
+def dtensor(step: int, dim: int, zeros: bool = False) -> Any:
+    """``dt`` as a DTensor sharded on ``dim`` over all ranks (built from local pieces, no communication)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import Shard as TShard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    gshape = SHAPES["dt"][0]
+    shape, offsets = compute_local_shape_and_global_offset(gshape, mesh, [TShard(dim)])
+    region = tuple(slice(o, o + n) for o, n in zip(offsets, shape))
+    local = torch.from_numpy(np.ascontiguousarray(full("dt", step)[region]))
+    if zeros:
+        local = torch.zeros_like(local)
+    stride = torch.empty(gshape).stride()
+    return DTensor.from_local(local, mesh, [TShard(dim)], run_check=False, shape=torch.Size(gshape), stride=stride)
+
+
+def state(step: int, rank: int, world: int) -> dict[str, Any]:
+    """What every rank saves: sharded arrays (Shards, a DTensor), replicated arrays, plain values."""
+    import torch
+
+    return {
+        "model": {"w": shard("w", step, rank, world, "a"), "emb": shard("emb", step, rank, world, "a")},
+        "opt": {"m": shard("m", step, rank, world, "a"), "count": step, "lr": 0.5},
+        "grid": shard("grid", step, rank, world, "a"),
+        "dt": dtensor(step, 0),
+        "bias": full("bias", step),  # replicated: the same on every rank
+        "flags": torch.arange(5, dtype=torch.int32) + step,  # replicated, torch
+    }
+
+
+def like(rank: int, world: int) -> dict[str, Any]:
+    """A restore template with partition "b" (zeros: the values must come from the checkpoint)."""
+
+    def z(name: str) -> Shard:
+        s = shard(name, 0, rank, world, "b")
+        return Shard(np.zeros_like(s.local), s.global_shape, s.offsets)
+
+    import torch
+
+    return {
+        "model": {"w": z("w"), "emb": z("emb")},
+        "opt": {"m": z("m"), "count": 0, "lr": 0.0},
+        "grid": z("grid"),
+        "dt": dtensor(0, 1, zeros=True),
+        "bias": z("bias"),
+        "flags": torch.zeros(5, dtype=torch.int32),
+    }
+
+
+def check_restored(got: dict[str, Any], step: int, rank: int, world: int) -> list[str]:
+    """Mismatches between a partition-"b" restore and the saved step (empty: all exact)."""
+    bad = []
+    for name, value in [
+        ("w", got["model"]["w"]),
+        ("emb", got["model"]["emb"]),
+        ("m", got["opt"]["m"]),
+        ("grid", got["grid"]),
+        ("bias", got["bias"]),
+    ]:
+        want = shard(name, step, rank, world, "b")
+        if not isinstance(value, Shard) or value.offsets != want.offsets or value.global_shape != want.global_shape:
+            bad.append(f"{name}: got {value!r}")
+        elif value.local.dtype != want.local.dtype or not np.array_equal(value.local, want.local):
+            bad.append(f"{name}: values differ")
+    dt = got["dt"]
+    from torch.distributed.tensor import DTensor
+
+    expected_dt = dtensor(step, 1)
+    if not isinstance(dt, DTensor) or dt.placements != expected_dt.placements:
+        bad.append(f"dt: got {type(dt).__name__}")
+    elif not np.array_equal(dt.to_local().numpy(), expected_dt.to_local().numpy()):
+        bad.append("dt: values differ")
+    if got["opt"]["count"] != step or got["opt"]["lr"] != 0.5:
+        bad.append(f"plain values: {got['opt']}")
+    if got["flags"].tolist() != list(range(step, step + 5)):
+        bad.append(f"flags: {got['flags']}")
+    return bad
+
+
+def slow_write_file(marker: str) -> Any:
+    """A tensorio.write_file that writes a little, then says so through ``marker`` and hangs (the test
+    SIGKILLs the process there: a rank killed in the middle of writing its files)."""
+
+    def write_file(f: Any, *args: Any, **kwargs: Any) -> Any:
+        f.write(b"partial bytes of a tensor file")
+        f.flush()
+        Path(marker).touch()
+        time.sleep(600)
+        raise AssertionError("not killed")
+
+    return write_file
+
+
+def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """One phase of a job; returns what this rank saw."""
+    import torch.distributed as dist
+
+    out: dict[str, Any] = {}
+    mode = phase["mode"]
+    if mode == "save":
+        out["infos"] = []
+        for step in phase["steps"]:
+            info = store.save(step, state(step, rank, world), metadata={"step": step, "rank": rank})
+            out["infos"].append([info.step, info.nbytes, info.metadata])
+    elif mode == "restore":
+        got = store.restore(like=like(rank, world))  # the latest step, as rank 0 sees it
+        out["bad"] = check_restored(got, phase["expect_step"], rank, world)
+    elif mode == "fail":
+        # One rank's state cannot be saved; then the ranks' shards overlap. Every rank must raise the same
+        # error class, nothing must be committed, and the job must still be able to save afterwards.
+        out["errors"] = []
+        bad_state = state(7, rank, world)
+        if rank == world - 1:
+            bad_state["opt"]["oops"] = object()
+        try:
+            store.save(7, bad_state)
+        except ckptstore.errors.CkptStoreError as e:
+            out["errors"].append([type(e).__name__, str(e)])
+        overlapping = state(8, rank, world)
+        rows = slice(4 * rank, 4 * rank + 8)  # rank 0: rows 0..7, rank 1: rows 4..11, ...
+        overlapping["model"]["w"] = Shard(full("w", 8)[rows], (13, 6), (rows.start, 0))
+        try:
+            store.save(8, overlapping)
+        except ckptstore.errors.CkptStoreError as e:
+            out["errors"].append([type(e).__name__, str(e)])
+        store.save(9, state(9, rank, world))
+    elif mode == "kill":
+        store.save(1, state(1, rank, world))
+        dist.barrier()
+        if rank == phase["victim"]:
+            ckptstore.tensorio.write_file = slow_write_file(phase["marker"])  # type: ignore[assignment]
+        try:
+            store.save(2, state(2, rank, world))
+            out["error"] = None
+        except ckptstore.errors.CkptStoreError as e:
+            out["error"] = [type(e).__name__, str(e)]
+    return out
+
+
+def main(cfg: dict[str, Any]) -> None:
+    """One rank's life: join the process group, run the phases, report."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.get("pg_timeout", 30)))
+    torch.set_num_threads(1)
+    store = ckptstore.CheckpointStore(
+        cfg["url"], storage_options=cfg.get("storage_options") or None, max_to_keep=cfg.get("max_to_keep")
+    )
+    out = [run_phase(store, phase, rank, world) for phase in cfg["phases"]]
+    Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(out))
+    if not any(p["mode"] == "kill" for p in cfg["phases"]):  # after a rank died the group is broken
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def spawn(cfg: dict[str, Any]) -> None:
+    """Run one job: fork a process per rank; write ``pids.json`` at once and ``codes.json`` (exit codes,
+    -9 for SIGKILL) once every rank has ended."""
+    os.environ.update(cfg["env"])
+    out = Path(cfg["out"])
+    pids = []
+    for rank in range(int(os.environ["WORLD_SIZE"])):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fd = os.open(out / f"log{rank}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.environ["RANK"] = str(rank)
+                main(cfg)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    (out / "pids.json").write_text(json.dumps(pids))
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    (out / "codes.json").write_text(json.dumps(codes))
+
+
+def zygote() -> None:
+    """Import everything once, then run each job read from stdin (one JSON config a line) in a forked
+    leader, in its own process group (the test kills that group if a job hangs). Ends at EOF.
+
+    Forking from one warm process spares every rank of every job the imports (torch, DTensor's dynamo,
+    s3fs: seconds each on this machine's two cores)."""
+    import signal
+
+    import s3fs  # noqa: F401
+    import torch._dynamo
+    import torch.distributed.tensor._utils  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # leaders are reaped by the kernel
+    for line in sys.stdin:
+        cfg = json.loads(line)
+        if os.fork() == 0:
+            code = 1
+            try:
+                os.setpgid(0, 0)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the leader waits for its ranks
+                Path(cfg["out"], "leader.json").write_text(json.dumps(os.getpid()))
+                spawn(cfg)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+
+
+if __name__ == "__main__":
+    zygote()

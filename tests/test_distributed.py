@@ -1,0 +1,230 @@
+"""Distributed saves with real processes: torch.distributed on gloo (CPU), one OS process per rank
+(tests/dist_worker.py), on local disk and on S3 (moto over HTTP).
+
+Every job is forked, one process per rank, from one warm process that has imported torch once (not
+torchrun or mp.spawn, whose supervisors kill every rank when one dies: the kill tests must see what the
+surviving ranks do by themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ckptstore
+from tests import dist_worker
+from tests.conftest import Location
+from tests.s3server import free_port
+
+pytestmark = pytest.mark.slow
+
+WORKER = str(Path(dist_worker.__file__).resolve())
+JOB_TIMEOUT = 120.0  # a whole job, startup included, on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def zygote() -> Iterator[subprocess.Popen[bytes]]:
+    """The process that forks every job (tests/dist_worker.py); it ends when its stdin closes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.Popen([sys.executable, WORKER], stdin=subprocess.PIPE, env=env, start_new_session=True)
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def launch(
+    zygote: subprocess.Popen[bytes],
+    tmp_path: Path,
+    location: Location,
+    world: int,
+    phases: list[dict[str, Any]],
+    *,
+    max_to_keep: int | None = None,
+    kill_on: tuple[int, Path] | None = None,
+) -> tuple[list[int], list[Any]]:
+    """Run a job of ``world`` ranks; return each rank's exit code and what it reported (None if nothing).
+
+    ``kill_on=(rank, marker)``: SIGKILL that rank as soon as it creates ``marker``. A job still running
+    at the deadline is killed (its process group) and the test fails, with the ranks' logs.
+    """
+    out = tmp_path / f"job-{time.monotonic_ns()}"
+    out.mkdir()
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+    cfg = {
+        "url": location.url,
+        "storage_options": location.storage_options,
+        "max_to_keep": max_to_keep,
+        "phases": phases,
+        "out": str(out),
+        "pg_timeout": 30,
+        "env": env,
+    }
+    assert zygote.stdin is not None and zygote.poll() is None
+    zygote.stdin.write(json.dumps(cfg).encode() + b"\n")
+    zygote.stdin.flush()
+    deadline = time.monotonic() + JOB_TIMEOUT
+    killed = False
+    try:
+        while not (out / "codes.json").exists():
+            if kill_on is not None and not killed and kill_on[1].exists():
+                pids = json.loads((out / "pids.json").read_text())
+                os.kill(pids[kill_on[0]], signal.SIGKILL)
+                killed = True
+            if time.monotonic() > deadline:
+                pytest.fail(f"job did not finish in {JOB_TIMEOUT} s:\n{logs(out, world)}")
+            time.sleep(0.05)
+    finally:
+        if not (out / "codes.json").exists() and (out / "leader.json").exists():
+            with contextlib.suppress(ProcessLookupError):  # the job's own process group: its leader and ranks
+                os.killpg(json.loads((out / "leader.json").read_text()), signal.SIGKILL)
+    time.sleep(0.05)  # codes.json is written in one go, but let the leader finish writing it
+    codes = json.loads((out / "codes.json").read_text())
+    reports = []
+    for rank in range(world):
+        path = out / f"rank{rank}.json"
+        reports.append(json.loads(path.read_text()) if path.exists() else None)
+    if kill_on is None and any(codes):
+        pytest.fail(f"ranks exited with {codes}:\n{logs(out, world)}")
+    return codes, reports
+
+
+def logs(out: Path, world: int) -> str:
+    parts = [out / "spawn.txt"] + [out / f"log{r}.txt" for r in range(world)]
+    return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in parts if p.exists())
+
+
+def check_full(state: dict[str, Any], step: int) -> None:
+    """A restore without `like` in one process: the global arrays, assembled, exact."""
+    want = {n: dist_worker.full(n, step) for n in dist_worker.SHAPES}
+    for name, got in [
+        ("w", state["model"]["w"]),
+        ("emb", state["model"]["emb"]),
+        ("m", state["opt"]["m"]),
+        ("grid", state["grid"]),
+        ("dt", state["dt"]),
+        ("bias", state["bias"]),
+    ]:
+        assert isinstance(got, np.ndarray), name
+        assert got.dtype == want[name].dtype and got.shape == want[name].shape, name
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+    assert state["flags"].tolist() == list(range(step, step + 5))
+    assert state["opt"]["count"] == step
+
+
+def no_leftovers(root: str) -> list[str]:
+    return sorted(n for n in os.listdir(root) if n.startswith((".tmp-", ".trash-")))
+
+
+# --- local disk -------------------------------------------------------------------------------------
+
+
+def test_save_on_2_restore_on_1_3_4_with_other_partitions(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    # Two ranks save three steps (max_to_keep=2), then fail two saves on purpose and save step 9.
+    _, reports = launch(
+        zygote, tmp_path, local_url, 2, [{"mode": "save", "steps": [1, 2, 3]}, {"mode": "fail"}], max_to_keep=2
+    )
+    for rank, (saved, failed) in enumerate(reports):
+        assert [i[0] for i in saved["infos"]] == [1, 2, 3]
+        assert all(i[2] == {"step": i[0], "rank": 0} for i in saved["infos"])  # rank 0's metadata, everywhere
+        (cls1, msg1), (cls2, msg2) = failed["errors"]
+        assert cls1 == "UnsupportedTypeError" and "oops" in msg1, (rank, msg1)  # raised by rank 1, on every rank
+        assert cls2 == "ShardingError" and "['model']['w']" in msg2 and "overlap" in msg2, (rank, msg2)
+    store = local_url.store()
+    assert store.steps() == [3, 9]  # 7 and 8 never committed; retention by rank 0 alone
+    assert no_leftovers(local_url.url) == []
+
+    # Each rank wrote its own files; replicated arrays are stored once.
+    m = ckptstore.checkpoint.read_manifest(store.storage, "step_00000009")
+    assert sorted({f.name.split("-r")[1][:5] for f in m.files}) == ["00000", "00001"]
+    names = [t.name for t in m.tensors]
+    assert names.count("bias") == 1 and names.count("flags") == 1
+    assert sorted(n for n in names if n.startswith("model/w@")) == ["model/w@0,0", "model/w@7,0"]
+
+    # One process, no `like`: the global arrays.
+    check_full(store.restore(), 9)
+    check_full(store.restore(3), 3)
+
+    # Three and four ranks, another partition on every array (DTensor Shard(0) -> Shard(1) included).
+    for world in (3, 4):
+        _, reports = launch(zygote, tmp_path, local_url, world, [{"mode": "restore", "expect_step": 9}])
+        assert [r[0]["bad"] for r in reports] == [[]] * world
+
+
+def test_retention_and_2d_blocks_under_4_ranks(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    launch(zygote, tmp_path, local_url, 4, [{"mode": "save", "steps": [1, 2, 3, 4, 5]}], max_to_keep=2)
+    store = local_url.store()
+    assert store.steps() == [4, 5]
+    assert no_leftovers(local_url.url) == []
+    m = ckptstore.checkpoint.read_manifest(store.storage, "step_00000005")
+    assert len({f.name.split("-r")[1][:5] for f in m.files}) == 4  # every rank wrote a share
+    grid = sorted(t.name for t in m.tensors if t.name.startswith("grid@"))
+    assert grid == ["grid@0,0", "grid@0,4", "grid@3,0", "grid@3,4"]  # the 2 x 2 block grid
+    check_full(store.restore(), 5)
+
+
+def test_rank_killed_mid_save_commits_nothing(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    marker = tmp_path / "victim-is-writing"
+    codes, reports = launch(
+        zygote, tmp_path, local_url, 3, [{"mode": "kill", "victim": 1, "marker": str(marker)}], kill_on=(1, marker)
+    )
+    assert codes[1] == -signal.SIGKILL and reports[1] is None
+    for rank in (0, 2):  # the survivors raised (they did not hang), with a named error
+        assert codes[rank] == 0, codes
+        assert reports[rank][0]["error"][0] == "DistributedError", reports[rank]
+    store = local_url.store()
+    assert store.steps() == [1]  # step 2 never committed
+    check_full(store.restore(), 1)  # the previous checkpoint is intact
+    assert no_leftovers(local_url.url) == []  # rank 0 removed the shared staging directory
+
+
+# --- S3 (moto over HTTP) ----------------------------------------------------------------------------
+
+
+def test_s3_save_on_2_restore_on_3(zygote: subprocess.Popen[bytes], tmp_path: Path, s3_url: Location) -> None:
+    launch(zygote, tmp_path, s3_url, 2, [{"mode": "save", "steps": [1, 2, 3]}], max_to_keep=2)
+    store = s3_url.store()
+    assert store.steps() == [2, 3]
+    check_full(store.restore(), 3)
+    _, reports = launch(zygote, tmp_path, s3_url, 3, [{"mode": "restore", "expect_step": 3}])
+    assert [r[0]["bad"] for r in reports] == [[]] * 3
+
+
+def test_s3_rank_0_killed_mid_save_commits_nothing(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, s3_url: Location
+) -> None:
+    marker = tmp_path / "victim-is-writing"
+    codes, reports = launch(
+        zygote, tmp_path, s3_url, 2, [{"mode": "kill", "victim": 0, "marker": str(marker)}], kill_on=(0, marker)
+    )
+    assert codes[0] == -signal.SIGKILL
+    assert codes[1] == 0 and reports[1][0]["error"][0] == "DistributedError", reports[1]
+    store = s3_url.store()
+    assert store.steps() == [1]
+    check_full(store.restore(), 1)
+    # What the dead save left under step_00000002 is no checkpoint, and a later writer's cleaning removes it.
+    with ckptstore.knobs.override(stale_after_s=0):
+        store.save(5, {"x": np.zeros(2)})
+    assert not [p for p in store.storage._find() if p.startswith("step_00000002/")]
