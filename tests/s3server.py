@@ -156,6 +156,8 @@ def seaweedfs(data_dir: Path) -> Iterator[Server]:
         "-volume.max=0",
         "-master.volumeSizeLimitMB=256",
         "-master.telemetry=false",
+        "-s3.port.iceberg=0",  # extra listeners on fixed ports: off, so that servers can run side by side
+        "-s3.port.lance=0",
     ]
     server = Server(argv, f"http://127.0.0.1:{ports['s3.port']}", data_dir / "weed.log", cwd=str(data_dir))
     try:
