@@ -241,6 +241,9 @@ def save(
         try:
             result: list[Any] = ["ok", *_write_share(staging, prepared, tasks, token, c.rank)]
         except Exception as e:
+            if isinstance(e, OSError) and not isinstance(e, CkptStoreError):  # a named error, errno kept
+                wrapped = checkpoint.storage_error(e, f"saving {storage.url_of(name)} failed on rank {c.rank}")
+                wrapped.__cause__, e = e, wrapped
             own, result = e, _failure(c.rank, e)
         may_abort = c.rank == 0
         results = _collective(c.gather, result, "writing")

@@ -11,6 +11,7 @@ restore must give back. Partition "a" is the one saves use, "b" another one for 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -160,6 +161,12 @@ def check_restored(got: dict[str, Any], step: int, rank: int, world: int) -> lis
     return bad
 
 
+def failing_write_file(f: Any, *args: Any, **kwargs: Any) -> Any:
+    """A tensorio.write_file that fails half-way, as a full disk would."""
+    f.write(b"partial bytes of a tensor file")
+    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
 def slow_write_file(marker: str) -> Any:
     """A tensorio.write_file that writes a little, then says so through ``marker`` and hangs (the test
     SIGKILLs the process there: a rank killed in the middle of writing its files)."""
@@ -189,8 +196,8 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
         got = store.restore(like=like(rank, world))  # the latest step, as rank 0 sees it
         out["bad"] = check_restored(got, phase["expect_step"], rank, world)
     elif mode == "fail":
-        # One rank's state cannot be saved; then the ranks' shards overlap. Every rank must raise the same
-        # error class, nothing must be committed, and the job must still be able to save afterwards.
+        # One rank's state cannot be saved; the ranks' shards overlap; one rank's disk fails. Every rank
+        # must raise the same error class, nothing must be committed, and the job must save afterwards.
         out["errors"] = []
         bad_state = state(7, rank, world)
         if rank == world - 1:
@@ -206,6 +213,16 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
             store.save(8, overlapping)
         except ckptstore.errors.CkptStoreError as e:
             out["errors"].append([type(e).__name__, str(e)])
+        if rank == world - 1:  # a disk error in the middle of writing, on one rank
+            real_write_file = ckptstore.tensorio.write_file
+            ckptstore.tensorio.write_file = failing_write_file  # type: ignore[assignment]
+        try:
+            store.save(8, state(8, rank, world))
+        except ckptstore.errors.CkptStoreError as e:
+            out["errors"].append([type(e).__name__, str(e)])
+        finally:
+            if rank == world - 1:
+                ckptstore.tensorio.write_file = real_write_file
         store.save(9, state(9, rank, world))
     elif mode == "kill":
         store.save(1, state(1, rank, world))
