@@ -177,6 +177,8 @@ MAX_DEPTH = 100
 #: call of msgpack's C unpacker, whose stack frame is large: a few hundred levels overflow the C stack and
 #: kill the interpreter, so a manifest is refused long before.
 MAX_EXT_DEPTH = 32
+#: Most dimensions of a tensor: NumPy's own limit (2.x; 1.x has 32, and reports more as a named error too).
+MAX_NDIM = 64
 _ext_depth = threading.local()
 
 
@@ -394,6 +396,9 @@ def _validate(doc: Any) -> Manifest:
     if problem:
         raise CorruptCheckpointError(problem)
     _check_leaves(doc.get("tree"), len(tensors))
+    for t in tensors:  # what NumPy can represent (an empty tensor's other dimensions can be anything)
+        if len(t.shape) > MAX_NDIM or any(d >= 1 << 63 for d in t.shape):
+            raise CorruptCheckpointError(f"tensor {t.name!r} has a shape NumPy cannot hold: {list(t.shape)[:8]}")
     _check_sharded(doc.get("tree"), tensors)
     return Manifest(step, created, writer, metadata, doc.get("tree"), tuple(files), tuple(tensors), version)
 
