@@ -183,13 +183,13 @@ def hold_pin(url: str, opts: dict[str, Any] | None, step: int, ttl: float) -> No
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_dead_readers_lease_expires(where: str, request: pytest.FixtureRequest) -> None:
     loc: Location = request.getfixturevalue(f"{where}_url")
-    ttl = 1.5
+    ttl = 2.5
     trainer = loc.store(max_to_keep=1)
     trainer.save(1, state(1))
     reader = _spawn("hold_pin", loc.url, _opts(loc), 1, ttl)
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "pinned"
-        time.sleep(ttl * 1.5)  # longer than the lease lives unless renewed: the live reader renews it
+        time.sleep(ttl * 1.2)  # longer than the lease lives unless renewed: the live reader renews it
         trainer.save(2, state(2))
         assert trainer.steps() == [1, 2]
         os.kill(reader.pid, signal.SIGKILL)  # dies holding the lease: no release

@@ -62,7 +62,7 @@ def test_first_yield_is_latest_then_new_ones(store_url: Location) -> None:
     for s in (1, 2, 3):
         trainer.save(s, state(s))
     url, opts = store_url
-    it = ckptstore.checkpoints_iterator(url, timeout=2, storage_options=opts or None)
+    it = ckptstore.checkpoints_iterator(url, timeout=30, storage_options=opts or None)
     first = next(it)
     assert step_of(first) == 3
     assert ckptstore.restore(first, storage_options=opts or None)["step"] == 3
@@ -111,7 +111,9 @@ def test_store_iter_new_yields_infos(store_url: Location) -> None:
     trainer.save(3, state(3), metadata={"loss": 0.5})
     reader = store_url.store()
     later(0.1, lambda: trainer.save(4, state(4), metadata={"loss": 0.25}))
-    infos = list(reader.iter_new(timeout=0.5, every_checkpoint=True))
+    infos: list[ckptstore.CheckpointInfo] = []
+    for info in reader.iter_new(timeout=30, timeout_fn=lambda: infos[-1].step == 4, every_checkpoint=True):
+        infos.append(info)
     assert [(i.step, i.metadata["loss"]) for i in infos] == [(3, 0.5), (4, 0.25)]
     assert reader.restore(infos[-1].step)["step"] == 4
 
@@ -134,7 +136,7 @@ def test_poll_interval_is_shortened_to_fit_the_timeout(tmp_path: Path) -> None:
     later(0.3, lambda: store.save(1, state(1)))
     t0 = time.monotonic()
     with knobs.override(poll_interval_s=30.0):
-        got = list(ckptstore.checkpoints_iterator(tmp_path, timeout=0.6))
+        got = list(ckptstore.checkpoints_iterator(tmp_path, timeout=1.5))
     elapsed = time.monotonic() - t0
     assert [step_of(p) for p in got] == [1]
     assert elapsed < 10  # not a whole 30 s poll interval
@@ -181,7 +183,7 @@ def test_timeout_fn_false_after_a_yield_keeps_waiting(tmp_path: Path) -> None:
         calls.append(list(got))
         return got[-1:] == [2]
 
-    later(0.5, lambda: store.save(2, state(2)))
+    later(1.0, lambda: store.save(2, state(2)))
     for path in ckptstore.checkpoints_iterator(tmp_path, timeout=0.2, timeout_fn=done):
         got.append(step_of(path))
     assert got == [1, 2]
@@ -287,7 +289,7 @@ def test_cli_watch_prints_each_new_checkpoint(store_url: Location, capsys: pytes
 
 def test_cli_watch_follows_a_trainer_in_another_process(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptstore.cli", "watch", str(tmp_path), "--timeout", "1", "--every"],
+        [sys.executable, "-m", "ckptstore.cli", "watch", str(tmp_path), "--timeout", "2", "--every"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "CKPTSTORE_POLL_INTERVAL_S": "0.05"},
