@@ -220,6 +220,7 @@ def test_background_error_surfaces_on_blocking_save_and_close(tmp_path: Path, ga
     store.close()  # reported already
 
     gate.entered.clear()
+    gate.release.clear()
     root.unlink()
     store2 = ckptstore.CheckpointStore(root)
     _fail_in_background(store2, root, gate)
