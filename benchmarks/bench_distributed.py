@@ -1,0 +1,193 @@
+"""Distributed save and restore: ckptstore vs torch.distributed.checkpoint (DCP), 1, 2 and 4 ranks.
+
+    .venv/bin/python benchmarks/bench_distributed.py                 # 512 MiB state, 3 runs each
+    .venv/bin/python benchmarks/bench_distributed.py --mib 64 --runs 1 --json out.json
+
+Every rank holds a row block (torch DTensor, Shard(0)) of each of a few large float32 arrays, the
+state of a row-sharded model; both libraries save the same DTensor state dict into a fresh directory
+and restore it into zeroed DTensors of the same layout. A job is one process per rank (gloo on CPU),
+forked from this process after torch is imported; each rank first saves and restores a 1 MiB
+state with the same library, untimed (lazy imports, first calls). Times are rank 0's, from a barrier before to a barrier
+after; throughput is global bytes over that time. Runs of the two libraries alternate; the table shows
+medians. Restores read files just written (page cache), for both libraries alike; ckptstore restores
+with ``verify=True`` (its default: every checksum checked) and fsyncs on save, as DCP does
+(``sync_files=True``). Prints a table; ``--json`` also writes every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+N_ARRAYS = 8
+COLS = 1024
+
+
+def make_state(total_mib: int, step: int, zeros: bool = False) -> dict[str, Any]:
+    """This rank's DTensor state: N_ARRAYS float32 arrays of COLS columns, total_mib in all."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    rows = total_mib * MiB // (4 * COLS * N_ARRAYS)
+    state = {}
+    for i in range(N_ARRAYS):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offsets = compute_local_shape_and_global_offset((rows, COLS), mesh, [Shard(0)])
+        local = torch.zeros(shape) if zeros else torch.full(shape, float(step + i)) + offsets[0]
+        state[f"layer{i}.weight"] = DTensor.from_local(
+            local, mesh, [Shard(0)], run_check=False, shape=torch.Size((rows, COLS)), stride=(COLS, 1)
+        )
+    return state
+
+
+def timed(fn: Any) -> float:
+    import torch.distributed as dist
+
+    dist.barrier()
+    t = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - t
+
+
+def save_and_restore(lib: str, mib: int, root: str, step: int) -> dict[str, float]:
+    """One save and one restore of an ``mib`` MiB state; checks what came back."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    import ckptstore
+
+    state, target = make_state(mib, step), make_state(mib, step, zeros=True)
+    got: dict[str, Any] = {}
+    if lib == "ckptstore":
+        store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore"), max_to_keep=1)
+        save_s = timed(lambda: store.save(step, state))
+        restore_s = timed(lambda: got.update(store.restore(step, like=target)))
+    else:
+        path = os.path.join(root, f"dcp-{step}")
+        save_s = timed(lambda: dcp.save(state, checkpoint_id=path))
+        restore_s = timed(lambda: dcp.load(target, checkpoint_id=path))  # in place, into `target`
+        got = target
+    for k, v in state.items():  # the restore is right (and was not skipped)
+        assert torch.equal(got[k].to_local(), v.to_local()), k
+    dist.barrier()
+    return {"save_s": save_s, "restore_s": restore_s}
+
+
+def rank_main(lib: str, mib: int, root: str, result: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    torch.set_num_threads(1)
+    save_and_restore(lib, 1, os.path.join(root, "warmup"), 0)  # lazy imports and first-call costs
+    sample = save_and_restore(lib, mib, root, 1)
+    if dist.get_rank() == 0:
+        Path(result).write_text(json.dumps(sample))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def job(lib: str, world: int, mib: int, root: str, port: int) -> dict[str, float]:
+    """Fork ``world`` ranks running ``lib``; return rank 0's sample."""
+    result = os.path.join(root, "result.json")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
+    pids = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.environ["RANK"] = str(rank)
+                rank_main(lib, mib, root, result)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    if any(codes):
+        raise SystemExit(f"{lib} on {world} ranks failed: exit codes {codes}")
+    return dict(json.loads(Path(result).read_text()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=512, help="global state size in MiB (default 512)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--runs", type=int, default=3, help="runs per library and rank count (median shown)")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write every sample here")
+    args = parser.parse_args()
+
+    # Imported once, before the forks (DTensor's first use imports dynamo: seconds per process).
+    import torch._dynamo
+    import torch.distributed.checkpoint
+    import torch.distributed.tensor._utils  # noqa: F401
+
+    import ckptstore  # noqa: F401
+
+    base = tempfile.mkdtemp(prefix="bench-dist-", dir=args.dir)
+    rows: list[dict[str, Any]] = []
+    port = 29700 + os.getpid() % 1000
+    try:
+        for world in args.ranks:
+            per_lib: dict[str, list[dict[str, float]]] = {"ckptstore": [], "dcp": []}
+            for run in range(args.runs):  # alternate the libraries, run by run
+                for lib in per_lib:
+                    root = os.path.join(base, f"{lib}-{world}-{run}")
+                    os.makedirs(root)
+                    port += 1
+                    per_lib[lib].append(job(lib, world, args.mib, root, port))
+                    shutil.rmtree(root)
+            for lib, samples in per_lib.items():
+                save_s = statistics.median(s["save_s"] for s in samples)
+                restore_s = statistics.median(s["restore_s"] for s in samples)
+                rows.append(
+                    {
+                        "ranks": world,
+                        "library": lib,
+                        "mib": args.mib,
+                        "save_s": save_s,
+                        "restore_s": restore_s,
+                        "save_mib_s": args.mib / save_s,
+                        "restore_mib_s": args.mib / restore_s,
+                        "samples": samples,
+                    }
+                )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    load = os.getloadavg()[0]
+    print(f"\n{args.mib} MiB global state, {N_ARRAYS} row-sharded float32 DTensors, median of {args.runs} runs")
+    print(f"{os.cpu_count()} CPUs, load average {load:.1f} at the end\n")
+    print(f"{'ranks':>5}  {'library':<10} {'save s':>8} {'save MiB/s':>11} {'restore s':>10} {'restore MiB/s':>14}")
+    for r in rows:
+        print(
+            f"{r['ranks']:>5}  {r['library']:<10} {r['save_s']:>8.2f} {r['save_mib_s']:>11.0f} "
+            f"{r['restore_s']:>10.2f} {r['restore_mib_s']:>14.0f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"load_average": load, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
