@@ -61,7 +61,11 @@ class _Files:
 
     def put(self, name: str) -> None:
         try:
-            self.fs.pipe_file(f"{self.dir}/{name}", b"")
+            try:
+                self.fs.pipe_file(f"{self.dir}/{name}", b"")
+            except FileNotFoundError:  # a filesystem with real directories, and no lease directory yet
+                self.fs.makedirs(self.dir, exist_ok=True)
+                self.fs.pipe_file(f"{self.dir}/{name}", b"")
         except OSError as e:
             raise StorageError(
                 f"cannot write {self.url}/{name}: {e} (a reader needs write access to pin checkpoints; "
