@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit bench bench-quick clean
+.PHONY: venv demo workflow test lint typecheck unit bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+# A trainer (killed once, resumed) and an evaluator following its checkpoints; TensorBoard logs in the run dir.
+workflow: $(STAMP)
+	$(BIN)/python examples/workflow.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check ckptstore tests benchmarks examples
