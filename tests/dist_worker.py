@@ -224,6 +224,16 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
             if rank == world - 1:
                 ckptstore.tensorio.write_file = real_write_file
         store.save(9, state(9, rank, world))
+    elif mode == "docs":  # the example of docs/distributed.md, on every rank
+        text = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+        code = text.split("```python\n")[1].split("```")[0]
+        scope: dict[str, Any] = {"path": phase["path"]}
+        exec(compile(code, "docs/distributed.md", "exec"), scope)
+        rows = 1024 // world  # each row of w holds the rank that saved it
+        want = np.repeat(np.arange(world, dtype=np.float32), rows)[:, None]
+        out["bad"] = (
+            [] if np.array_equal(scope["state"]["w"].local, np.broadcast_to(want, (1024, 256 // world))) else ["w"]
+        )
     elif mode == "kill":
         store.save(1, state(1, rank, world))
         dist.barrier()

@@ -170,10 +170,14 @@ def test_save_on_2_restore_on_1_3_4_with_other_partitions(
         assert [r[0]["bad"] for r in reports] == [[]] * world
 
 
-def test_retention_and_2d_blocks_under_4_ranks(
+def test_retention_2d_blocks_and_docs_example_under_4_ranks(
     zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
 ) -> None:
-    launch(zygote, tmp_path, local_url, 4, [{"mode": "save", "steps": [1, 2, 3, 4, 5]}], max_to_keep=2)
+    docs = {"mode": "docs", "path": str(tmp_path / "docs-example")}
+    _, reports = launch(
+        zygote, tmp_path, local_url, 4, [{"mode": "save", "steps": [1, 2, 3, 4, 5]}, docs], max_to_keep=2
+    )
+    assert [r[1]["bad"] for r in reports] == [[]] * 4  # the example of docs/distributed.md, on 4 ranks
     store = local_url.store()
     assert store.steps() == [4, 5]
     assert no_leftovers(local_url.url) == []

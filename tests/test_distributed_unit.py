@@ -326,3 +326,12 @@ def test_explicit_coordinator_is_checked(tmp_path: Path) -> None:
 def test_importing_ckptstore_imports_no_torch() -> None:
     code = "import sys, ckptstore; ckptstore.distributed.resolve(None); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_docs_example_runs_in_one_process(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    code = text.split("```python\n")[1].split("```")[0]
+    scope: dict[str, Any] = {"path": str(tmp_path / "ckpts")}
+    exec(compile(code, "docs/distributed.md", "exec"), scope)
+    assert scope["state"]["w"].local.shape == (1024, 256)
+    assert ckptstore.CheckpointStore(tmp_path / "ckpts").steps() == [100]
