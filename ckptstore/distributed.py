@@ -250,7 +250,7 @@ def save(
         verdict: list[Any] | None = None
         if c.rank == 0:
             assert results is not None and layout is not None
-            verdict, own0 = _commit(staging, step, prepared, layout, results, overwrite)
+            verdict, own0 = _commit(storage, staging, step, prepared, layout, results, overwrite)
             may_abort = verdict[0] != "ok"
             own = own or own0
         verdict = _collective(c.broadcast, verdict, "committing")
@@ -387,6 +387,19 @@ def assign(reports: list[list[list[Any]]]) -> tuple[_Layout, list[list[list[int]
     return _Layout(slots, leaves), tasks
 
 
+def _check_visible(storage: Storage, staging: Staging, files: list[Any], results: list[Any]) -> None:
+    """Every rank's files, as rank 0 sees them: a filesystem that the ranks do not share (memory://, a
+    node-local disk) must fail the save, not commit a manifest naming files that are not there."""
+    sizes = storage.sizes(staging.dir)
+    owner = {n: r for r, res in enumerate(results) for n, _ in res[1]}
+    for f in files:
+        if sizes.get(f.name) != f.size:
+            raise DistributedError(
+                f"rank {owner.get(f.name)}'s file {storage.url_of(staging.dir + '/' + f.name)} is not visible to "
+                f"rank 0 ({sizes.get(f.name)} bytes, {f.size} written): do all ranks share this filesystem?"
+            )
+
+
 def _itemsize(code: str) -> int:
     from .dtypes import dtype_of
 
@@ -441,7 +454,13 @@ def _write_share(
 
 
 def _commit(
-    staging: Staging, step: int, prepared: Prepared, layout: _Layout, results: list[Any], overwrite: bool
+    storage: Storage,
+    staging: Staging,
+    step: int,
+    prepared: Prepared,
+    layout: _Layout,
+    results: list[Any],
+    overwrite: bool,
 ) -> tuple[list[Any], BaseException | None]:
     """Rank 0: the manifest from every rank's files and entries, committed; the verdict for all ranks."""
     failed = next((r for r in results if r[0] != "ok"), None)
@@ -461,6 +480,7 @@ def _commit(
                 slots[slot] = manifest.TensorEntry(tname, base + file, dtype, tuple(shape), offset, nbytes, xxh3)
         if any(s is None for s in slots):
             raise DistributedError(f"{sum(s is None for s in slots)} arrays were written by no rank")
+        _check_visible(storage, staging, files, results)
         tensors = tuple(s for s in slots if s is not None)
 
         def ref(node: Any) -> Any:

@@ -234,6 +234,14 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
         out["bad"] = (
             [] if np.array_equal(scope["state"]["w"].local, np.broadcast_to(want, (1024, 256 // world))) else ["w"]
         )
+    elif mode == "unshared":  # memory:// is private to each process: rank 0 cannot see the others' files
+        private = ckptstore.CheckpointStore("memory://unshared/run")
+        try:
+            private.save(1, state(1, rank, world))
+            out["error"] = None
+        except ckptstore.errors.CkptStoreError as e:
+            out["error"] = [type(e).__name__, str(e)]
+        out["steps"] = private.steps()
     elif mode == "kill":
         store.save(1, state(1, rank, world))
         dist.barrier()

@@ -140,9 +140,16 @@ def test_save_on_2_restore_on_1_3_4_with_other_partitions(
 ) -> None:
     # Two ranks save three steps (max_to_keep=2), then fail two saves on purpose and save step 9.
     _, reports = launch(
-        zygote, tmp_path, local_url, 2, [{"mode": "save", "steps": [1, 2, 3]}, {"mode": "fail"}], max_to_keep=2
+        zygote,
+        tmp_path,
+        local_url,
+        2,
+        [{"mode": "save", "steps": [1, 2, 3]}, {"mode": "fail"}, {"mode": "unshared"}],
+        max_to_keep=2,
     )
-    for rank, (saved, failed) in enumerate(reports):
+    for rank, (saved, failed, unshared) in enumerate(reports):
+        assert unshared["error"][0] == "DistributedError" and "share this filesystem" in unshared["error"][1]
+        assert unshared["steps"] == []
         assert [i[0] for i in saved["infos"]] == [1, 2, 3]
         assert all(i[2] == {"step": i[0], "rank": 0} for i in saved["infos"])  # rank 0's metadata, everywhere
         (cls1, msg1), (cls2, msg2), (cls3, msg3) = failed["errors"]
