@@ -376,7 +376,9 @@ class PowerLossOps(FaultyOps):
 
         mode "strict": only what was made durable survives. mode "random": each unsynced change (a file's
         newer data, in full or torn at a random length; a directory entry added, removed or replaced)
-        survives or not at random (``rng``).
+        survives or not at random (``rng``). mode "adversarial": file data as in "strict"; every unsynced
+        directory change survives, except the removal of a manifest or of a step name (the worst order for
+        a reader: a checkpoint still visible, its data gone).
         """
         rng = rng or random.Random(0)
         current = self._snapshot_current()
@@ -396,15 +398,27 @@ class PowerLossOps(FaultyOps):
                 return
             os.mkdir(path)
             entries = dict(self._entries[oid])
-            if mode == "random" and oid in current["entries"]:
+            if mode != "strict" and oid in current["entries"]:
                 now = current["entries"][oid]
-                for name in set(entries) | set(now):
-                    if entries.get(name) != now.get(name) and rng.random() < 0.5:
-                        if name in now:
-                            entries[name] = now[name]
-                        else:
-                            del entries[name]
-            for name, child in sorted(entries.items()):
+                for name in sorted(set(entries) | set(now)):  # sorted: the same choices on every run
+                    if entries.get(name) == now.get(name):
+                        continue
+                    if mode == "adversarial":
+                        # The worst case for a reader: whatever makes a checkpoint visible survives (its
+                        # manifest, its step name) and every other change went through.
+                        keep_now = not (name == "manifest.msgpack" or parse_step(name) is not None)
+                        keep_now = keep_now or name not in entries
+                    else:
+                        keep_now = rng.random() < 0.5
+                    if not keep_now:
+                        continue
+                    if name in now:
+                        entries[name] = now[name]
+                    else:
+                        del entries[name]
+            # A directory kept under two names (an unsynced rename) is built once, preferably under the
+            # name that makes it visible: the worst case again.
+            for name, child in sorted(entries.items(), key=lambda e: (parse_step(e[0]) is None, e[0])):
                 build(child, os.path.join(path, name))
 
         build(self._root_id, dst)
