@@ -65,7 +65,10 @@ def is_of(fw: str, x: Any) -> bool:
     return adapter.is_array(x)
 
 
-@pytest.mark.parametrize(("src", "dst"), list(itertools.permutations(FRAMEWORKS, 2)), ids="->".join)
+PAIRS = list(itertools.permutations(FRAMEWORKS, 2))
+
+
+@pytest.mark.parametrize(("src", "dst"), PAIRS, ids=[f"{a}->{b}" for a, b in PAIRS])
 def test_save_from_one_restore_into_another(tmp_path: Any, src: str, dst: str) -> None:
     host = host_values()
     ckptstore.save(tmp_path / "c", {k: to_framework(src, v) for k, v in host.items()})
