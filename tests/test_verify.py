@@ -56,12 +56,13 @@ def test_verify_intact(store: ckptstore.CheckpointStore) -> None:
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "remove"])
-def test_damage_is_named(store_url: Location, store: ckptstore.CheckpointStore, how: str) -> None:
+def test_damage_is_named(store_url: Location, store: ckptstore.CheckpointStore, how: str, record_property) -> None:
     name = damage(store_url, 3, how)
     expected = {"flip": "tensor 'model/b' fails its checksum", "truncate": "truncated", "remove": "missing"}[how]
     for read in (lambda: store.verify(3), store.verify, lambda: store.restore(3)):
         with pytest.raises(CorruptCheckpointError, match=f"{name}.*{expected}"):
             read()
+        record_property("corruptions_detected", 1)
     assert store.verify(2) == [2]
 
 
@@ -148,3 +149,13 @@ def _json(v: object) -> str:
 def test_cli_verify_of_an_empty_store_fails(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", str(tmp_path / "nothing")]) == 1
     assert "no committed checkpoint" in capsys.readouterr().err
+
+
+def test_docs_example_runs(tmp_path) -> None:
+    """The example in docs/reliability.md, as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    exec(compile(code, "docs/reliability.md", "exec"), {"root": str(tmp_path / "run")})
