@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import msgpack
 import numpy as np
 import pytest
@@ -30,6 +31,13 @@ DTYPES += [np.float16, np.float32, np.float64, np.complex64]
 arrays = st.sampled_from(DTYPES).flatmap(
     lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
 )
+# Types NumPy lacks (bfloat16, float8), as raw bits of every pattern: NaNs and infinities included.
+ml_arrays = st.sampled_from(["bfloat16", "float8_e4m3fn", "float8_e5m2"]).flatmap(
+    lambda name: hnp.arrays(
+        np.uint16 if name == "bfloat16" else np.uint8,
+        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+    ).map(lambda a: a.view(getattr(ml_dtypes, name)))
+)
 scalars = st.sampled_from(DTYPES).flatmap(lambda dt: hnp.from_dtype(np.dtype(dt)).map(lambda v: np.dtype(dt).type(v)))
 leaves = st.one_of(
     st.none(),
@@ -39,6 +47,7 @@ leaves = st.one_of(
     st.text(max_size=20),
     st.binary(max_size=20),
     arrays,
+    ml_arrays,
     scalars,
 )
 keys = st.one_of(st.text(max_size=8), st.integers(min_value=-(2**70), max_value=2**70))
