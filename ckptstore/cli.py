@@ -71,14 +71,20 @@ def _store(args: argparse.Namespace) -> CheckpointStore:
 def _ls(args: argparse.Namespace) -> int:
     store = _store(args)
     rows = [("STEP", "CREATED", "SIZE", "METADATA")]
+    status = 0
     for step in store.steps():
-        info = store.info(step)
+        try:
+            info = store.info(step)
+        except CkptStoreError as e:  # one damaged manifest must not hide the other checkpoints
+            rows.append((str(step), "?", "?", f"DAMAGED: {e}"))
+            status = 1
+            continue
         meta = json.dumps(info.metadata, default=repr) if info.metadata else ""
         rows.append((str(step), _time(info.created), _human(info.nbytes), meta))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print(f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip())
-    return 0
+    return status
 
 
 def _locate(args: argparse.Namespace) -> tuple[Storage, str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StructureMismatchError
+from ..errors import StructureMismatchError, UnsupportedTypeError
 from . import Walk
 
 
@@ -29,6 +29,8 @@ class NumpyAdapter:
         return isinstance(x, np.ndarray)
 
     def to_numpy(self, x: Any, *, copy: bool) -> np.ndarray:
+        if isinstance(x, np.ma.MaskedArray):  # asarray would drop the mask without a word
+            raise UnsupportedTypeError("a numpy masked array (save its .data and .mask as two arrays)")
         return np.array(x, copy=True) if copy else np.asarray(x)
 
     def from_numpy(self, arr: np.ndarray, like: Any | None) -> Any:
