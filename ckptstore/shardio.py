@@ -158,7 +158,12 @@ class BlockReader:
             lo, n = common
             src = tuple(a - c for a, c in zip(lo, chunk_offsets))
             dst = out[tuple(slice(a - o, a - o + k) for a, o, k in zip(lo, offsets, n))]
-            if self.verify:
+            if n == entry.shape and dst.flags.c_contiguous:  # the whole stored block, straight into place
+                raw = dst.reshape(-1).view(np.uint8)
+                self._read_bytes(self._file(entry.file), entry, entry.offset, entry.nbytes, raw)
+                if self.verify:
+                    tensorio.check(raw, entry, self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}"))
+            elif self.verify:
                 whole = self._verified(index, entry)
                 dst[...] = whole[tuple(slice(s, s + k) for s, k in zip(src, n))]
             else:
@@ -204,6 +209,9 @@ class BlockReader:
         needed = math.prod(shape)
         if needed == 0:
             return
+        if last - first == needed and dst.flags.c_contiguous:  # one run, and a contiguous destination
+            self._read_bytes(f, entry, base + first * isz, needed * isz, dst.reshape(-1).view(np.uint8))
+            return
         if len(shape) <= 1 or (last - first - needed) * isz <= max(needed * isz, GAP_BYTES):
             buf = self._read_bytes(f, entry, base + first * isz, (last - first) * isz)
             view = np.lib.stride_tricks.as_strided(
@@ -215,8 +223,11 @@ class BlockReader:
             row_base = base + (start[0] + i) * strides[0] * isz
             self._read_region(f, entry, row_base, cshape[1:], start[1:], shape[1:], dst[i])
 
-    def _read_bytes(self, f: Readable, entry: TensorEntry, pos: int, n: int) -> np.ndarray:
-        buf = np.empty(n, dtype=np.uint8)
+    def _read_bytes(
+        self, f: Readable, entry: TensorEntry, pos: int, n: int, into: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``n`` bytes from ``pos``, into ``into`` (contiguous uint8) or a new buffer."""
+        buf = np.empty(n, dtype=np.uint8) if into is None else into
         view = buf.data
         f.seek(pos)
         got = 0
