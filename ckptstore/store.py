@@ -395,7 +395,8 @@ class CheckpointStore:
                 and, where one is to blame, its tensor (every checkpoint is checked before this is raised).
         """
         if step is not None:
-            name = step_name(_check_step(step))
+            step = _check_step(step)
+            name = step_name(step)
             verify_checkpoint(self.storage, name, _manifest(self.storage, name))
             return [step]
         done: list[int] = []
