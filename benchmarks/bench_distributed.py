@@ -1,17 +1,19 @@
 """Distributed save and restore: ckptstore vs torch.distributed.checkpoint (DCP), 1, 2 and 4 ranks.
 
-    .venv/bin/python benchmarks/bench_distributed.py                 # 512 MiB state, 3 runs each
-    .venv/bin/python benchmarks/bench_distributed.py --mib 64 --runs 1 --json out.json
+    .venv/bin/python benchmarks/bench_distributed.py                 # 512 MiB state, 2 jobs x 3 runs each
+    .venv/bin/python benchmarks/bench_distributed.py --mib 64 --runs 1 --rounds 1 --json out.json
 
 Every rank holds a row block (torch DTensor, Shard(0)) of each of a few large float32 arrays, the
 state of a row-sharded model; both libraries save the same DTensor state dict into a fresh directory
-and restore it into zeroed DTensors of the same layout. A job is one process per rank (gloo on CPU),
-forked from this process after torch is imported; each rank first saves and restores a 1 MiB
-state with the same library, untimed (lazy imports, first calls). Times are rank 0's, from a barrier before to a barrier
-after; throughput is global bytes over that time. Runs of the two libraries alternate; the table shows
-medians. Restores read files just written (page cache), for both libraries alike; ckptstore restores
-with ``verify=True`` (its default: every checksum checked) and fsyncs on save, as DCP does
-(``sync_files=True``). Prints a table; ``--json`` also writes every sample.
+(the previous one deleted) and restore it into zeroed DTensors of the same layout. A job is one process
+per rank (gloo on CPU), forked from this process after torch is imported; it does one untimed save and
+restore (warm-up: lazy imports, first touch of memory and page cache), then ``--runs`` timed ones, as a
+training job that checkpoints repeatedly would. Times are rank 0's, from a barrier before to a barrier
+after; throughput is global bytes over that time. Jobs of the two libraries alternate (``--rounds``); the
+table shows medians over all timed runs. Restores read files just written (page cache), for both
+libraries alike. ckptstore restores with ``verify=True`` (its default: every checksum checked) into new
+arrays; DCP loads in place into the template's tensors. Both fsync on save (DCP: ``sync_files=True``).
+Prints a table; ``--json`` also writes every sample.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def save_and_restore(lib: str, mib: int, root: str, step: int) -> dict[str, floa
     state, target = make_state(mib, step), make_state(mib, step, zeros=True)
     got: dict[str, Any] = {}
     if lib == "ckptstore":
-        store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore"), max_to_keep=1)
+        store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore"))
         save_s = timed(lambda: store.save(step, state))
         restore_s = timed(lambda: got.update(store.restore(step, like=target)))
     else:
@@ -87,25 +89,30 @@ def save_and_restore(lib: str, mib: int, root: str, step: int) -> dict[str, floa
     for k, v in state.items():  # the restore is right (and was not skipped)
         assert torch.equal(got[k].to_local(), v.to_local()), k
     dist.barrier()
+    if dist.get_rank() == 0:  # deleted outside the timed part, for both libraries
+        if lib == "dcp":
+            shutil.rmtree(path)
+        else:
+            store.delete(step)
     return {"save_s": save_s, "restore_s": restore_s}
 
 
-def rank_main(lib: str, mib: int, root: str, result: str) -> None:
+def rank_main(lib: str, mib: int, runs: int, root: str, result: str) -> None:
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
     torch.set_num_threads(1)
-    save_and_restore(lib, 1, os.path.join(root, "warmup"), 0)  # lazy imports and first-call costs
-    sample = save_and_restore(lib, mib, root, 1)
+    save_and_restore(lib, mib, root, 0)  # warm-up, untimed: lazy imports, first touch of page cache
+    samples = [save_and_restore(lib, mib, root, step) for step in range(1, runs + 1)]
     if dist.get_rank() == 0:
-        Path(result).write_text(json.dumps(sample))
+        Path(result).write_text(json.dumps(samples))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def job(lib: str, world: int, mib: int, root: str, port: int) -> dict[str, float]:
-    """Fork ``world`` ranks running ``lib``; return rank 0's sample."""
+def job(lib: str, world: int, mib: int, runs: int, root: str, port: int) -> list[dict[str, float]]:
+    """Fork ``world`` ranks running ``lib``; return rank 0's samples."""
     result = os.path.join(root, "result.json")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
     pids = []
@@ -115,7 +122,7 @@ def job(lib: str, world: int, mib: int, root: str, port: int) -> dict[str, float
             code = 1
             try:
                 os.environ["RANK"] = str(rank)
-                rank_main(lib, mib, root, result)
+                rank_main(lib, mib, runs, root, result)
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -127,14 +134,15 @@ def job(lib: str, world: int, mib: int, root: str, port: int) -> dict[str, float
     codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
     if any(codes):
         raise SystemExit(f"{lib} on {world} ranks failed: exit codes {codes}")
-    return dict(json.loads(Path(result).read_text()))
+    return list(json.loads(Path(result).read_text()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=512, help="global state size in MiB (default 512)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--runs", type=int, default=3, help="runs per library and rank count (median shown)")
+    parser.add_argument("--runs", type=int, default=3, help="timed save+restore runs per job (after a warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="jobs per library and rank count, alternating")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write every sample here")
     args = parser.parse_args()
@@ -152,12 +160,12 @@ def main() -> None:
     try:
         for world in args.ranks:
             per_lib: dict[str, list[dict[str, float]]] = {"ckptstore": [], "dcp": []}
-            for run in range(args.runs):  # alternate the libraries, run by run
+            for rnd in range(args.rounds):  # alternate the libraries, job by job
                 for lib in per_lib:
-                    root = os.path.join(base, f"{lib}-{world}-{run}")
+                    root = os.path.join(base, f"{lib}-{world}-{rnd}")
                     os.makedirs(root)
                     port += 1
-                    per_lib[lib].append(job(lib, world, args.mib, root, port))
+                    per_lib[lib] += job(lib, world, args.mib, args.runs, root, port)
                     shutil.rmtree(root)
             for lib, samples in per_lib.items():
                 save_s = statistics.median(s["save_s"] for s in samples)
@@ -177,7 +185,8 @@ def main() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     load = os.getloadavg()[0]
-    print(f"\n{args.mib} MiB global state, {N_ARRAYS} row-sharded float32 DTensors, median of {args.runs} runs")
+    n = args.runs * args.rounds
+    print(f"\n{args.mib} MiB global state, {N_ARRAYS} row-sharded float32 DTensors, median of {n} runs")
     print(f"{os.cpu_count()} CPUs, load average {load:.1f} at the end\n")
     print(f"{'ranks':>5}  {'library':<10} {'save s':>8} {'save MiB/s':>11} {'restore s':>10} {'restore MiB/s':>14}")
     for r in rows:
