@@ -460,10 +460,10 @@ def _sharded_ref(data: bytes) -> tree.ShardedRef:
 def _check_sharded(skeleton: Any, tensors: list[TensorEntry]) -> None:
     """Each sharded array's blocks name existing tensors of its dtype, lie inside its shape and, together,
     cover it exactly once."""
-    refs: list[tree.ShardedRef] = []
-    tree.map_refs(skeleton, lambda r: refs.append(r) if type(r) is tree.ShardedRef else None)
     used: set[int] = set()
-    for ref in refs:
+    for ref in tree.iter_refs(skeleton):
+        if type(ref) is not tree.ShardedRef:
+            continue
         blocks = []
         for index, offsets in ref.chunks:
             if index >= len(tensors):

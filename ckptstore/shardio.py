@@ -34,15 +34,7 @@ Ref = tree.TensorRef | tree.ShardedRef
 
 def chunk_indices(skeleton: Any) -> set[int]:
     """Indices (in the manifest's tensor list) of the stored blocks of sharded arrays."""
-    found: set[int] = set()
-
-    def visit(ref: Any) -> Any:
-        if type(ref) is tree.ShardedRef:
-            found.update(index for index, _ in ref.chunks)
-        return ref
-
-    tree.map_refs(skeleton, visit)
-    return found
+    return {index for ref in tree.iter_refs(skeleton) if type(ref) is tree.ShardedRef for index, _ in ref.chunks}
 
 
 def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims | None]]:

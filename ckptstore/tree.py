@@ -14,7 +14,7 @@ state their adapter gives (:class:`ckptstore.frameworks.ObjectAdapter`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -208,6 +208,24 @@ def _key(k: Any, path: KeyPath) -> Any:
     raise UnsupportedTypeError(
         f"{render_path(path)} has a key of type {type(k).__name__} ({k!r}); dict keys must be str or int"
     )
+
+
+def iter_refs(node: Any) -> Iterator[TensorRef | ShardedRef]:
+    """Every :class:`TensorRef` and :class:`ShardedRef` of a skeleton, in order (nothing is copied)."""
+    t = type(node)
+    if t is TensorRef or t is ShardedRef:
+        yield node
+    elif t is dict:
+        for v in node.values():
+            yield from iter_refs(v)
+    elif t is list or t is tuple:
+        for v in node:
+            yield from iter_refs(v)
+    elif t is Stateful:
+        yield from iter_refs(node.state)
+    elif t is NamedTuple:
+        for v in node.values:
+            yield from iter_refs(v)
 
 
 def map_refs(node: Any, fn: Callable[[Any], Any]) -> Any:
