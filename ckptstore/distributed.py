@@ -236,9 +236,9 @@ def save(
             _raise(order, own, c.rank)
         _, token, tasks = order
         assert prepared is not None
-        if staging is None:
-            staging = storage.join(name, token)
         try:
+            if staging is None:
+                staging = storage.join(name, token)
             result: list[Any] = ["ok", *_write_share(staging, prepared, tasks, token, c.rank)]
         except Exception as e:
             if isinstance(e, OSError) and not isinstance(e, CkptStoreError):  # a named error, errno kept
@@ -249,7 +249,7 @@ def save(
         results = _collective(c.gather, result, "writing")
         verdict: list[Any] | None = None
         if c.rank == 0:
-            assert results is not None and layout is not None
+            assert results is not None and layout is not None and staging is not None
             verdict, own0 = _commit(storage, staging, step, prepared, layout, results, overwrite)
             may_abort = verdict[0] != "ok"
             own = own or own0
