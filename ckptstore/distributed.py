@@ -213,7 +213,7 @@ def save(
     try:
         if prepared is None:
             prepared = checkpoint.prepare(state, metadata)
-        report: list[Any] = ["ok", _describe(prepared)]
+        report: list[Any] = ["ok", _describe(prepared), name]
     except Exception as e:
         own, report = e, _failure(c.rank, e)
 
@@ -414,6 +414,9 @@ def _plan(
     if failed is not None:
         return [failed] * world, None, None, None
     try:
+        names = [r[2] for r in reports]
+        if len(set(names)) > 1:
+            raise DistributedError(f"the ranks save different steps: {', '.join(sorted(set(names)))}")
         layout, tasks = assign([r[1] for r in reports])
         if not overwrite and storage.is_committed(name):
             raise errors.CheckpointExistsError(

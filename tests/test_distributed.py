@@ -152,10 +152,11 @@ def test_save_on_2_restore_on_1_3_4_with_other_partitions(
         assert unshared["steps"] == []
         assert [i[0] for i in saved["infos"]] == [1, 2, 3]
         assert all(i[2] == {"step": i[0], "rank": 0} for i in saved["infos"])  # rank 0's metadata, everywhere
-        (cls1, msg1), (cls2, msg2), (cls3, msg3) = failed["errors"]
+        (cls1, msg1), (cls2, msg2), (cls3, msg3), (cls4, msg4) = failed["errors"]
         assert cls1 == "UnsupportedTypeError" and "oops" in msg1, (rank, msg1)  # raised by rank 1, on every rank
         assert cls2 == "ShardingError" and "['model']['w']" in msg2 and "overlap" in msg2, (rank, msg2)
         assert cls3 == "StorageError" and "No space left" in msg3 and "rank 1" in msg3, (rank, msg3)
+        assert cls4 == "DistributedError" and "different steps" in msg4, (rank, msg4)
     store = local_url.store()
     assert store.steps() == [3, 9]  # 7 and 8 never committed; retention by rank 0 alone
     assert no_leftovers(local_url.url) == []
