@@ -123,6 +123,8 @@ def describe(m: Manifest) -> Iterator[tuple[str, str]]:
                 yield tree.render_path(path), f"{t.dtype} {list(t.shape)}"
             else:
                 yield tree.render_path(path), f"<missing tensor #{node.index}>"
+        elif isinstance(node, tree.ShardedRef):
+            yield tree.render_path(path), f"{node.dtype} {list(node.global_shape)} in {len(node.chunks)} blocks"
         elif isinstance(node, tree.Scalar):
             yield tree.render_path(path), f"{node.value()!r}"
         else:
