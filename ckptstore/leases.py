@@ -67,10 +67,11 @@ class _Files:
                 self.fs.makedirs(self.dir, exist_ok=True)
                 self.fs.pipe_file(f"{self.dir}/{name}", b"")
         except OSError as e:
-            raise StorageError(
+            msg = (
                 f"cannot write {self.url}/{name}: {e} (a reader needs write access to pin checkpoints; "
                 "pass pin=False to watch without pinning)"
-            ) from e
+            )
+            raise (StorageError(msg) if e.errno is None else StorageError(e.errno, msg)) from e
 
     def names(self) -> list[str]:
         """The names in the directory, listed fresh."""
