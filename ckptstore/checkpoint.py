@@ -187,8 +187,7 @@ def load_tensors(
             continue
         f = storage.open_read(rel)
         try:
-            for i in idx:
-                out[i] = tensorio.read_tensor(f, m.tensors[i], verify=verify, source=source)
+            out.update(tensorio.read_tensors(f, [(i, m.tensors[i]) for i in idx], verify=verify, source=source))
         finally:
             f.close()
     return out

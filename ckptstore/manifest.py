@@ -119,6 +119,7 @@ def _uint(n: int) -> bytes:
 
 
 _FIXINT = [bytes([i]) for i in range(0x80)]
+_UINT_PREFIX = {2: 0xCC, 3: 0xCD, 5: 0xCE, 9: 0xCF}  # payload length -> msgpack uint8/16/32/64 marker
 
 
 def _read_uint(data: bytes) -> int | None:
@@ -126,7 +127,7 @@ def _read_uint(data: bytes) -> int | None:
     n = len(data)
     if n == 1 and data[0] < 0x80:
         return data[0]
-    if n in (2, 3, 5, 9) and data[0] == (0xCC, 0xCD, 0xCE, 0xCF)[(2, 3, 5, 9).index(n)]:
+    if n and _UINT_PREFIX.get(n) == data[0]:
         return int.from_bytes(data[1:], "big")
     return None
 

@@ -1,0 +1,100 @@
+"""The fast paths of the write and read loops give exactly what the plain paths gave."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import msgpack
+import numpy as np
+import pytest
+
+import ckptstore
+from ckptstore import manifest, tensorio, tree
+
+
+def _mixed_state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    state: dict[str, np.ndarray] = {}
+    for i in range(300):
+        kind = i % 5
+        if kind == 0:
+            state[f"b{i}"] = rng.random(2 * i + 1) > 0.5  # odd byte counts: the next tensor is unaligned
+        elif kind == 1:
+            state[f"i8_{i}"] = rng.integers(-100, 100, 3 * i + 1, dtype=np.int8)
+        elif kind == 2:
+            state[f"f64_{i}"] = rng.random((i % 7, 3))
+        elif kind == 3:
+            state[f"bf16_{i}"] = rng.random(i + 1).astype(ml_dtypes.bfloat16)
+        else:
+            state[f"f32_{i}"] = rng.random((2, i + 1), dtype=np.float32)
+    state["large"] = rng.random(600_000)  # above the small-tensor size: read into its own array
+    state["after_large"] = np.arange(5, dtype=np.int16)
+    state["scalar"] = np.array(7.5, dtype=np.float32)
+    state["transposed"] = np.arange(12, dtype=np.int32).reshape(3, 4).T  # written through the chunked path
+    return state
+
+
+@pytest.mark.parametrize("block_bytes", [tensorio.BLOCK_BYTES, 1000])
+@pytest.mark.parametrize("verify", [False, True])
+def test_small_tensors_round_trip_bit_exact_and_aligned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int, verify: bool
+) -> None:
+    monkeypatch.setattr(tensorio, "BLOCK_BYTES", block_bytes)  # many blocks, and blocks of one tensor
+    state = _mixed_state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    out = store.restore(1, verify=verify)
+    assert out.keys() == state.keys()
+    for k, v in state.items():
+        got = out[k]
+        assert got.dtype == v.dtype and got.shape == v.shape, k
+        assert got.tobytes() == np.ascontiguousarray(v).tobytes(), k
+        assert got.ctypes.data % got.dtype.alignment == 0, k
+
+
+def test_restoring_some_tensors_reads_only_those(tmp_path: Path) -> None:
+    from ckptstore import checkpoint
+    from ckptstore.storage import step_name
+
+    state = _mixed_state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    m = checkpoint.read_manifest(store.storage, step_name(1))
+    picked = [3, 4, 10, 200, len(m.tensors) - 1]  # adjacent and far apart
+    got = checkpoint.load_tensors(store.storage, step_name(1), m, picked, verify=True)
+    assert sorted(got) == picked
+    names = list(state)
+    for i in picked:
+        assert got[i].tobytes() == np.ascontiguousarray(state[names[i]]).tobytes()
+
+
+def test_header_text_is_what_json_dumps_gives() -> None:
+    arrays = [
+        tree.ArrayLeaf(("a", 'qu"ote\\é\n'), np.zeros((2, 3), np.float32), "F32"),
+        tree.ArrayLeaf((0, "x"), np.zeros((), np.int64), "I64"),
+        tree.ArrayLeaf(("empty",), np.zeros((0, 5)), "F64"),
+    ]
+    names = tensorio.tensor_names(arrays)
+    entries: dict[str, object] = {"__metadata__": {"writer": "ckptstore"}}
+    pos = 0
+    for name, leaf in zip(names, arrays):
+        n = leaf.array.nbytes
+        entries[name] = {"dtype": leaf.dtype, "shape": list(leaf.array.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    assert tensorio._header(arrays, names, [0, 1, 2])[8:] == raw
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1])
+def test_tensor_reference_codec_matches_msgpack(n: int) -> None:
+    packed = msgpack.packb(n)
+    assert manifest._uint(n) == packed
+    assert manifest._read_uint(packed) == n
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xcc", b"\xd0\x05", b"\xcd\x01", b"\xff"])
+def test_tensor_reference_fast_decoder_leaves_odd_payloads_to_msgpack(payload: bytes) -> None:
+    assert manifest._read_uint(payload) is None
