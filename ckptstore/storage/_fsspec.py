@@ -1,0 +1,242 @@
+"""Any fsspec filesystem (object stores): data first, the manifest last with an exclusive create."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any, BinaryIO
+
+import fsspec
+import fsspec.implementations.local
+
+from .. import knobs, multipart, retry
+from ..errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
+from ..manifest import MANIFEST_NAME
+from ..tensorio import Readable
+from ._base import Staging, Storage, parse_step
+
+_FS_LOCKS: dict[str, threading.RLock] = {}
+_FS_LOCKS_GUARD = threading.Lock()
+
+
+class _FsspecStaging(Staging):
+    def __init__(self, storage: FsspecStorage, name: str, token: str) -> None:
+        self.storage = storage
+        self.token = token
+        self.dir = name
+        self.written: list[str] = []
+        self._manifest: bytes | None = None  # set once the manifest PUT has been tried
+
+    def open(self, name: str) -> BinaryIO:
+        path = self.storage._path(f"{self.dir}/{name}")
+        self.written.append(path)
+        return self.storage._open_write(path)
+
+    def close_file(self, f: BinaryIO) -> None:
+        f.close()  # object stores: the object exists, complete, once close returns
+
+    def adopt(self, names: list[str]) -> None:
+        self.written.extend(self.storage._path(f"{self.dir}/{n}") for n in names)
+
+    def commit(self, manifest: bytes, *, overwrite: bool) -> None:
+        fs = self.storage.fs
+        path = self.storage._path(f"{self.dir}/{MANIFEST_NAME}")
+        with self.storage.lock():
+            if overwrite and self.storage.is_committed(self.dir):
+                self.storage.delete(self.dir, keep=set(self.written))
+            self._manifest = manifest
+            try:
+                # One PUT with If-None-Match: *; retried (by botocore, and by retry.call) when it fails
+                # transiently, which is how the trap below is met.
+                retry.call(fs.pipe_file, path, manifest, mode="create", what=f"writing {self.storage.url_of(path)}")
+            except Exception as e:
+                if not retry.is_precondition_failed(e):
+                    raise
+                # The retry trap: our own PUT may have succeeded with its response lost, and its retry got
+                # 412. The manifest holds this writer's token, so equal bytes mean ours.
+                if not self._is_ours(path, manifest):
+                    self._manifest = None  # somebody else's: abort must leave it alone
+                    raise CheckpointExistsError(f"{self.storage.url_of(self.dir)} is already committed") from None
+
+    def _is_ours(self, path: str, manifest: bytes) -> bool:
+        try:
+            # cat_file is a plain GET: no cached size or ETag of an earlier listing is involved.
+            found = retry.call(self.storage.fs.cat_file, path, what=f"reading {self.storage.url_of(path)}")
+        except FileNotFoundError:
+            return False
+        return bool(found == manifest)
+
+    def abort(self) -> None:
+        if self._manifest is not None:
+            # The manifest PUT failed, or seemed to: it may have landed all the same. Remove it first if it
+            # is ours; if we cannot tell, remove nothing, since a committed checkpoint must keep its data
+            # (an uncommitted one is a leftover that a later writer cleans).
+            path = self.storage._path(f"{self.dir}/{MANIFEST_NAME}")
+            try:
+                if self._is_ours(path, self._manifest):
+                    self.storage.fs.rm_file(path)
+            except Exception:
+                return
+        for path in self.written:
+            with contextlib.suppress(Exception):
+                self.storage.fs.rm_file(path)
+
+
+class FsspecStorage(Storage):
+    """A store on any fsspec filesystem; commits by writing the manifest last.
+
+    Not safe for concurrent *deletions* from several processes (there is no cross-process lock on an
+    object store); concurrent commits are, where the filesystem has an exclusive create (S3, local).
+    """
+
+    atomic_rename = False
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = fs.unstrip_protocol(self.root)
+        key = f"{type(fs).__module__}.{type(fs).__qualname__}:{self.url}"
+        with _FS_LOCKS_GUARD:
+            self._lock = _FS_LOCKS.setdefault(key, threading.RLock())
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url_of(self, rel: str) -> str:
+        return str(self.fs.unstrip_protocol(self._path(rel)))
+
+    def begin(self, name: str, token: str) -> Staging:
+        return _FsspecStaging(self, name, token)
+
+    def join(self, name: str, token: str) -> Staging:
+        return _FsspecStaging(self, name, token)  # never committed by its holder: abort removes its own files
+
+    def lock(self) -> contextlib.AbstractContextManager[Any]:
+        return self._lock
+
+    def _refresh(self) -> None:
+        self.fs.invalidate_cache(self.root)
+
+    def _find(self) -> list[str]:
+        """Every object under the root, relative, listed fresh."""
+        self._refresh()
+        try:
+            # s3fs lists a whole prefix (no delimiter) afresh on every find; only per-directory listings
+            # are cached, and the invalidation above drops those of the root and its parents.
+            found = retry.call(self.fs.find, self.root, withdirs=False, what=f"listing {self.url}")
+        except FileNotFoundError:
+            return []
+        prefix = self.root + "/"
+        return [p[len(prefix) :] for p in found if p.startswith(prefix)]
+
+    def committed_steps(self) -> list[int]:
+        steps = set()
+        for rel in self._find():
+            parent, _, name = rel.partition("/")
+            if name == MANIFEST_NAME and (step := parse_step(parent)) is not None:
+                steps.add(step)
+        return sorted(steps)
+
+    def read_bytes(self, rel: str, limit: int) -> bytes:
+        path = self._path(rel)
+        try:
+            # A plain GET (no cached size or ETag: fs.open would check them, and a manifest replaced by
+            # another process since our last listing would fail as "expired").
+            data = retry.call(self.fs.cat_file, path, start=0, end=limit + 1, what=f"reading {self.url_of(rel)}")
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
+        if len(data) > limit:
+            raise CorruptCheckpointError(f"{self.url_of(rel)} is larger than {limit} bytes")
+        return bytes(data)
+
+    def open_read(self, rel: str) -> Readable:
+        try:
+            return self.fs.open(self._path(rel), "rb")
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file, in one ranged GET (retried when it fails transiently)."""
+        try:
+            data = retry.call(
+                self.fs.cat_file, self._path(rel), start=start, end=end, what=f"reading {self.url_of(rel)}"
+            )
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+        return bytes(data)
+
+    def _open_write(self, path: str) -> BinaryIO:
+        if multipart.supported(self.fs):
+            return multipart.ParallelUpload(self.fs, path)  # type: ignore[return-value]
+        try:
+            return self.fs.open(path, "wb")
+        except FileNotFoundError:
+            # A filesystem with real directories (file://, sftp): the step's directory comes first.
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            return self.fs.open(path, "wb")
+
+    def sizes(self, rel_dir: str) -> dict[str, int]:
+        path = self._path(rel_dir)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = retry.call(self.fs.ls, path, detail=True, what=f"listing {self.url_of(rel_dir)}")
+        except FileNotFoundError:
+            return {}
+        return {
+            e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries
+            if e.get("type") == "file"
+        }
+
+    def is_committed(self, name: str) -> bool:
+        path = self._path(f"{name}/{MANIFEST_NAME}")
+        self.fs.invalidate_cache(self._path(name))
+        return bool(retry.call(self.fs.exists, path, what=f"looking up {self.url_of(name)}"))
+
+    def delete(self, name: str, keep: set[str] | None = None) -> None:
+        base = self._path(name)
+        if not self.is_committed(name):
+            return
+        # The manifest first: from here on no reader lists or opens this checkpoint.
+        retry.call(self.fs.rm_file, f"{base}/{MANIFEST_NAME}", what=f"deleting {self.url_of(name)}")
+        self._refresh()
+        paths = [p for p in self._list_dir(base) if not keep or p not in keep]
+        if paths:
+            retry.call(self.fs.rm, paths, what=f"deleting {self.url_of(name)}")
+
+    def _list_dir(self, base: str) -> list[str]:
+        self.fs.invalidate_cache(base)
+        try:
+            return [str(p) for p in retry.call(self.fs.find, base, withdirs=False, what=f"listing {base}")]
+        except FileNotFoundError:
+            return []
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove step prefixes without a manifest whose objects are all older than the grace period
+        (a writer may still be uploading into a younger one)."""
+        removed = []
+        by_step: dict[str, list[str]] = {}
+        for rel in self._find():
+            parent, _, name = rel.partition("/")
+            if parse_step(parent) is not None:
+                by_step.setdefault(parent, []).append(name)
+        now = time.time()
+        for parent, names in by_step.items():
+            if MANIFEST_NAME in names:
+                continue
+            paths = [self._path(f"{parent}/{n}") for n in names]
+            if all(now - self._modified(p) > knobs.current.stale_after_s for p in paths):
+                retry.call(self.fs.rm, paths, what=f"removing leftovers of {self.url_of(parent)}")
+                removed.append(parent)
+        return removed
+
+    def _modified(self, path: str) -> float:
+        try:
+            return float(self.fs.modified(path).timestamp())
+        except (NotImplementedError, FileNotFoundError, AttributeError):
+            return 0.0
