@@ -48,6 +48,9 @@ class Knobs:
     stale_after_s: float = 3600.0
     #: Largest manifest that is read at all (a guard against hostile files).
     max_manifest_bytes: int = 1 << 30
+    #: Local files: ask the kernel to start writing back every this many bytes written (0: never), so the
+    #: disk works while the tensors are still being copied and the final fsync has little left to do.
+    writeback_bytes: int = 64 << 20
     #: Background saves (``save(..., blocking=False)``) in flight per store at once; another save waits for
     #: a slot before taking its snapshot, so staging memory is at most this many copies of the state.
     async_max_in_flight: int = 1

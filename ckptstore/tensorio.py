@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
@@ -123,6 +124,7 @@ def write_file(
     chunk = knobs.current.chunk_bytes
     entries = []
     write = f.write
+    writeback = _Writeback(f, knobs.current.writeback_bytes)
     for i in plan.indices:
         leaf = arrays[i]
         arr = leaf.array
@@ -133,13 +135,50 @@ def write_file(
             write(data)
         else:
             h = xxhash.xxh3_64()
+            at = pos
             for piece in _chunks(arr, chunk):
                 h.update(piece)
                 write(piece)
+                at += len(piece)  # bytes: the pieces are uint8 views
+                writeback.written(at)
             digest = h.intdigest()
         entries.append(TensorEntry(names[i], file_index, leaf.dtype, arr.shape, pos, n, digest))
         pos += n
+        writeback.written(pos)
     return pos, entries
+
+
+class _Writeback:
+    """Starts the kernel's writeback of a local file's bytes every ``every`` bytes, instead of at the final
+    fsync: without it a 1 GiB save copies everything into the page cache first and only then waits for
+    the disk (about 3x slower than overlapping both on a disk that takes 2 GB/s).
+
+    posix_fadvise(DONTNEED) on dirty pages starts their writeback (Linux) and drops pages already clean,
+    so a checkpoint does not push the training job's data out of the page cache either. Files without a
+    file descriptor (object stores) are left alone.
+    """
+
+    def __init__(self, f: BinaryIO, every: int) -> None:
+        self.f = f
+        self.every = every
+        self.done = 0
+        self.fd = -1
+        if every > 0 and hasattr(os, "posix_fadvise"):
+            try:
+                self.fd = f.fileno()
+            except (AttributeError, OSError, ValueError):
+                self.fd = -1
+
+    def written(self, pos: int) -> None:
+        if self.fd < 0 or pos - self.done < self.every:
+            return
+        try:
+            self.f.flush()
+            os.posix_fadvise(self.fd, self.done, pos - self.done, os.POSIX_FADV_DONTNEED)
+        except (OSError, ValueError):
+            self.fd = -1  # only a hint: never fail a save over it
+            return
+        self.done = pos
 
 
 def read_tensor(f: Readable, entry: TensorEntry, *, verify: bool, source: str) -> np.ndarray:
