@@ -159,6 +159,22 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
     return manifest.decode(data, source=storage.url_of(rel))
 
 
+def checked_file(storage: Storage, name: str, fe: manifest.FileEntry, sizes: dict[str, int]) -> tuple[str, str]:
+    """The relative path and URL of a tensor file, after checking that it exists with the manifest's size.
+
+    Raises:
+        CorruptCheckpointError: the file is missing, or truncated (or grown).
+    """
+    rel = f"{name}/{fe.name}"
+    source = storage.url_of(rel)
+    actual = sizes.get(fe.name)
+    if actual is None:
+        raise CorruptCheckpointError(f"{source} is missing")
+    if actual != fe.size:
+        raise CorruptCheckpointError(f"{source} has {actual} bytes, the manifest says {fe.size} (truncated?)")
+    return rel, source
+
+
 def load_tensors(
     storage: Storage, name: str, m: Manifest, indices: Sequence[int] | None = None, *, verify: bool = False
 ) -> dict[int, np.ndarray]:
@@ -171,14 +187,7 @@ def load_tensors(
     sizes = storage.sizes(name) if by_file else {}
     out: dict[int, np.ndarray] = {}
     for file_index, idx in by_file.items():
-        fe = m.files[file_index]
-        rel = f"{name}/{fe.name}"
-        source = storage.url_of(rel)
-        actual = sizes.get(fe.name)
-        if actual is None:
-            raise CorruptCheckpointError(f"{source} is missing")
-        if actual != fe.size:
-            raise CorruptCheckpointError(f"{source} has {actual} bytes, the manifest says {fe.size} (truncated?)")
+        rel, source = checked_file(storage, name, m.files[file_index], sizes)
         idx.sort(key=lambda i: m.tensors[i].offset)
         read_range = getattr(storage, "read_range", None)
         if read_range is not None:  # remote: parallel ranged GETs of just these tensors' bytes

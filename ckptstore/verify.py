@@ -47,13 +47,7 @@ def verify_checkpoint(storage: Storage, name: str, m: Manifest | None = None) ->
         by_file[t.file].append(t)
     nbytes = 0
     for index, fe in enumerate(m.files):
-        rel = f"{name}/{fe.name}"
-        source = storage.url_of(rel)
-        actual = sizes.get(fe.name)
-        if actual is None:
-            raise CorruptCheckpointError(f"{source} is missing")
-        if actual != fe.size:
-            raise CorruptCheckpointError(f"{source} has {actual} bytes, the manifest says {fe.size} (truncated?)")
+        rel, source = checkpoint.checked_file(storage, name, fe, sizes)
         f = storage.open_read(rel)
         try:
             header = tensorio.read_header(f, fe.size, source)
