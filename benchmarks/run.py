@@ -116,7 +116,7 @@ def _fmt_row(samples: list[dict[str, Any]]) -> str:
     if samples[0].get("cpu_seconds") is not None:
         extra += f"  cpu {med(samples, 'cpu_seconds') * 1000:8.1f} ms"
     if samples[0].get("extra_peak", -1) >= 0:
-        extra = f"  peak +{med(samples, 'extra_peak') / 2**20:7.1f} MiB"
+        extra += f"  peak +{med(samples, 'extra_peak') / 2**20:7.1f} MiB"
     return f"{t * 1000:9.1f} ms  {gbps:6.2f} GB/s  (n={len(samples)}){extra}"
 
 
@@ -360,6 +360,8 @@ def summary(r: Runner) -> list[tuple[str, str, str, str]]:
         g = gbps("save", label)
         if g == g:
             vs = f"ckptstore is {ours / g:.2f}x" if label not in ("ckptstore",) else ""
+            cpu = med(r.get("save", label), "cpu_seconds")
+            vs += f"; cpu {cpu:.2f} s" if cpu == cpu else ""
             rows.append((f"1. save {label}", f"{g:.2f} GB/s", f"{g / wr:.2f}", vs))
     sb = med(r.get("save", "ckptstore"), "state_bytes")
     for label in ("ckptstore", "torch.save", "safetensors", "dcp"):
@@ -452,6 +454,15 @@ def summary(r: Runner) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def print_table(rows: list[tuple[str, str, str, str]], skipped: dict[str, str]) -> None:
+    w = max(len(x[0]) for x in rows) if rows else 10
+    print("\n" + f"{'case':<{w}}  {'median':>18}  {'/ceiling':>14}  vs")
+    for what, fig, frac, vs in rows:
+        print(f"{what:<{w}}  {fig:>18}  {frac:>14}  {vs}")
+    for k, why in skipped.items():
+        print(f"skipped {k}: {why}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller state, 3 runs (about 2 minutes)")
@@ -459,10 +470,20 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated: ceilings,save,restore,small,async,s3")
     ap.add_argument("--dir", default=str(ROOT / "bench-results"), help="where to write (the disk under test)")
     ap.add_argument("--out", default="", help="JSON file (default bench-results/<time>.json)")
+    ap.add_argument("--report", default="", help="print the table of a saved JSON file and exit")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        args.quick = "--quick" in saved["command"].split()
+        r = Runner(args)
+        shutil.rmtree(r.work, ignore_errors=True)
+        r.results, r.skipped = saved["results"], saved["skipped"]
+        print(f"{saved['command']}  ({saved['when']}, {saved['seconds']:.0f} s)")
+        print_table(summary(r), r.skipped)
         return
     t0 = time.time()
     r = Runner(args)
@@ -471,12 +492,7 @@ def main() -> None:
     finally:
         shutil.rmtree(r.work, ignore_errors=True)
     rows = summary(r)
-    w = max(len(x[0]) for x in rows) if rows else 10
-    print("\n" + f"{'case':<{w}}  {'median':>18}  {'/ceiling':>14}  vs")
-    for what, fig, frac, vs in rows:
-        print(f"{what:<{w}}  {fig:>18}  {frac:>14}  {vs}")
-    for k, why in r.skipped.items():
-        print(f"skipped {k}: {why}")
+    print_table(rows, r.skipped)
     doc = {
         "command": " ".join(["benchmarks/run.py", *sys.argv[1:]]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
