@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from .errors import CkptStoreError
+
 
 @dataclasses.dataclass
 class Knobs:
@@ -67,9 +69,20 @@ def _from_env() -> Knobs:
     for field in dataclasses.fields(Knobs):
         raw = os.environ.get(_ENV_PREFIX + field.name.upper())
         if raw is not None:
-            kind = type(getattr(knobs, field.name))
-            setattr(knobs, field.name, kind(raw))
+            setattr(knobs, field.name, _parse(field.name, raw, type(getattr(knobs, field.name))))
     return knobs
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:  # bool("0") is True: spell the accepted words out
+        words = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
+        if raw.strip().lower() not in words:
+            raise CkptStoreError(f"{_ENV_PREFIX}{name.upper()}={raw!r}: expected one of {sorted(words)}")
+        return words[raw.strip().lower()]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise CkptStoreError(f"{_ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
 
 
 #: The knobs in force. Read them as ``knobs.current.chunk_bytes``.
