@@ -72,9 +72,10 @@ def restore(
     storage_options: dict[str, Any] | None = None,
     verify: bool = True,
     keys: Sequence[str] | str | None = None,
+    mmap: bool = False,
 ) -> Any:
     """Restore the checkpoint directory at ``path`` (as yielded by ``checkpoints_iterator``, or given by
-    ``CheckpointInfo.path``). ``like``, ``framework``, ``verify`` and ``keys`` are as for
+    ``CheckpointInfo.path``). ``like``, ``framework``, ``verify``, ``keys`` and ``mmap`` are as for
     ``CheckpointStore.restore``.
 
     Raises:
@@ -87,4 +88,4 @@ def restore(
         raise CheckpointNotFoundError(
             f"no committed checkpoint at {storage.url_of(name)} (a store root? use CheckpointStore(path).restore())"
         ) from None
-    return checkpoint.read(storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys)
+    return checkpoint.read(storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys, mmap=mmap)

@@ -23,7 +23,7 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .manifest import MANIFEST_NAME, Manifest
-from .storage import Storage, new_token
+from .storage import LocalStorage, Storage, new_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,13 @@ def checked_file(storage: Storage, name: str, fe: manifest.FileEntry, sizes: dic
 
 
 def load_tensors(
-    storage: Storage, name: str, m: Manifest, indices: Sequence[int] | None = None, *, verify: bool = False
+    storage: Storage,
+    name: str,
+    m: Manifest,
+    indices: Sequence[int] | None = None,
+    *,
+    verify: bool = False,
+    mmap: bool = False,
 ) -> dict[int, np.ndarray]:
     """Read tensors (all, or those at ``indices``) of a checkpoint into host arrays, file by file in
     offset order. Sizes of the files are always checked; checksums when ``verify``."""
@@ -196,7 +202,11 @@ def load_tensors(
             continue
         f = storage.open_read(rel)
         try:
-            out.update(tensorio.read_tensors(f, [(i, m.tensors[i]) for i in idx], verify=verify, source=source))
+            items = [(i, m.tensors[i]) for i in idx]
+            if mmap and isinstance(storage, LocalStorage):
+                out.update(tensorio.map_tensors(f.fileno(), items, verify=verify, source=source))
+            else:
+                out.update(tensorio.read_tensors(f, items, verify=verify, source=source))
         finally:
             f.close()
     return out
@@ -211,16 +221,18 @@ def read(
     verify: bool = False,
     m: Manifest | None = None,
     keys: Sequence[str] | str | None = None,
+    mmap: bool = False,
 ) -> Any:
     """Restore the state tree of checkpoint directory ``name`` (only the subtrees ``keys`` select, and
-    only their tensors read, when given: see :mod:`.subset`)."""
+    only their tensors read, when given: see :mod:`.subset`). With ``mmap`` on local disk, arrays are
+    mapped on the tensor files rather than read (see :func:`tensorio.map_tensors`)."""
     if m is None:
         m = read_manifest(storage, name)
     skeleton = m.tree if keys is None else subset.select(m.tree, keys)
     chunks = shardio.chunk_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
     wanted = range(len(m.tensors)) if keys is None else sorted(set(subset.tensor_indices(skeleton)))
     eager = [i for i in wanted if i not in chunks] if chunks or keys is not None else None
-    arrays = load_tensors(storage, name, m, eager, verify=verify)
+    arrays = load_tensors(storage, name, m, eager, verify=verify, mmap=mmap)
 
     def load(index: int) -> np.ndarray:
         try:

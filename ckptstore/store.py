@@ -325,6 +325,7 @@ class CheckpointStore:
         verify: bool = True,
         fallback: bool = False,
         keys: Sequence[str] | str | None = None,
+        mmap: bool = False,
     ) -> Any:
         """Restore checkpoint ``step`` (default: the latest committed).
 
@@ -341,6 +342,12 @@ class CheckpointStore:
             keys: restore only these subtrees: paths of dict keys joined by '/' (``["model"]``,
                 ``"model/encoder"``). The result keeps only what they select, and only their tensors'
                 bytes are read (ranged reads on object stores). ``like`` then matches that subset.
+            mmap: local disk only (elsewhere ignored): NumPy arrays come back mapped on the tensor files
+                (private, copy-on-write: writable, and writes never reach the file) instead of read into
+                fresh memory; pages are read on first touch. A mapped file stays valid after retention
+                deletes the checkpoint on a local POSIX disk; do not use it on NFS-like mounts, where a
+                file deleted by another host faults its readers. Arrays converted to another framework,
+                dtype or device through ``like`` are copies as usual.
 
         Raises:
             CheckpointNotFoundError: no such committed checkpoint.
@@ -354,7 +361,9 @@ class CheckpointStore:
             return self._restore_fallback(step, like, framework, keys)
         name = step_name(self._resolve(step))
         m = _manifest(self.storage, name)
-        return checkpoint.read(self.storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys)
+        return checkpoint.read(
+            self.storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys, mmap=mmap
+        )
 
     def _restore_fallback(
         self, step: int | None, like: Any, framework: str | None, keys: Sequence[str] | str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
     def readinto(self, buffer: memoryview, /) -> int | None: ...
     def close(self) -> None: ...
+    def fileno(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +249,28 @@ def read_tensors(
                 part = part.copy()
             out[key2] = part.view(dtype).reshape(e2.shape)
         k = j
+    return out
+
+
+def map_tensors(
+    fileno: int, items: Sequence[tuple[int, TensorEntry]], *, verify: bool, source: str
+) -> dict[int, np.ndarray]:
+    """Tensors ``(key, entry)`` of one local file as arrays mapped on it (``mmap``), copying nothing.
+
+    The mapping is private and copy-on-write: the arrays are writable and writing to them never touches
+    the file. Their pages are read on first touch (``verify`` touches them all, to hash them). The caller
+    has checked the file's size against the manifest.
+    """
+    mapped = np.frombuffer(mmap.mmap(fileno, 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
+    out: dict[int, np.ndarray] = {}
+    for key, e in items:
+        part = mapped[e.offset : e.offset + e.nbytes]
+        if verify:
+            check(part, e, source)
+        dtype = dtypes.dtype_of(e.dtype)
+        if e.offset % dtype.alignment:  # the file's page-aligned base: only odd offsets are unaligned
+            part = part.copy()
+        out[key] = part.view(dtype).reshape(e.shape)
     return out
 
 
