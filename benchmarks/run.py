@@ -192,6 +192,8 @@ def plan(r: Runner) -> None:
             "ckptstore": "ckptstore",
             "ckptstore+verify": "ckptstore",
             "ckptstore_torch": "ckptstore",
+            "ckptstore(mmap)+touch": "ckptstore",
+            "ckptstore(mmap)+verify": "ckptstore",
             "torch.load": "torch",
             "torch.load(mmap)+touch": "torch",
             "safetensors.load_file": "safetensors",
@@ -202,7 +204,8 @@ def plan(r: Runner) -> None:
         }
         common = {"case": "restore", "bytes": state_bytes, "keys": keys, **big}
         if not full:
-            readers = {k: readers[k] for k in ("ckptstore", "ckptstore+verify", "torch.load", "safetensors.load_file")}
+            quick = ("ckptstore", "ckptstore+verify", "ckptstore(mmap)+verify", "torch.load", "safetensors.load_file")
+            readers = {k: readers[k] for k in quick}
         for cache in ("warm", "cold"):
             specs = {
                 f"{tool} ({cache})": {**common, "tool": tool, "src": srcs[src], "cache": cache}
