@@ -69,8 +69,8 @@ if cmd == "save":
 elif cmd == "crash":
     def die(self, manifest, *, overwrite):
         os._exit(17)
-    st._LocalStaging.commit = die
-    st._FsspecStaging.commit = die
+    st._local._LocalStaging.commit = die
+    st._fsspec._FsspecStaging.commit = die
     store.save(step, {"w": np.full(100, step, dtype=np.float32), "step": step})
 print(json.dumps({"steps": store.steps(), "latest": store.latest_step(),
                   "restored": None if store.latest_step() is None else store.restore()["step"]}))
@@ -247,8 +247,8 @@ def _crash_mid_save(backend: Backend, step: int, monkeypatch: pytest.MonkeyPatch
         raise Crash
 
     with monkeypatch.context() as m:
-        m.setattr(st._FsspecStaging, "commit", die)
-        m.setattr(st._FsspecStaging, "abort", lambda self: None)
+        m.setattr(st._fsspec._FsspecStaging, "commit", die)
+        m.setattr(st._fsspec._FsspecStaging, "abort", lambda self: None)
         with pytest.raises(Crash):
             backend.store().save(step, state(step))
 
