@@ -103,14 +103,7 @@ def write(storage: Storage, name: str, step: int, prepared: Prepared, *, overwri
     try:
         files: list[manifest.FileEntry] = []
         entries: list[manifest.TensorEntry | None] = [None] * len(arrays)
-        for k, plan in enumerate(plans):
-            f = staging.open(plan.name)
-            try:
-                size, written = tensorio.write_file(f, arrays, names, plan, k)
-            except BaseException:
-                f.close()
-                raise
-            staging.close_file(f)
+        for plan, size, written in tensorio.write_files(staging, arrays, names, plans):
             files.append(manifest.FileEntry(plan.name, size))
             for i, entry in zip(plan.indices, written):
                 entries[i] = entry

@@ -442,14 +442,7 @@ def _write_share(
     plans = tensorio.plan_files(leaves, f"tensors-{token}-r{rank:05d}", knobs.current.max_file_bytes)
     files: list[list[Any]] = []
     entries: list[list[Any]] = []
-    for k, plan in enumerate(plans):
-        f = staging.open(plan.name)
-        try:
-            size, written = tensorio.write_file(f, leaves, names, plan, k)
-        except BaseException:
-            f.close()
-            raise
-        staging.close_file(f)
+    for plan, size, written in tensorio.write_files(staging, leaves, names, plans):
         files.append([plan.name, size])
         for i, e in zip(plan.indices, written):
             entries.append([tasks[i][0], e.name, e.file, e.dtype, list(e.shape), e.offset, e.nbytes, e.xxh3])

@@ -15,7 +15,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 import xxhash
@@ -24,6 +24,9 @@ from . import dtypes, knobs
 from .errors import CorruptCheckpointError
 from .manifest import TensorEntry
 from .tree import ArrayLeaf
+
+if TYPE_CHECKING:
+    from .storage import Staging
 
 HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
 
@@ -181,6 +184,22 @@ class _Writeback:
             self.fd = -1  # only a hint: never fail a save over it
             return
         self.done = pos
+
+
+def write_files(
+    staging: Staging, arrays: Sequence[ArrayLeaf], names: Sequence[str], plans: Sequence[FilePlan]
+) -> Iterator[tuple[FilePlan, int, list[TensorEntry]]]:
+    """Write each planned file into ``staging`` and make it durable; yield each plan with the file's size and
+    the manifest entries of its arrays (their ``file`` field is the plan's position in ``plans``)."""
+    for k, plan in enumerate(plans):
+        f = staging.open(plan.name)
+        try:
+            size, written = write_file(f, arrays, names, plan, k)
+        except BaseException:
+            f.close()
+            raise
+        staging.close_file(f)
+        yield plan, size, written
 
 
 def read_tensor(f: Readable, entry: TensorEntry, *, verify: bool, source: str) -> np.ndarray:
