@@ -46,6 +46,13 @@ class LocalOps:
         f.flush()
         os.fsync(f.fileno())
 
+    def sync_close(self, f: BinaryIO) -> None:
+        """Make a data file durable, then close it (closed even when the sync fails)."""
+        try:
+            self.fsync(f)
+        finally:
+            f.close()
+
     def fsync_dir(self, path: str) -> None:
         """Make a directory's entries (files created, renamed or removed in it) durable."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -107,10 +114,7 @@ class _LocalStaging(Staging):
         return self.ops.create(os.path.join(self.path, name))
 
     def close_file(self, f: BinaryIO) -> None:
-        try:
-            self.ops.fsync(f)
-        finally:
-            f.close()
+        self.ops.sync_close(f)
 
     def commit(self, manifest: bytes, *, overwrite: bool) -> None:
         f = self.ops.create(os.path.join(self.path, MANIFEST_NAME))
@@ -165,10 +169,7 @@ class _LocalJoined(Staging):
         return self.ops.create(path)
 
     def close_file(self, f: BinaryIO) -> None:
-        try:
-            self.ops.fsync(f)
-        finally:
-            f.close()
+        self.ops.sync_close(f)
 
     def commit(self, manifest: bytes, *, overwrite: bool) -> None:
         raise CkptStoreError(f"{self.path}: only the process that began a save commits it")
