@@ -13,8 +13,10 @@ import dataclasses
 import json
 import mmap
 import os
+import queue
 import struct
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
@@ -130,27 +132,97 @@ def write_file(
     entries = []
     write = f.write
     writeback = _Writeback(f, knobs.current.writeback_bytes)
-    for i in plan.indices:
-        leaf = arrays[i]
-        arr = leaf.array
-        n = arr.nbytes
-        if n <= chunk and arr.flags.c_contiguous:  # most tensors: one hash call, one write, no generator
-            data = arr.reshape(-1).view(np.uint8).data
-            digest = xxhash.xxh3_64_intdigest(data)
-            write(data)
-        else:
-            h = xxhash.xxh3_64()
-            at = pos
-            for piece in _chunks(arr, chunk):
-                h.update(piece)
-                write(piece)
-                at += len(piece)  # bytes: the pieces are uint8 views
-                writeback.written(at)
-            digest = h.intdigest()
-        entries.append(TensorEntry(names[i], file_index, leaf.dtype, arr.shape, pos, n, digest))
-        pos += n
-        writeback.written(pos)
+    with _HashThread() as hasher:
+        for i in plan.indices:
+            leaf = arrays[i]
+            arr = leaf.array
+            n = arr.nbytes
+            if n < OVERLAP_BYTES and arr.flags.c_contiguous:  # most tensors: one hash call, one write
+                data = arr.reshape(-1).view(np.uint8).data
+                digest = xxhash.xxh3_64_intdigest(data)
+                write(data)
+            else:  # hashed on a second core while the same piece is written: no time added to the save
+                h = xxhash.xxh3_64()
+                at = pos
+                for piece in _chunks(arr, chunk):
+                    hashed = hasher.submit(h.update, piece)
+                    write(piece)
+                    hashed.result()
+                    at += len(piece)  # bytes: the pieces are uint8 views
+                    writeback.written(at)
+                digest = h.intdigest()
+            entries.append(TensorEntry(names[i], file_index, leaf.dtype, arr.shape, pos, n, digest))
+            pos += n
+            writeback.written(pos)
     return pos, entries
+
+
+#: Tensors at least this large are hashed on a helper thread, overlapping their write (xxhash and the
+#: write both release the GIL); below it a thread hand-off costs more than the hash.
+OVERLAP_BYTES = 1 << 20
+
+
+class _HashThread:
+    """One helper thread for the duration of a file's write or read, started on first use.
+
+    A plain thread with a queue, not a ``ThreadPoolExecutor``: an executor refuses work once the
+    interpreter is exiting, which is exactly when a background save may still be writing (exit waits for
+    it), and a pool kept across calls would not survive ``fork``. Where no thread can be started, the
+    work runs inline.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[_Pending, Callable[..., object], tuple[object, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., object], *args: object) -> _Pending:
+        job = _Pending()
+        if self._thread is None:
+            thread = threading.Thread(target=self._serve, name="ckptstore-hash", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no new threads here (interpreter finalizing): do it now
+                job.run(fn, args)
+                return job
+            self._thread = thread
+        self._jobs.put((job, fn, args))
+        return job
+
+    def _serve(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, fn, args = item
+            job.run(fn, args)
+
+    def __enter__(self) -> _HashThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+
+
+class _Pending:
+    """The outcome of one job on a :class:`_HashThread`."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def run(self, fn: Callable[..., object], args: tuple[object, ...]) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the waiting thread by result()
+            self._error = e
+        self._done.set()
+
+    def result(self) -> None:
+        """Wait for the job; raise what it raised."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
 
 
 class _Writeback:
@@ -231,43 +303,69 @@ def read_tensors(
 ) -> dict[int, np.ndarray]:
     """Read tensors ``(key, entry)`` of one file, sorted by offset; return ``{key: array}``.
 
-    A large tensor is read straight into its own array. Runs of adjacent small tensors are read with one
-    call into one block and returned as views of it: with 100,000 small tensors, a seek, a read and an
-    allocation per tensor cost more than the bytes.
+    A large tensor is read straight into its own array, and checked on a helper thread while the next
+    one is read. Runs of adjacent small tensors are read with one call into one block and returned as
+    views of it: with 100,000 small tensors, a seek, a read and an allocation per tensor cost more than
+    the bytes.
     """
     out: dict[int, np.ndarray] = {}
-    k, n = 0, len(items)
-    while k < n:
-        key, e = items[k]
-        if e.nbytes >= SMALL_TENSOR_BYTES:
-            out[key] = read_tensor(f, e, verify=verify, source=source)
-            k += 1
-            continue
-        start, end = e.offset, e.offset + e.nbytes
-        j = k + 1  # the first tensor always: a block holds at least one
-        while j < n:
-            e2 = items[j][1]
-            if e2.nbytes >= SMALL_TENSOR_BYTES or e2.offset != end or e2.offset + e2.nbytes - start > BLOCK_BYTES:
-                break
-            end += e2.nbytes
-            j += 1
-        block = np.empty(end - start, dtype=np.uint8)
-        got = _read_into(f, start, block)
-        base = block.ctypes.data
-        for key2, e2 in items[k:j]:
-            lo = e2.offset - start
-            if lo + e2.nbytes > got:
-                raise CorruptCheckpointError(
-                    f"{source}: tensor {e2.name!r} is truncated ({max(0, got - lo)} of {e2.nbytes} bytes)"
-                )
-            part = block[lo : lo + e2.nbytes]
-            if verify:
-                check(part, e2, source)
-            dtype = dtypes.dtype_of(e2.dtype)
-            if (base + lo) % dtype.alignment:  # after an odd-sized tensor: copy, never hand out unaligned
-                part = part.copy()
-            out[key2] = part.view(dtype).reshape(e2.shape)
-        k = j
+    checks: list[_Pending] = []
+    with _HashThread() as hasher:
+        k, n = 0, len(items)
+        while k < n:
+            key, e = items[k]
+            if e.nbytes >= SMALL_TENSOR_BYTES:
+                out[key] = read_tensor(f, e, verify=False, source=source)
+                if verify:
+                    checks.append(hasher.submit(check, out[key], e, source))
+                k += 1
+                continue
+            j = _block_end(items, k)
+            out.update(_read_block(f, items[k:j], verify=verify, source=source))
+            k = j
+        for done in checks:
+            done.result()  # raises the first CorruptCheckpointError
+    return out
+
+
+def _block_end(items: Sequence[tuple[int, TensorEntry]], k: int) -> int:
+    """The end of the run of adjacent small tensors starting at ``items[k]`` (at least one, at most
+    BLOCK_BYTES in all)."""
+    start = items[k][1].offset
+    end = start + items[k][1].nbytes
+    j = k + 1
+    while j < len(items):
+        e2 = items[j][1]
+        if e2.nbytes >= SMALL_TENSOR_BYTES or e2.offset != end or e2.offset + e2.nbytes - start > BLOCK_BYTES:
+            break
+        end += e2.nbytes
+        j += 1
+    return j
+
+
+def _read_block(
+    f: Readable, run: Sequence[tuple[int, TensorEntry]], *, verify: bool, source: str
+) -> dict[int, np.ndarray]:
+    """Adjacent small tensors read with one call, returned as (aligned) views of one block."""
+    start = run[0][1].offset
+    last = run[-1][1]
+    block = np.empty(last.offset + last.nbytes - start, dtype=np.uint8)
+    got = _read_into(f, start, block)
+    base = block.ctypes.data
+    out: dict[int, np.ndarray] = {}
+    for key, e in run:
+        lo = e.offset - start
+        if lo + e.nbytes > got:
+            raise CorruptCheckpointError(
+                f"{source}: tensor {e.name!r} is truncated ({max(0, got - lo)} of {e.nbytes} bytes)"
+            )
+        part = block[lo : lo + e.nbytes]
+        if verify:
+            check(part, e, source)
+        dtype = dtypes.dtype_of(e.dtype)
+        if (base + lo) % dtype.alignment:  # after an odd-sized tensor: copy, never hand out unaligned
+            part = part.copy()
+        out[key] = part.view(dtype).reshape(e.shape)
     return out
 
 

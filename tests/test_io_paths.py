@@ -98,3 +98,93 @@ def test_tensor_reference_codec_matches_msgpack(n: int) -> None:
 @pytest.mark.parametrize("payload", [b"", b"\xcc", b"\xd0\x05", b"\xcd\x01", b"\xff"])
 def test_tensor_reference_fast_decoder_leaves_odd_payloads_to_msgpack(payload: bytes) -> None:
     assert manifest._read_uint(payload) is None
+
+
+def _large_state() -> dict[str, np.ndarray]:
+    """Tensors above OVERLAP_BYTES and SMALL_TENSOR_BYTES (hashed on the helper thread on save and on
+    restore), contiguous and not, with small ones between them."""
+    rng = np.random.default_rng(5)
+    return {
+        "a": rng.random(300_000),  # 2.4 MB
+        "tiny": np.arange(3, dtype=np.int8),
+        "b": rng.random((700, 500)).T,  # non-contiguous, 2.8 MB
+        "c": rng.integers(0, 1 << 30, 400_000, dtype=np.int64),
+        "d": rng.random(300_000, dtype=np.float32),  # 1.2 MB
+    }
+
+
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 1 << 19])
+def test_large_tensors_checksums_are_those_of_their_bytes(tmp_path: Path, chunk_bytes: int) -> None:
+    import xxhash
+    from safetensors.numpy import load_file
+
+    from ckptstore import checkpoint, knobs
+    from ckptstore.storage import step_name
+
+    state = _large_state()
+    assert min(state[k].nbytes for k in "abcd") >= max(tensorio.OVERLAP_BYTES, tensorio.SMALL_TENSOR_BYTES)
+    store = ckptstore.CheckpointStore(tmp_path)
+    with knobs.override(chunk_bytes=chunk_bytes):  # 512 KiB: several pieces a tensor, each hashed while written
+        store.save(1, state)
+    m = checkpoint.read_manifest(store.storage, step_name(1))
+    for t in m.tensors:
+        expected = np.ascontiguousarray(state[t.name])
+        assert t.xxh3 == xxhash.xxh3_64_intdigest(expected.tobytes()), t.name
+    (path,) = tmp_path.glob("step_*/*.safetensors")
+    for k, v in load_file(str(path)).items():
+        assert v.tobytes() == np.ascontiguousarray(state[k]).tobytes()
+
+
+@pytest.mark.parametrize("victim", ["a", "c", "d"])  # the first, a middle and the last large tensor
+def test_corrupt_large_tensor_is_caught_by_the_overlapped_check(tmp_path: Path, victim: str) -> None:
+    from ckptstore import checkpoint
+    from ckptstore.errors import CorruptCheckpointError
+    from ckptstore.storage import step_name
+
+    state = _large_state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    m = checkpoint.read_manifest(store.storage, step_name(1))
+    entry = next(t for t in m.tensors if t.name == victim)
+    (path,) = tmp_path.glob("step_*/*.safetensors")
+    with open(path, "r+b") as f:  # flip one byte in the middle of the victim
+        f.seek(entry.offset + entry.nbytes // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptCheckpointError, match=repr(victim)):
+        store.restore(1)
+    out = store.restore(1, verify=False)  # unchecked, the bytes as they are on disk
+    assert out[victim].tobytes() != np.ascontiguousarray(state[victim]).tobytes()
+    assert all(out[k].tobytes() == np.ascontiguousarray(state[k]).tobytes() for k in state if k != victim)
+
+
+class _FailingFile:
+    """A file whose n-th write fails with ENOSPC (the helper thread may be hashing the same piece)."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.writes = 0
+        self.fail_at = fail_at
+
+    def write(self, data: object) -> int:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(28, "No space left on device")
+        return len(memoryview(data))  # type: ignore[arg-type]
+
+    def fileno(self) -> int:
+        raise OSError("not a real file")
+
+
+@pytest.mark.parametrize("fail_at", [2, 4, 6])
+def test_write_failure_while_hashing_on_the_helper_thread_propagates(fail_at: int) -> None:
+    import threading
+
+    _, arrays = tree.flatten(_large_state())
+    names = tensorio.tensor_names(arrays)
+    plan = tensorio.FilePlan("x.safetensors", tuple(range(len(arrays))))
+    f = _FailingFile(fail_at)
+    with pytest.raises(OSError, match="No space left"):
+        tensorio.write_file(f, arrays, names, plan, 0)  # type: ignore[arg-type]
+    assert f.writes == fail_at
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckptstore-hash")]  # none left behind
