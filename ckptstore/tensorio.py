@@ -3,8 +3,8 @@
 A file is laid out exactly as safetensors specifies (8-byte little-endian header length, a JSON header
 padded with spaces to a multiple of 8, then the tensors' bytes back to back), so the safetensors library
 opens it by itself. The writer never builds the file, nor a copy of a large tensor, in memory: it writes
-each tensor in chunks of ``knobs.chunk_bytes``, hashing (xxh3-64) each chunk just before it is written,
-while it is hot in cache.
+each tensor in chunks of ``knobs.chunk_bytes`` and hashes (xxh3-64) each chunk while it is written, on a
+helper thread (both calls release the GIL), so with two cores or more checksums add little to a save.
 """
 
 from __future__ import annotations
