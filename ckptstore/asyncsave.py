@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from . import knobs, tree
+from . import knobs, tensorio, tree
 from .checkpoint import Prepared
 from .errors import AsyncSaveError
 
@@ -100,7 +100,7 @@ class StagingBuffer:
         total = sum(n + (-n % _ALIGN) for n in sizes)
         if self._buf is None or self._buf.nbytes < total:
             self._buf = None  # drop the old buffer before allocating its replacement
-            self._buf = np.empty(total, dtype=np.uint8)
+            self._buf = tensorio.new_buffer(total)
         buf = self._buf
         staged = []
         pos = 0

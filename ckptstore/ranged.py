@@ -81,7 +81,7 @@ def read_tensors(
 ) -> dict[int, np.ndarray]:
     """Read the tensors ``entries`` (key, entry) of one file through ``fetch(start, end) -> bytes``, with
     up to ``knobs.io_threads`` requests at once; return ``{key: array}``."""
-    bufs = {key: np.empty(e.nbytes, dtype=np.uint8) for key, e in entries}
+    bufs = {key: tensorio.new_buffer(e.nbytes) for key, e in entries}
     by_key = dict(entries)
     requests = plan(entries, knobs.current.read_part_bytes, knobs.current.read_coalesce_bytes)
 

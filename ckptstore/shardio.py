@@ -141,7 +141,8 @@ class BlockReader:
             self._whole.clear()
 
     def _assemble(self, node: tree.ShardedRef, offsets: Dims, shape: Dims) -> np.ndarray:
-        out = np.empty(shape, dtype=dtypes.dtype_of(node.dtype))
+        dtype = dtypes.dtype_of(node.dtype)
+        out = tensorio.new_buffer(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
         for index, chunk_offsets in node.chunks:
             entry = self._entry(index)
             common = shard.intersect(offsets, shape, chunk_offsets, entry.shape)
@@ -219,7 +220,7 @@ class BlockReader:
         self, f: Readable, entry: TensorEntry, pos: int, n: int, into: np.ndarray | None = None
     ) -> np.ndarray:
         """``n`` bytes from ``pos``, into ``into`` (contiguous uint8) or a new buffer."""
-        buf = np.empty(n, dtype=np.uint8) if into is None else into
+        buf = tensorio.new_buffer(n) if into is None else into
         view = buf.data
         f.seek(pos)
         got = 0

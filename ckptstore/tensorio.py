@@ -274,9 +274,34 @@ def write_files(
         yield plan, size, written
 
 
+#: Fresh buffers at least this large are mapped anonymous memory of their own (see :func:`new_buffer`).
+MAPPED_BUFFER_BYTES = 1 << 20
+
+
+# Private: Python's default for anonymous maps is MAP_SHARED, which is shmem (slower to fault in, no huge
+# pages, and shared with forked children). Windows has no flags and no fork.
+_PRIVATE = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
+
+
+def new_buffer(nbytes: int) -> np.ndarray:
+    """A fresh, writable uint8 array of ``nbytes`` for tensor bytes (restores, staging).
+
+    Large ones are anonymous ``mmap`` memory, page-aligned, released when the last view of it goes. Unlike
+    ``np.empty``, which asks for transparent huge pages (``MADV_HUGEPAGE``) on large arrays, they use the
+    system's default pages, as torch's and safetensors' allocations do: huge pages made first-touch cost
+    vary 20-fold on the VM this was measured on (docs/benchmarks.md). ``knobs.hugepages`` asks for them.
+    """
+    if nbytes < MAPPED_BUFFER_BYTES:
+        return np.empty(nbytes, dtype=np.uint8)
+    m = mmap.mmap(-1, nbytes, **_PRIVATE)
+    if knobs.current.hugepages and hasattr(m, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, dtype=np.uint8)
+
+
 def read_tensor(f: Readable, entry: TensorEntry, *, verify: bool, source: str) -> np.ndarray:
     """Read one tensor's bytes from an open file into a fresh array; check its checksum if ``verify``."""
-    buf = np.empty(entry.nbytes, dtype=np.uint8)
+    buf = new_buffer(entry.nbytes)
     view = buf.data
     f.seek(entry.offset)
     got = 0
@@ -349,7 +374,7 @@ def _read_block(
     """Adjacent small tensors read with one call, returned as (aligned) views of one block."""
     start = run[0][1].offset
     last = run[-1][1]
-    block = np.empty(last.offset + last.nbytes - start, dtype=np.uint8)
+    block = new_buffer(last.offset + last.nbytes - start)
     got = _read_into(f, start, block)
     base = block.ctypes.data
     out: dict[int, np.ndarray] = {}

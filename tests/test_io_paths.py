@@ -188,3 +188,37 @@ def test_write_failure_while_hashing_on_the_helper_thread_propagates(fail_at: in
         tensorio.write_file(f, arrays, names, plan, 0)  # type: ignore[arg-type]
     assert f.writes == fail_at
     assert not [t for t in threading.enumerate() if t.name.startswith("ckptstore-hash")]  # none left behind
+
+
+@pytest.mark.parametrize("hugepages", [False, True])
+def test_large_restored_arrays_are_private_writable_memory(tmp_path: Path, hugepages: bool) -> None:
+    import os
+
+    from ckptstore import knobs
+
+    state = _large_state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    with knobs.override(hugepages=hugepages):
+        out = store.restore(1)
+    a = out["a"]
+    assert a.nbytes >= tensorio.MAPPED_BUFFER_BYTES and a.flags.writeable
+    assert a.ctypes.data % 4096 == 0  # a mapping of its own
+    a[:] = -1.0  # writing changes this array only: not the file, not another restore
+    assert store.restore(1)["a"].tobytes() == state["a"].tobytes()
+    if hasattr(os, "fork"):  # private, not shared memory: a forked child's writes stay in the child
+        pid = os.fork()
+        if pid == 0:
+            a[:] = 7.0
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert (a == -1.0).all()
+    del out, a  # the mapping goes with its last view (no error, nothing left to close)
+
+
+def test_new_buffer_sizes() -> None:
+    for n in (0, 1, tensorio.MAPPED_BUFFER_BYTES - 1, tensorio.MAPPED_BUFFER_BYTES, 3 << 20):
+        buf = tensorio.new_buffer(n)
+        assert buf.dtype == np.uint8 and buf.shape == (n,) and buf.flags.writeable
+        buf[:] = 5
+        assert int(buf.sum()) == 5 * n
