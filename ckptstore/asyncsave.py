@@ -23,6 +23,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -83,6 +85,52 @@ class SaveHandle(Generic[_T]):
         return f"<SaveHandle step={self.step} {state}>"
 
 
+#: Snapshots of at least this many bytes are copied by several threads (``np.copyto`` releases the GIL).
+PARALLEL_COPY_BYTES = 64 << 20
+#: Pieces a large contiguous array is cut into, so that threads share even one huge array.
+_COPY_PIECE_BYTES = 32 << 20
+
+
+def copy_all(copies: list[tuple[np.ndarray, np.ndarray]], nbytes: int) -> None:
+    """``np.copyto(dst, src)`` for each pair: on ``knobs.snapshot_threads`` threads (the caller's among
+    them) when there are ``PARALLEL_COPY_BYTES`` or more, taking pieces of at most 32 MiB from a shared
+    queue, so that copying (and faulting in fresh memory) runs on several cores."""
+    threads = min(knobs.current.snapshot_threads, os.cpu_count() or 1)
+    if threads <= 1 or nbytes < PARALLEL_COPY_BYTES:
+        for dst, src in copies:
+            np.copyto(dst, src, casting="no")
+        return
+    pieces: queue.SimpleQueue[tuple[np.ndarray, np.ndarray]] = queue.SimpleQueue()
+    for dst, src in copies:
+        if src.nbytes > _COPY_PIECE_BYTES and src.flags.c_contiguous:
+            d, s = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
+            for lo in range(0, len(s), _COPY_PIECE_BYTES):
+                pieces.put((d[lo : lo + _COPY_PIECE_BYTES], s[lo : lo + _COPY_PIECE_BYTES]))
+        else:
+            pieces.put((dst, src))
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while True:
+                try:
+                    dst, src = pieces.get_nowait()
+                except queue.Empty:
+                    return
+                np.copyto(dst, src, casting="no")
+        except BaseException as e:  # re-raised on the caller's thread
+            errors.append(e)
+
+    helpers = [threading.Thread(target=work, name="ckptstore-snapshot", daemon=True) for _ in range(threads - 1)]
+    for t in helpers:
+        t.start()
+    work()
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 class StagingBuffer:
     """One host buffer that a snapshot's arrays are copied into, back to back; grown when too small."""
 
@@ -103,13 +151,15 @@ class StagingBuffer:
             self._buf = tensorio.new_buffer(total)
         buf = self._buf
         staged = []
+        copies = []
         pos = 0
         for leaf, n in zip(prepared.arrays, sizes):
             src = leaf.array
             dst = buf[pos : pos + n].view(src.dtype).reshape(src.shape)
-            np.copyto(dst, src, casting="no")
+            copies.append((dst, src))
             staged.append(tree.ArrayLeaf(leaf.path, dst, leaf.dtype))
             pos += n + (-n % _ALIGN)
+        copy_all(copies, total)
         return dataclasses.replace(prepared, arrays=staged)
 
     def release(self) -> None:

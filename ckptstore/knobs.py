@@ -59,6 +59,8 @@ class Knobs:
     #: Keep an async save's staging buffer for the next snapshot (copying into memory already touched is
     #: several times faster than into fresh pages); ``CheckpointStore.close()`` frees it either way.
     async_keep_staging: bool = True
+    #: Threads that copy a background save's snapshot (on the caller's time: ``save`` returns after it).
+    snapshot_threads: int = 2
     #: Ask for transparent huge pages (``MADV_HUGEPAGE``) for restored tensors and async staging buffers.
     #: Off by default, like torch's and safetensors' allocations: on the VM where ckptstore was measured,
     #: huge pages made touching fresh memory 0.3 to 6 s per GiB, against a steady 0.7 s without

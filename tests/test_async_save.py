@@ -87,6 +87,38 @@ def test_snapshot_isolation_numpy_and_torch(tmp_path: Path, gate: Gate) -> None:
     assert out["view"].shape == (40, 50) and not out["view"].any()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_large_snapshot_copied_on_several_threads_is_exact_and_isolated(
+    tmp_path: Path, gate: Gate, threads: int
+) -> None:
+    from ckptstore import asyncsave
+
+    rng = np.random.default_rng(0)
+    state = {
+        "huge": rng.random(9 << 20),  # 72 MiB, one array: cut into 32 MiB pieces shared by the threads
+        "t": torch.arange(3 << 20, dtype=torch.float32),  # 12 MiB
+        "transposed": rng.random((1500, 900)).T,  # non-contiguous: copied whole, into C order
+        "small": np.arange(7, dtype=np.int16),
+        "empty": np.zeros((0, 3)),
+    }
+    assert sum(v.nbytes for v in state.values()) >= asyncsave.PARALLEL_COPY_BYTES
+    expected = {k: np.array(v) for k, v in state.items()}
+    store = ckptstore.CheckpointStore(tmp_path)
+    with knobs.override(snapshot_threads=threads):
+        handle = store.save(1, state, blocking=False)
+    assert gate.entered.wait(10)
+    state["huge"][:] = -1  # in place, while the save is in flight
+    state["t"].fill_(-1)
+    state["transposed"][:] = -1
+    gate.release.set()
+    handle.result()
+    out = store.restore(1)
+    for k, v in expected.items():
+        got = out[k].numpy() if isinstance(out[k], torch.Tensor) else out[k]
+        assert got.shape == v.shape and got.tobytes() == np.ascontiguousarray(v).tobytes(), k
+    store.close()
+
+
 def test_staging_buffer_reuse_keeps_each_save_intact(tmp_path: Path) -> None:
     store = ckptstore.CheckpointStore(tmp_path)
     x = np.zeros(10_000, dtype=np.float32)
