@@ -197,6 +197,8 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
         skeleton = walk(state, ())
     except RecursionError:  # a container that holds itself, or nesting deeper than Python's stack
         raise UnsupportedTypeError("the state nests too deeply to save (does a container hold itself?)") from None
+    finally:
+        walk = None  # type: ignore[assignment]  # see rebuild: a recursive closure is a reference cycle
     return skeleton, arrays
 
 
@@ -361,7 +363,13 @@ def rebuild(
             return node.value()
         return node
 
-    return walk(skeleton, like, (), default, like is not _MISSING)
+    try:
+        return walk(skeleton, like, (), default, like is not _MISSING)
+    finally:
+        # A recursive closure is a reference cycle (walk -> its cell -> walk) that holds ``load``, and with
+        # it every array read: without this, a restored state's memory stays until the garbage collector
+        # runs, not when the caller drops it.
+        walk = None  # type: ignore[assignment]
 
 
 def _untemplated(adapter: Adapter, arr: np.ndarray, path: KeyPath) -> Any:

@@ -222,3 +222,27 @@ def test_new_buffer_sizes() -> None:
         assert buf.dtype == np.uint8 and buf.shape == (n,) and buf.flags.writeable
         buf[:] = 5
         assert int(buf.sum()) == 5 * n
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_restored_and_saved_arrays_are_freed_without_the_garbage_collector(tmp_path: Path, mmap: bool) -> None:
+    """Dropping a restored state frees its memory at once, and a save keeps no reference to the caller's
+    arrays: no reference cycle (a recursive closure was one) holds them until a collection."""
+    import gc
+    import weakref
+
+    store = ckptstore.CheckpointStore(tmp_path)
+    arr = np.ones(300_000)
+    saved = weakref.ref(arr)
+    gc.collect()
+    gc.disable()
+    try:
+        store.save(1, {"a": arr, "nested": [{"b": np.arange(10)}], "n": 3})
+        del arr
+        assert saved() is None
+        out = store.restore(1, mmap=mmap)
+        restored = [weakref.ref(out["a"]), weakref.ref(out["nested"][0]["b"])]
+        del out
+        assert [r() for r in restored] == [None, None]
+    finally:
+        gc.enable()
