@@ -63,7 +63,7 @@ class Knobs:
     snapshot_threads: int = 2
     #: Ask for transparent huge pages (``MADV_HUGEPAGE``) for restored tensors and async staging buffers.
     #: Off by default, like torch's and safetensors' allocations: on the VM where ckptstore was measured,
-    #: huge pages made touching fresh memory 0.3 to 6 s per GiB, against a steady 0.7 s without
+    #: huge pages made a 1 GiB restore take 0.3 to 6 s, against a steady 0.7 to 0.9 s without
     #: (docs/benchmarks.md). Where the kernel's THP mode is "always" they are used either way.
     hugepages: bool = False
 
