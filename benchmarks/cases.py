@@ -420,7 +420,8 @@ def case_hashcost(spec: Spec) -> dict[str, Any]:
     import ckptstore.tensorio as tio
     from ckptstore import tree
 
-    _, arrays = tree.flatten(make_state(spec))
+    state = make_state(spec)
+    _, arrays = tree.flatten(state)
     names = tio.tensor_names(arrays)
     plan = tio.FilePlan("x.safetensors", tuple(range(len(arrays))))
     base = "/dev/shm" if os.path.isdir("/dev/shm") else spec["out"]
@@ -443,7 +444,7 @@ def case_hashcost(spec: Spec) -> dict[str, Any]:
         tio.xxhash = real
         os.unlink(path)
     with_hash, without = (float(np.median(times[m])) for m in ("xxh3", "none"))
-    return {"seconds": with_hash, "bytes": c.nbytes(make_state(spec)), "nohash_s": without, "where": base}
+    return {"seconds": with_hash, "bytes": c.nbytes(state), "nohash_s": without, "where": base}
 
 
 CASES: dict[str, Callable[[Spec], dict[str, Any]]] = {

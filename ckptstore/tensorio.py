@@ -17,6 +17,7 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
@@ -172,19 +173,19 @@ class _HashThread:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[_Pending, Callable[..., object], tuple[object, ...]] | None] = (
+        self._jobs: queue.SimpleQueue[tuple[Future[object], Callable[..., object], tuple[object, ...]] | None] = (
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
 
-    def submit(self, fn: Callable[..., object], *args: object) -> _Pending:
-        job = _Pending()
+    def submit(self, fn: Callable[..., object], *args: object) -> Future[object]:
+        job: Future[object] = Future()
         if self._thread is None:
             thread = threading.Thread(target=self._serve, name="ckptstore-hash", daemon=True)
             try:
                 thread.start()
             except RuntimeError:  # no new threads here (interpreter finalizing): do it now
-                job.run(fn, args)
+                _run_into(job, fn, args)
                 return job
             self._thread = thread
         self._jobs.put((job, fn, args))
@@ -192,8 +193,7 @@ class _HashThread:
 
     def _serve(self) -> None:
         while (item := self._jobs.get()) is not None:
-            job, fn, args = item
-            job.run(fn, args)
+            _run_into(*item)
 
     def __enter__(self) -> _HashThread:
         return self
@@ -204,25 +204,11 @@ class _HashThread:
             self._thread.join()
 
 
-class _Pending:
-    """The outcome of one job on a :class:`_HashThread`."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-
-    def run(self, fn: Callable[..., object], args: tuple[object, ...]) -> None:
-        try:
-            fn(*args)
-        except BaseException as e:  # handed to the waiting thread by result()
-            self._error = e
-        self._done.set()
-
-    def result(self) -> None:
-        """Wait for the job; raise what it raised."""
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
+def _run_into(job: Future[object], fn: Callable[..., object], args: tuple[object, ...]) -> None:
+    try:
+        job.set_result(fn(*args))
+    except BaseException as e:  # raised to the waiting thread by job.result()
+        job.set_exception(e)
 
 
 class _Writeback:
@@ -334,7 +320,7 @@ def read_tensors(
     the bytes.
     """
     out: dict[int, np.ndarray] = {}
-    checks: list[_Pending] = []
+    checks: list[Future[object]] = []
     with _HashThread() as hasher:
         k, n = 0, len(items)
         while k < n:
