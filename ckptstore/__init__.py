@@ -7,14 +7,16 @@ directories on any fsspec filesystem. Importing ckptstore imports no ML framewor
 from __future__ import annotations
 
 from . import distributed, errors, knobs
-from .api import restore, save
+from .directory import restore, save
 from .leases import Lease, pin
 from .rng import RNGState
 from .shard import Shard
 from .store import CheckpointInfo, CheckpointStore
+from .tree import MISSING
 from .watch import checkpoints_iterator, wait_for_new_checkpoint
 
 __all__ = [
+    "MISSING",
     "CheckpointInfo",
     "CheckpointStore",
     "Lease",

@@ -1,14 +1,14 @@
 """Saves that finish in the background: a snapshot on the caller's thread, files written on another.
 
 ``CheckpointStore.save(step, state, blocking=False)`` walks the state and copies every array into host
-staging buffers (a device-to-host copy for accelerator tensors, a memcpy for host arrays), then returns a
+snapshot buffers (a device-to-host copy for accelerator tensors, a memcpy for host arrays), then returns a
 :class:`SaveHandle` while a thread writes, commits and applies retention. The caller may update its
 tensors in place as soon as ``save`` returns: what is written is the snapshot.
 
 Bounds, by design:
 
 * At most ``knobs.async_max_in_flight`` saves (default 1) are in flight per store; another ``save`` waits
-  for a slot *before* taking its snapshot, so staging memory is at most that many copies of the state.
+  for a slot *before* taking its snapshot, so snapshot memory is at most that many copies of the state.
 * Staging buffers are kept and reused by the next snapshot (a copy into memory already touched runs at
   memcpy speed; fresh memory costs a page fault per page). :meth:`Saver.close` releases them.
 * Writer threads are not daemons: interpreter exit waits for in-flight saves to commit.
@@ -35,7 +35,7 @@ from . import knobs, tensorio, tree
 from .checkpoint import Prepared
 from .errors import AsyncSaveError
 
-__all__ = ["SaveHandle", "Saver", "StagingBuffer"]
+__all__ = ["SaveHandle", "Saver", "SnapshotBuffer"]
 
 _log = logging.getLogger("ckptstore")
 _T = TypeVar("_T")
@@ -131,7 +131,7 @@ def copy_all(copies: list[tuple[np.ndarray, np.ndarray]], nbytes: int) -> None:
         raise errors[0]
 
 
-class StagingBuffer:
+class SnapshotBuffer:
     """One host buffer that a snapshot's arrays are copied into, back to back; grown when too small."""
 
     def __init__(self) -> None:
@@ -167,7 +167,7 @@ class StagingBuffer:
 
 
 class Saver:
-    """The background half of a store: in-flight saves, their staging buffers, their errors."""
+    """The background half of a store: in-flight saves, their snapshot buffers, their errors."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -175,7 +175,7 @@ class Saver:
         self._taken = 0  # slots held: saves snapshotting or in flight
         self._running: list[SaveHandle[Any]] = []
         self._failed: list[SaveHandle[Any]] = []  # failed, and not reported through the store yet
-        self._free: list[StagingBuffer] = []
+        self._free: list[SnapshotBuffer] = []
 
     def in_flight(self) -> list[SaveHandle[Any]]:
         """Saves not finished yet, oldest first."""
@@ -207,18 +207,18 @@ class Saver:
             while self._taken >= max(1, knobs.current.async_max_in_flight):
                 self._slots.wait()
             self._taken += 1
-        staging: StagingBuffer | None = None
+        buffer: SnapshotBuffer | None = None
         try:
             self.raise_unreported()
             prepared = prepare()
             with self._lock:
-                staging = self._free.pop() if self._free else StagingBuffer()
-            snap = staging.snapshot(prepared)
+                buffer = self._free.pop() if self._free else SnapshotBuffer()
+            snap = buffer.snapshot(prepared)
             del prepared  # the caller's arrays: nothing below may touch them
             handle: SaveHandle[_T] = SaveHandle(step)
             # Not a daemon: interpreter exit joins it, so an in-flight save commits before the process ends.
             thread = threading.Thread(
-                target=self._run, args=(handle, snap, work, staging), name=f"ckptstore-save-{step}", daemon=False
+                target=self._run, args=(handle, snap, work, buffer), name=f"ckptstore-save-{step}", daemon=False
             )
             with self._lock:
                 self._running.append(handle)
@@ -229,12 +229,12 @@ class Saver:
                     self._running.remove(handle)
                 raise
         except BaseException:
-            self._finish(staging)
+            self._finish(buffer)
             raise
         return handle
 
     def _run(
-        self, handle: SaveHandle[_T], snap: Prepared, work: Callable[[Prepared], _T], staging: StagingBuffer
+        self, handle: SaveHandle[_T], snap: Prepared, work: Callable[[Prepared], _T], buffer: SnapshotBuffer
     ) -> None:
         try:
             result = work(snap)
@@ -250,20 +250,20 @@ class Saver:
             handle._future.set_result(result)
         finally:
             del snap
-            self._finish(staging)
+            self._finish(buffer)
 
-    def _finish(self, staging: StagingBuffer | None) -> None:
-        """Give a slot (and its staging buffer) back."""
+    def _finish(self, buffer: SnapshotBuffer | None) -> None:
+        """Give a slot (and its snapshot buffer) back."""
         with self._slots:
-            if staging is not None:
-                if not knobs.current.async_keep_staging:
-                    staging.release()
-                self._free.append(staging)
+            if buffer is not None:
+                if not knobs.current.async_keep_snapshot:
+                    buffer.release()
+                self._free.append(buffer)
             self._taken -= 1
             self._slots.notify_all()
 
-    def release_staging(self) -> None:
-        """Free the kept staging buffers (those of saves in flight are freed when they finish)."""
+    def release_snapshots(self) -> None:
+        """Free the kept snapshot buffers (those of saves in flight are freed when they finish)."""
         with self._lock:
             for s in self._free:
                 s.release()

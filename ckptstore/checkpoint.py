@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import distributed, knobs, manifest, ranged, shardio, subset, tensorio, tree
+from . import block_read, distributed, knobs, manifest, remote_read, subset, tensorio, tree
 from .errors import (
     CheckpointNotFoundError,
     CkptStoreError,
@@ -191,7 +191,7 @@ def load_tensors(
         read_range = getattr(storage, "read_range", None)
         if read_range is not None:  # remote: parallel ranged GETs of just these tensors' bytes
             fetch = functools.partial(read_range, rel)
-            out.update(ranged.read_tensors(fetch, [(i, m.tensors[i]) for i in idx], verify=verify, source=source))
+            out.update(remote_read.read_tensors(fetch, [(i, m.tensors[i]) for i in idx], verify=verify, source=source))
             continue
         f = storage.open_read(rel)
         try:
@@ -209,7 +209,7 @@ def read(
     storage: Storage,
     name: str,
     *,
-    like: Any = tree._MISSING,
+    like: Any = tree.MISSING,
     framework: str | None = None,
     verify: bool = False,
     m: Manifest | None = None,
@@ -222,9 +222,9 @@ def read(
     if m is None:
         m = read_manifest(storage, name)
     skeleton = m.tree if keys is None else subset.select(m.tree, keys)
-    chunks = shardio.chunk_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
+    sharded = block_read.block_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
     wanted = range(len(m.tensors)) if keys is None else sorted(set(subset.tensor_indices(skeleton)))
-    eager = [i for i in wanted if i not in chunks] if chunks or keys is not None else None
+    eager = [i for i in wanted if i not in sharded] if sharded or keys is not None else None
     arrays = load_tensors(storage, name, m, eager, verify=verify, mmap=mmap)
 
     def load(index: int) -> np.ndarray:
@@ -235,9 +235,9 @@ def read(
                 f"{storage.url_of(name)}: the tree refers to tensor #{index}, the manifest lists {len(m.tensors)}"
             ) from None
 
-    with shardio.BlockReader(storage, name, m, load, verify=verify) as blocks:
-        if chunks:
-            blocks.prefetch(shardio.wanted_blocks(skeleton, like))
+    with block_read.BlockReader(storage, name, m, load, verify=verify) as blocks:
+        if sharded:
+            blocks.prefetch(block_read.wanted_blocks(skeleton, like))
         return tree.rebuild(skeleton, load, like=like, framework=framework, blocks=blocks)
 
 

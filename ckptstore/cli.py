@@ -89,7 +89,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _locate(args: argparse.Namespace) -> tuple[Storage, str]:
     """The storage and directory name of the checkpoint ``show`` is about."""
-    from .api import _split
+    from .directory import _split
 
     if args.step is None:
         storage, name = _split(args.url, _options(args.option))
@@ -124,7 +124,7 @@ def describe(m: Manifest) -> Iterator[tuple[str, str]]:
             else:
                 yield tree.render_path(path), f"<missing tensor #{node.index}>"
         elif isinstance(node, tree.ShardedRef):
-            yield tree.render_path(path), f"{node.dtype} {list(node.global_shape)} in {len(node.chunks)} blocks"
+            yield tree.render_path(path), f"{node.dtype} {list(node.global_shape)} in {len(node.blocks)} blocks"
         elif isinstance(node, tree.Scalar):
             yield tree.render_path(path), f"{node.value()!r}"
         else:
@@ -147,7 +147,7 @@ def _show(args: argparse.Namespace) -> int:
 
 @command("verify")
 def _verify(args: argparse.Namespace) -> int:
-    from .api import _split
+    from .directory import _split
     from .verify import verify_checkpoint
 
     targets: list[tuple[Storage, str]] = []

@@ -364,7 +364,7 @@ def assign(reports: list[list[list[Any]]]) -> tuple[_Layout, list[list[list[int]
         problem = check_partition(blocks, tuple(gshape))
         if problem is not None:
             raise ShardingError(f"{path}: the ranks' shards of global shape {tuple(gshape)} do not fit: {problem}")
-        chunk_slots = []
+        block_slots = []
         for offsets, bshape in blocks:
             owners = holders[(offsets, bshape)]
             nbytes = math.prod(bshape) * itemsize
@@ -374,8 +374,8 @@ def assign(reports: list[list[list[Any]]]) -> tuple[_Layout, list[list[list[int]
             else:
                 shared.append((nbytes, len(slots), owners))
                 slots.append((i, offsets, bshape, dtype, -1))
-            chunk_slots.append(len(slots) - 1)
-        leaves.append((tuple(gshape), chunk_slots))
+            block_slots.append(len(slots) - 1)
+        leaves.append((tuple(gshape), block_slots))
     for nbytes, slot, owners in sorted(shared, key=lambda s: (-s[0], s[1])):
         writer = min(owners, key=lambda r: (load[r], r))
         load[writer] += nbytes
@@ -483,9 +483,9 @@ def _commit(
             leaf = layout.leaves[node.index]
             if isinstance(leaf, int):
                 return tree.TensorRef(leaf)
-            gshape, chunk_slots = leaf
-            dtype = layout.slots[chunk_slots[0]][3] if chunk_slots else prepared.arrays[node.index].dtype
-            return tree.ShardedRef(gshape, dtype, tuple((s, layout.slots[s][1] or ()) for s in chunk_slots))
+            gshape, block_slots = leaf
+            dtype = layout.slots[block_slots[0]][3] if block_slots else prepared.arrays[node.index].dtype
+            return tree.ShardedRef(gshape, dtype, tuple((s, layout.slots[s][1] or ()) for s in block_slots))
 
         m = Manifest(
             step=step,

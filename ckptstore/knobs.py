@@ -29,7 +29,8 @@ class Knobs:
     chunk_bytes: int = 16 << 20
     #: A new tensor file is started once a file holds this many bytes (a larger tensor gets a file alone).
     max_file_bytes: int = 1 << 30
-    #: Threads that write (or read) tensor files at once. Remote filesystems profit from more.
+    #: Remote filesystems: requests in flight at once per file (ranged GETs of a restore, parts of a multipart
+    #: upload). Tensor files themselves are written one after another.
     io_threads: int = 4
     #: Remote reads: bytes per ranged GET (a larger tensor is fetched in parallel pieces of this size).
     read_part_bytes: int = 32 << 20
@@ -54,14 +55,14 @@ class Knobs:
     #: disk works while the tensors are still being copied and the final fsync has little left to do.
     writeback_bytes: int = 64 << 20
     #: Background saves (``save(..., blocking=False)``) in flight per store at once; another save waits for
-    #: a slot before taking its snapshot, so staging memory is at most this many copies of the state.
+    #: a slot before taking its snapshot, so snapshot memory is at most this many copies of the state.
     async_max_in_flight: int = 1
-    #: Keep an async save's staging buffer for the next snapshot (copying into memory already touched is
+    #: Keep an async save's snapshot buffer for the next snapshot (copying into memory already touched is
     #: several times faster than into fresh pages); ``CheckpointStore.close()`` frees it either way.
-    async_keep_staging: bool = True
+    async_keep_snapshot: bool = True
     #: Threads that copy a background save's snapshot (on the caller's time: ``save`` returns after it).
     snapshot_threads: int = 2
-    #: Ask for transparent huge pages (``MADV_HUGEPAGE``) for restored tensors and async staging buffers.
+    #: Ask for transparent huge pages (``MADV_HUGEPAGE``) for restored tensors and async snapshot buffers.
     #: Off by default, like torch's and safetensors' allocations: on the VM where ckptstore was measured,
     #: huge pages made a 1 GiB restore take 0.3 to 6 s, against a steady 0.7 to 0.9 s without
     #: (docs/benchmarks.md). Where the kernel's THP mode is "always" they are used either way.

@@ -34,7 +34,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from . import knobs
-from .api import _split
+from .directory import _split
 from .errors import CheckpointNotFoundError, CkptStoreError, StorageError
 from .storage import FsspecStorage, LocalStorage, Storage, new_token, parse_step, step_name
 

@@ -100,8 +100,8 @@ def _default(obj: Any) -> Any:
     if t is complex:
         return msgpack.ExtType(EXT_COMPLEX, _pack([obj.real, obj.imag]))
     if t is tree.ShardedRef:
-        chunks = [[index, list(offsets)] for index, offsets in obj.chunks]
-        return msgpack.ExtType(EXT_SHARDED, _pack([list(obj.global_shape), obj.dtype, chunks]))
+        blocks = [[index, list(offsets)] for index, offsets in obj.blocks]
+        return msgpack.ExtType(EXT_SHARDED, _pack([list(obj.global_shape), obj.dtype, blocks]))
     raise TypeError(f"cannot encode {t.__name__} in a manifest")
 
 
@@ -443,19 +443,19 @@ def _tensor(t: Any, files: list[FileEntry]) -> TensorEntry:
 
 
 def _sharded_ref(data: bytes) -> tree.ShardedRef:
-    gshape, dtype, raw_chunks = _unpack_fields(data, 3, "sharded array")
+    gshape, dtype, raw_blocks = _unpack_fields(data, 3, "sharded array")
     _expect(gshape, list, "sharded array shape")
     _expect(dtype, str, "sharded array dtype")
-    _expect(raw_chunks, list, "sharded array blocks")
+    _expect(raw_blocks, list, "sharded array blocks")
     dtypes.dtype_of(dtype)
     dims = tuple(_int(d, "sharded array shape") for d in gshape)
-    chunks = []
-    for c in raw_chunks:
+    blocks = []
+    for c in raw_blocks:
         if type(c) is not list or len(c) != 2 or type(c[1]) is not list:
             raise CorruptCheckpointError("bad block record of a sharded array")
         offsets = tuple(_int(o, "sharded array block offset") for o in c[1])
-        chunks.append((_int(c[0], "sharded array block index"), offsets))
-    return tree.ShardedRef(dims, dtype, tuple(chunks))
+        blocks.append((_int(c[0], "sharded array block index"), offsets))
+    return tree.ShardedRef(dims, dtype, tuple(blocks))
 
 
 def _check_sharded(skeleton: Any, tensors: list[TensorEntry]) -> None:
@@ -466,7 +466,7 @@ def _check_sharded(skeleton: Any, tensors: list[TensorEntry]) -> None:
         if type(ref) is not tree.ShardedRef:
             continue
         blocks = []
-        for index, offsets in ref.chunks:
+        for index, offsets in ref.blocks:
             if index >= len(tensors):
                 raise CorruptCheckpointError(f"a sharded array names tensor #{index}, but there are {len(tensors)}")
             t = tensors[index]

@@ -100,12 +100,12 @@ def intersect(a_off: Dims, a_shape: Dims, b_off: Dims, b_shape: Dims) -> tuple[D
     return lo, tuple(h - low for low, h in zip(lo, hi))
 
 
-def check_partition(chunks: Sequence[tuple[Dims, Dims]], global_shape: Dims) -> str | None:
+def check_partition(blocks: Sequence[tuple[Dims, Dims]], global_shape: Dims) -> str | None:
     """Why the blocks ``(offsets, shape)`` are not an exact partition of ``global_shape`` (every block
     inside it, no two sharing an element, all of them covering it), or None if they are one."""
     ndim = len(global_shape)
     total = 0
-    for off, shape in chunks:
+    for off, shape in blocks:
         if len(off) != ndim or len(shape) != ndim:
             return f"block at {off} of shape {shape} has not {ndim} dimensions"
         if any(o + n > g for o, n, g in zip(off, shape, global_shape)):
@@ -113,7 +113,7 @@ def check_partition(chunks: Sequence[tuple[Dims, Dims]], global_shape: Dims) -> 
         total += math.prod(shape)
     # Sweep along dimension 0: only blocks whose row ranges meet can overlap, so sorted row-sharded
     # arrays cost n log n, not n^2.
-    live = sorted((c for c in chunks if math.prod(c[1])), key=lambda c: c[0][0] if ndim else 0)
+    live = sorted((c for c in blocks if math.prod(c[1])), key=lambda c: c[0][0] if ndim else 0)
     for i, (off, shape) in enumerate(live):
         end0 = off[0] + shape[0] if ndim else 1
         for off2, shape2 in live[i + 1 :]:

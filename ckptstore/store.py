@@ -176,7 +176,7 @@ class CheckpointStore:
         self._saver.wait()
 
     def close(self) -> None:
-        """Wait for background saves and free their staging memory. The store stays usable.
+        """Wait for background saves and free their snapshot memory. The store stays usable.
 
         Raises:
             AsyncSaveError: a background save failed and its handle did not report it.
@@ -184,7 +184,7 @@ class CheckpointStore:
         try:
             self._saver.wait()
         finally:
-            self._saver.release_staging()
+            self._saver.release_snapshots()
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -320,7 +320,7 @@ class CheckpointStore:
         self,
         step: int | None = None,
         *,
-        like: Any = tree._MISSING,
+        like: Any = tree.MISSING,
         framework: str | None = None,
         verify: bool = True,
         fallback: bool = False,

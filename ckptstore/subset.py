@@ -68,7 +68,7 @@ def tensor_indices(skeleton: Any) -> list[int]:
         if isinstance(ref, tree.TensorRef):
             found.append(ref.index)
         else:  # a sharded array: its stored blocks
-            found.extend(i for i, _ in ref.chunks)
+            found.extend(i for i, _ in ref.blocks)
         return ref
 
     tree.map_refs(skeleton, visit)

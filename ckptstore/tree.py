@@ -83,7 +83,7 @@ class ShardedRef:
 
     global_shape: tuple[int, ...]
     dtype: str
-    chunks: tuple[tuple[int, tuple[int, ...]], ...]
+    blocks: tuple[tuple[int, tuple[int, ...]], ...]
 
 
 @dataclasses.dataclass(slots=True)
@@ -250,14 +250,27 @@ def map_refs(node: Any, fn: Callable[[Any], Any]) -> Any:
 
 # --- rebuild ----------------------------------------------------------------------------------------
 
-_MISSING: Any = object()
+
+class _Missing:
+    """The type of :data:`MISSING`."""
+
+    def __repr__(self) -> str:
+        return "ckptstore.MISSING"
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+#: "No template given": the default of ``restore(like=...)``, and where a template has no counterpart. Pass
+#: it to say "no ``like``" explicitly, e.g. from a wrapper that forwards its own ``like`` argument.
+MISSING: Any = _Missing()
 
 
 def rebuild(
     skeleton: Any,
     load: Callable[[int], np.ndarray],
     *,
-    like: Any = _MISSING,
+    like: Any = MISSING,
     framework: str | None = None,
     blocks: BlockSource | None = None,
 ) -> Any:
@@ -282,13 +295,13 @@ def rebuild(
     source = blocks if blocks is not None else _WholeArrays(load)
 
     def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
-        if tmpl is not _MISSING and is_plain(tmpl):
-            tmpl = _MISSING  # a plain placeholder (0, None, [], {"lr": 0.1}): the checkpoint's value wins
+        if tmpl is not MISSING and is_plain(tmpl):
+            tmpl = MISSING  # a plain placeholder (0, None, [], {"lr": 0.1}): the checkpoint's value wins
         if type(node) is TensorRef or type(node) is ShardedRef:
-            if tmpl is not _MISSING and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
+            if tmpl is not MISSING and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
                 return _shard_like(node, tmpl, path, source)
             arr = load(node.index) if type(node) is TensorRef else source.read(node)
-            if tmpl is _MISSING or tmpl is None:
+            if tmpl is MISSING or tmpl is None:
                 return _untemplated(fallback, arr, path)
             adapter = adapter_for(tmpl)
             if adapter is None:
@@ -304,35 +317,35 @@ def rebuild(
                 )
             return adapter.from_numpy(arr, tmpl)
         if type(node) is dict:
-            if tmpl is _MISSING or not isinstance(tmpl, Mapping):
-                if tmpl is not _MISSING and (is_stateful(tmpl) or object_adapter_for(tmpl) is not None):
+            if tmpl is MISSING or not isinstance(tmpl, Mapping):
+                if tmpl is not MISSING and (is_stateful(tmpl) or object_adapter_for(tmpl) is not None):
                     # a saved state dict (torch's, or a JAX params dict) restored into an object
                     return walk(Stateful("dict", node), tmpl, path, fallback, strict)
                 _mismatch(strict, tmpl, path, "a dict")
-                return {k: walk(v, _MISSING, (*path, k), fallback, strict) for k, v in node.items()}
+                return {k: walk(v, MISSING, (*path, k), fallback, strict) for k, v in node.items()}
             if strict and tmpl.keys() != node.keys():
                 missing = [k for k in tmpl if k not in node]
                 extra = [k for k in node if k not in tmpl]
                 raise StructureMismatchError(
                     f"{render_path(path)}: keys differ; in `like` only: {missing}, in the checkpoint only: {extra}"
                 )
-            out = {k: walk(v, tmpl.get(k, _MISSING), (*path, k), fallback, strict) for k, v in node.items()}
+            out = {k: walk(v, tmpl.get(k, MISSING), (*path, k), fallback, strict) for k, v in node.items()}
             return out
         if type(node) is list or type(node) is tuple:
-            if tmpl is _MISSING or not isinstance(tmpl, list | tuple) or len(tmpl) != len(node):
+            if tmpl is MISSING or not isinstance(tmpl, list | tuple) or len(tmpl) != len(node):
                 _mismatch(strict, tmpl, path, f"a {type(node).__name__} of {len(node)}")
-                items = [walk(v, _MISSING, (*path, i), fallback, strict) for i, v in enumerate(node)]
+                items = [walk(v, MISSING, (*path, i), fallback, strict) for i, v in enumerate(node)]
             else:
                 items = [walk(v, t, (*path, i), fallback, strict) for i, (v, t) in enumerate(zip(node, tmpl))]
             return items if type(node) is list else tuple(items)
         if type(node) is NamedTuple:
-            if tmpl is not _MISSING and isinstance(tmpl, tuple) and getattr(tmpl, "_fields", None) == node.fields:
+            if tmpl is not MISSING and isinstance(tmpl, tuple) and getattr(tmpl, "_fields", None) == node.fields:
                 values = [walk(v, t, (*path, f), fallback, strict) for f, v, t in zip(node.fields, node.values, tmpl)]
                 return type(tmpl)(*values)
             _mismatch(strict, tmpl, path, f"a NamedTuple {node.type_name}")
-            return {f: walk(v, _MISSING, (*path, f), fallback, strict) for f, v in zip(node.fields, node.values)}
+            return {f: walk(v, MISSING, (*path, f), fallback, strict) for f, v in zip(node.fields, node.values)}
         if type(node) is Stateful:
-            if tmpl is not _MISSING and is_stateful(tmpl):
+            if tmpl is not MISSING and is_stateful(tmpl):
                 hint = adapter_for_stateful(tmpl) or fallback
                 state = walk(node.state, tmpl.state_dict(), path, hint, False)
                 try:
@@ -345,7 +358,7 @@ def rebuild(
                         f"({type(e).__name__}: {e})"
                     ) from e
                 return tmpl
-            found = None if tmpl is _MISSING else object_adapter_for(tmpl)
+            found = None if tmpl is MISSING else object_adapter_for(tmpl)
             if found is not None:
                 adapter, template = found
                 return adapter.restore_object(
@@ -358,13 +371,13 @@ def rebuild(
             if isinstance(tmpl, Mapping | list | tuple):  # an object's state into plain containers (of arrays)
                 return walk(node.state, tmpl, path, fallback, strict)
             _mismatch(strict, tmpl, path, f"the state of a {node.type_name}")
-            return walk(node.state, _MISSING, path, fallback, strict)
+            return walk(node.state, MISSING, path, fallback, strict)
         if type(node) is Scalar:
             return node.value()
         return node
 
     try:
-        return walk(skeleton, like, (), default, like is not _MISSING)
+        return walk(skeleton, like, (), default, like is not MISSING)
     finally:
         # A recursive closure is a reference cycle (walk -> its cell -> walk) that holds ``load``, and with
         # it every array read: without this, a restored state's memory stays until the garbage collector
@@ -448,7 +461,7 @@ def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: 
 
 
 def _mismatch(strict: bool, tmpl: Any, path: KeyPath, what: str) -> None:
-    if strict and tmpl is not _MISSING:
+    if strict and tmpl is not MISSING:
         raise StructureMismatchError(f"{render_path(path)}: the checkpoint holds {what}, `like` a {type_name(tmpl)}")
 
 

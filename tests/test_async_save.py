@@ -119,7 +119,7 @@ def test_large_snapshot_copied_on_several_threads_is_exact_and_isolated(
     store.close()
 
 
-def test_staging_buffer_reuse_keeps_each_save_intact(tmp_path: Path) -> None:
+def test_snapshot_buffer_reuse_keeps_each_save_intact(tmp_path: Path) -> None:
     store = ckptstore.CheckpointStore(tmp_path)
     x = np.zeros(10_000, dtype=np.float32)
     y = torch.zeros(3, 5, dtype=torch.float64)

@@ -132,13 +132,13 @@ def test_assign_refuses_blocks_that_leave_a_gap() -> None:
 # --- the sharded manifest -----------------------------------------------------------------------------
 
 
-def sharded_manifest(chunks: list[tuple[int, tuple[int, ...]]], shapes: list[tuple[int, ...]], **kw: Any) -> bytes:
+def sharded_manifest(blocks: list[tuple[int, tuple[int, ...]]], shapes: list[tuple[int, ...]], **kw: Any) -> bytes:
     tensors, files, pos = [], [manifest.FileEntry("t.safetensors", 10_000)], 8
     for i, shape in enumerate(shapes):
         n = int(np.prod(shape)) * 4
         tensors.append(manifest.TensorEntry(f"w@{i}", 0, kw.get("dtype", "F32"), shape, pos, n, 0))
         pos += n
-    ref = tree.ShardedRef(kw.get("global_shape", (4, 4)), "F32", tuple(chunks))
+    ref = tree.ShardedRef(kw.get("global_shape", (4, 4)), "F32", tuple(blocks))
     m = manifest.Manifest(1, 1.0, "tok", {}, {"w": ref}, tuple(files), tuple(tensors))
     return manifest.encode(m)
 
@@ -150,7 +150,7 @@ def test_sharded_manifest_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    ("chunks", "shapes", "kw", "words"),
+    ("blocks", "shapes", "kw", "words"),
     [
         ([(0, (0, 0)), (1, (1, 0))], [(2, 4), (2, 4)], {}, "overlap"),
         ([(0, (0, 0))], [(2, 4)], {}, "elements"),
@@ -161,9 +161,9 @@ def test_sharded_manifest_round_trip() -> None:
         ([(0, (0,)), (1, (2,))], [(2, 4), (2, 4)], {}, "dimensions"),
     ],
 )
-def test_sharded_manifest_validation_is_strict(chunks: Any, shapes: Any, kw: dict[str, Any], words: str) -> None:
+def test_sharded_manifest_validation_is_strict(blocks: Any, shapes: Any, kw: dict[str, Any], words: str) -> None:
     with pytest.raises(CorruptCheckpointError, match=words):
-        manifest.decode(sharded_manifest(chunks, shapes, **kw), source="m")
+        manifest.decode(sharded_manifest(blocks, shapes, **kw), source="m")
 
 
 @pytest.mark.parametrize(

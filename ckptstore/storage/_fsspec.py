@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 import fsspec
 import fsspec.implementations.local
 
-from .. import knobs, multipart, retry
+from .. import knobs
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -18,6 +18,8 @@ from ..errors import (
 )
 from ..manifest import MANIFEST_NAME
 from ..tensorio import Readable
+from . import _multipart as multipart
+from . import _retry as retry
 from ._base import Staging, Storage, parse_step
 
 _FS_LOCKS: dict[str, threading.RLock] = {}

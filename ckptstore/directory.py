@@ -67,7 +67,7 @@ def save(
 def restore(
     path: str | os.PathLike[str],
     *,
-    like: Any = tree._MISSING,
+    like: Any = tree.MISSING,
     framework: str | None = None,
     storage_options: dict[str, Any] | None = None,
     verify: bool = True,

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import knobs
-from .errors import CkptStoreError, StorageError
+from .. import knobs
+from ..errors import CkptStoreError, StorageError
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@ s3fs's own file object uploads the parts of a file one after another. :class:`Pa
 write-only file that cuts what it is given into parts of ``knobs.upload_part_bytes`` and keeps up to
 ``knobs.io_threads`` part uploads in flight (``write`` waits for the oldest when all are busy), so a file
 of any size holds at most about ``(io_threads + 1) * upload_part_bytes`` bytes in memory. A file smaller
-than one part goes up in a single PUT. Each part is retried on its own (:mod:`ckptstore.retry`).
+than one part goes up in a single PUT. Each part is retried on its own (:mod:`ckptstore.storage._retry`).
 
 Used for any filesystem with s3fs's ``call_s3`` (S3 and S3-compatible endpoints); others get their own
 ``fs.open(path, "wb")``.
@@ -17,7 +17,8 @@ import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from . import knobs, retry
+from .. import knobs
+from . import _retry as retry
 
 _MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 _CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256")

@@ -32,9 +32,9 @@ Dims = tuple[int, ...]
 Ref = tree.TensorRef | tree.ShardedRef
 
 
-def chunk_indices(skeleton: Any) -> set[int]:
+def block_indices(skeleton: Any) -> set[int]:
     """Indices (in the manifest's tensor list) of the stored blocks of sharded arrays."""
-    return {index for ref in tree.iter_refs(skeleton) if type(ref) is tree.ShardedRef for index, _ in ref.chunks}
+    return {index for ref in tree.iter_refs(skeleton) if type(ref) is tree.ShardedRef for index, _ in ref.blocks}
 
 
 def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims | None]]:
@@ -42,7 +42,7 @@ def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims
     sharded array. A side-effect-free walk over plain containers and ``state_dict()`` s; what it cannot
     see is read when the rebuild asks for it."""
     out: list[tuple[Ref, Dims | None, Dims | None]] = []
-    missing = tree._MISSING
+    missing = tree.MISSING
 
     def walk(node: Any, tmpl: Any) -> None:
         t = type(node)
@@ -143,13 +143,13 @@ class BlockReader:
     def _assemble(self, node: tree.ShardedRef, offsets: Dims, shape: Dims) -> np.ndarray:
         dtype = dtypes.dtype_of(node.dtype)
         out = tensorio.new_buffer(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
-        for index, chunk_offsets in node.chunks:
+        for index, block_offsets in node.blocks:
             entry = self._entry(index)
-            common = shard.intersect(offsets, shape, chunk_offsets, entry.shape)
+            common = shard.intersect(offsets, shape, block_offsets, entry.shape)
             if common is None:
                 continue
             lo, n = common
-            src = tuple(a - c for a, c in zip(lo, chunk_offsets))
+            src = tuple(a - c for a, c in zip(lo, block_offsets))
             dst = out[tuple(slice(a - o, a - o + k) for a, o, k in zip(lo, offsets, n))]
             if n == entry.shape and dst.flags.c_contiguous:  # the whole stored block, straight into place
                 raw = dst.reshape(-1).view(np.uint8)
