@@ -31,9 +31,10 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from . import knobs, tensorio, tree
+from . import knobs, tensorio
 from .checkpoint import Prepared
 from .errors import AsyncSaveError
+from .skeleton import ArrayLeaf
 
 __all__ = ["SaveHandle", "Saver", "SnapshotBuffer"]
 
@@ -157,7 +158,7 @@ class SnapshotBuffer:
             src = leaf.array
             dst = buf[pos : pos + n].view(src.dtype).reshape(src.shape)
             copies.append((dst, src))
-            staged.append(tree.ArrayLeaf(leaf.path, dst, leaf.dtype))
+            staged.append(ArrayLeaf(leaf.path, dst, leaf.dtype))
             pos += n + (-n % _ALIGN)
         copy_all(copies, total)
         return dataclasses.replace(prepared, arrays=staged)

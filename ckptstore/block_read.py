@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes, shard, tensorio, tree
+from . import blocks, dtypes, shard, tensorio, tree
 from .errors import CorruptCheckpointError, StructureMismatchError
 from .manifest import Manifest, TensorEntry
+from .skeleton import ShardedRef, Stateful, TensorRef, children, iter_refs
 from .storage import Storage
 from .tensorio import Readable
 
@@ -29,12 +30,12 @@ from .tensorio import Readable
 GAP_BYTES = 1 << 20
 
 Dims = tuple[int, ...]
-Ref = tree.TensorRef | tree.ShardedRef
+Ref = TensorRef | ShardedRef
 
 
 def block_indices(skeleton: Any) -> set[int]:
     """Indices (in the manifest's tensor list) of the stored blocks of sharded arrays."""
-    return {index for ref in tree.iter_refs(skeleton) if type(ref) is tree.ShardedRef for index, _ in ref.blocks}
+    return {index for ref in iter_refs(skeleton) if type(ref) is ShardedRef for index, _ in ref.blocks}
 
 
 def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims | None]]:
@@ -44,30 +45,26 @@ def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims
     out: list[tuple[Ref, Dims | None, Dims | None]] = []
     missing = tree.MISSING
 
-    def walk(node: Any, tmpl: Any) -> None:
+    def visit(node: Any, tmpl: Any) -> None:
         t = type(node)
-        if t is tree.TensorRef or t is tree.ShardedRef:
-            if tmpl is not missing and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
-                if type(tmpl) is shard.Shard:
-                    out.append((node, tmpl.offsets, tmpl.local_shape))
-                else:
-                    offsets, shape, _ = shard.dtensor_block(tmpl)
-                    out.append((node, offsets, shape))
-            elif t is tree.ShardedRef:
+        if t is TensorRef or t is ShardedRef:
+            if type(tmpl) is shard.Shard:
+                out.append((node, tmpl.offsets, tmpl.local_shape))
+            elif tmpl is not missing and shard.is_dtensor(tmpl):
+                offsets, shape, _ = shard.dtensor_block(tmpl)
+                out.append((node, offsets, shape))
+            elif t is ShardedRef:
                 out.append((node, None, None))
-        elif t is dict:
-            get = tmpl.get if isinstance(tmpl, dict) else None
-            for k, v in node.items():
-                walk(v, get(k, missing) if get else missing)
-        elif t is list or t is tuple or t is tree.NamedTuple:
-            values = node.values if t is tree.NamedTuple else node
-            same = isinstance(tmpl, list | tuple) and len(tmpl) == len(values)
-            for i, v in enumerate(values):
-                walk(v, tmpl[i] if same else missing)
-        elif t is tree.Stateful:
-            walk(node.state, tmpl.state_dict() if tree.is_stateful(tmpl) else missing)
+        elif t is Stateful:
+            visit(node.state, tmpl.state_dict() if tree.is_stateful(tmpl) else missing)
+        else:
+            kids = list(children(node))
+            by_key = t is dict and isinstance(tmpl, dict)
+            by_index = t is not dict and isinstance(tmpl, list | tuple) and len(tmpl) == len(kids)
+            for i, (k, v) in enumerate(kids):
+                visit(v, tmpl.get(k, missing) if by_key else tmpl[i] if by_index else missing)
 
-    walk(skeleton, like)
+    visit(skeleton, like)
     return out
 
 
@@ -106,7 +103,7 @@ class BlockReader:
             self._ready[(id(ref), offsets, shape)] = self._read(ref, offsets, shape)
 
     def global_shape(self, node: Ref) -> Dims:
-        if isinstance(node, tree.ShardedRef):
+        if isinstance(node, ShardedRef):
             return node.global_shape
         return self._entry(node.index).shape
 
@@ -130,7 +127,7 @@ class BlockReader:
             offsets, shape = (0,) * len(gshape), gshape
         if len(offsets) != len(gshape) or any(o + n > g for o, n, g in zip(offsets, shape, gshape)):
             raise StructureMismatchError(f"block at {offsets} of shape {shape} lies outside the array's {gshape}")
-        if isinstance(node, tree.TensorRef):
+        if isinstance(node, TensorRef):
             arr = self.load(node.index)
             if tuple(shape) == tuple(arr.shape):
                 return arr
@@ -140,12 +137,12 @@ class BlockReader:
         finally:
             self._whole.clear()
 
-    def _assemble(self, node: tree.ShardedRef, offsets: Dims, shape: Dims) -> np.ndarray:
+    def _assemble(self, node: ShardedRef, offsets: Dims, shape: Dims) -> np.ndarray:
         dtype = dtypes.dtype_of(node.dtype)
         out = tensorio.new_buffer(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
         for index, block_offsets in node.blocks:
             entry = self._entry(index)
-            common = shard.intersect(offsets, shape, block_offsets, entry.shape)
+            common = blocks.intersect(offsets, shape, block_offsets, entry.shape)
             if common is None:
                 continue
             lo, n = common

@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .manifest import MANIFEST_NAME, Manifest
+from .skeleton import ArrayLeaf, NamedTuple, Scalar, Stateful, render_path
 from .storage import LocalStorage, Storage, new_token
 
 
@@ -31,7 +32,7 @@ class Prepared:
     """A state taken apart and checked, ready to be written (nothing has touched storage yet)."""
 
     skeleton: Any
-    arrays: list[tree.ArrayLeaf]
+    arrays: list[ArrayLeaf]
     metadata: dict[str, Any]
 
     @property
@@ -61,10 +62,10 @@ def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         raise UnsupportedTypeError("metadata" + msg.removeprefix("state") if msg.startswith("state") else msg) from None
     if arrays:
         raise UnsupportedTypeError(
-            f"{tree.render_path(arrays[0].path, 'metadata')} is an array; metadata holds small plain "
+            f"{render_path(arrays[0].path, 'metadata')} is an array; metadata holds small plain "
             "values (put arrays in the state)"
         )
-    if any(isinstance(v, tree.Stateful | tree.Scalar | tree.NamedTuple) for v in _walk_values(skeleton)):
+    if any(isinstance(v, Stateful | Scalar | NamedTuple) for v in _walk_values(skeleton)):
         raise UnsupportedTypeError("metadata holds plain Python values only (numbers, strings, lists, dicts)")
     return dict(skeleton)
 

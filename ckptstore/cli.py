@@ -18,9 +18,10 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from . import checkpoint, tree
+from . import checkpoint
 from .errors import CkptStoreError
 from .manifest import Manifest
+from .skeleton import NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path, walk
 from .storage import Storage, step_name
 from .store import CheckpointStore
 
@@ -103,34 +104,26 @@ def _locate(args: argparse.Namespace) -> tuple[Storage, str]:
 
 
 def describe(m: Manifest) -> Iterator[tuple[str, str]]:
-    """(key path, description) of every leaf of a checkpoint's tree, from its manifest alone."""
-
-    def walk(node: Any, path: tree.KeyPath) -> Iterator[tuple[str, str]]:
-        if isinstance(node, dict) and node:  # an empty container is a leaf: shown as {} / [] / ()
-            for k, v in node.items():
-                yield from walk(v, (*path, k))
-        elif isinstance(node, list | tuple) and node:
-            for i, v in enumerate(node):
-                yield from walk(v, (*path, i))
-        elif isinstance(node, tree.NamedTuple):
-            yield from walk(dict(zip(node.fields, node.values)), path)
-        elif isinstance(node, tree.Stateful):
-            yield tree.render_path(path), f"<{node.type_name}>"
-            yield from walk(node.state, path)
-        elif isinstance(node, tree.TensorRef):
+    """(key path, description) of every leaf of a checkpoint's tree, from its manifest alone (an empty
+    container is a leaf, shown as {} / [] / (); a stateful object is shown, then its state)."""
+    for path, node in walk(m.tree):
+        t = type(node)
+        if t is Stateful:
+            yield render_path(path), f"<{node.type_name}>"
+        elif t is TensorRef:
             if 0 <= node.index < len(m.tensors):
-                t = m.tensors[node.index]
-                yield tree.render_path(path), f"{t.dtype} {list(t.shape)}"
+                e = m.tensors[node.index]
+                yield render_path(path), f"{e.dtype} {list(e.shape)}"
             else:
-                yield tree.render_path(path), f"<missing tensor #{node.index}>"
-        elif isinstance(node, tree.ShardedRef):
-            yield tree.render_path(path), f"{node.dtype} {list(node.global_shape)} in {len(node.blocks)} blocks"
-        elif isinstance(node, tree.Scalar):
-            yield tree.render_path(path), f"{node.value()!r}"
+                yield render_path(path), f"<missing tensor #{node.index}>"
+        elif t is ShardedRef:
+            yield render_path(path), f"{node.dtype} {list(node.global_shape)} in {len(node.blocks)} blocks"
+        elif t is Scalar:
+            yield render_path(path), f"{node.value()!r}"
+        elif t is NamedTuple or (t in (dict, list, tuple) and node):
+            continue  # a container: its leaves follow
         else:
-            yield tree.render_path(path), repr(node)
-
-    yield from walk(m.tree, ())
+            yield render_path(path), repr(node)
 
 
 @command("show")

@@ -34,10 +34,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from . import errors, knobs, manifest, tensorio, tree
+from . import errors, knobs, manifest, tensorio
+from .blocks import check_partition
 from .errors import CkptStoreError, DistributedError, ShardingError
 from .manifest import Manifest
-from .shard import check_partition
+from .skeleton import ShardedRef, TensorRef, map_refs, render_path
 from .storage import Staging, Storage, new_token
 
 if TYPE_CHECKING:
@@ -294,7 +295,7 @@ def _describe(prepared: Prepared) -> list[list[Any]]:
     """This rank's arrays as plain values: ``[path, dtype, shape, global shape | None, offsets | None]``."""
     return [
         [
-            tree.render_path(a.path),
+            render_path(a.path),
             a.dtype,
             list(a.array.shape),
             None if a.global_shape is None else list(a.global_shape),
@@ -482,17 +483,17 @@ def _commit(
         def ref(node: Any) -> Any:
             leaf = layout.leaves[node.index]
             if isinstance(leaf, int):
-                return tree.TensorRef(leaf)
+                return TensorRef(leaf)
             gshape, block_slots = leaf
             dtype = layout.slots[block_slots[0]][3] if block_slots else prepared.arrays[node.index].dtype
-            return tree.ShardedRef(gshape, dtype, tuple((s, layout.slots[s][1] or ()) for s in block_slots))
+            return ShardedRef(gshape, dtype, tuple((s, layout.slots[s][1] or ()) for s in block_slots))
 
         m = Manifest(
             step=step,
             created=time.time(),
             writer=layout.token,
             metadata=prepared.metadata,
-            tree=tree.map_refs(prepared.skeleton, ref),
+            tree=map_refs(prepared.skeleton, ref),
             files=tuple(files),
             tensors=tensors,
         )

@@ -23,14 +23,16 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from . import dtypes, shard, tree
+from . import dtypes
+from .blocks import check_partition
 from .errors import CorruptCheckpointError, UnsupportedFormatError
+from .skeleton import NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, children, is_extension, iter_refs
 
 FORMAT = "ckptstore"
 VERSION = 1
 MANIFEST_NAME = "manifest.msgpack"
 
-# Extension type codes of the skeleton. Never reuse a number.
+# Extension type codes of the  Never reuse a number.
 EXT_TUPLE = 1  # payload: msgpack array of the items
 EXT_TENSOR = 2  # payload: msgpack int, the index in "tensors"
 EXT_STATEFUL = 3  # payload: [type name, state]
@@ -87,19 +89,19 @@ def _default(obj: Any) -> Any:
     t = type(obj)
     if t is tuple:
         return msgpack.ExtType(EXT_TUPLE, _pack(list(obj)))
-    if t is tree.TensorRef:
+    if t is TensorRef:
         return msgpack.ExtType(EXT_TENSOR, _uint(obj.index))
-    if t is tree.Stateful:
+    if t is Stateful:
         return msgpack.ExtType(EXT_STATEFUL, _pack([obj.type_name, obj.state]))
-    if t is tree.NamedTuple:
+    if t is NamedTuple:
         return msgpack.ExtType(EXT_NAMEDTUPLE, _pack([obj.type_name, list(obj.fields), list(obj.values)]))
-    if t is tree.Scalar:
+    if t is Scalar:
         return msgpack.ExtType(EXT_SCALAR, _pack([obj.dtype, obj.data]))
     if t is int:  # only ints msgpack cannot hold reach here
         return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
     if t is complex:
         return msgpack.ExtType(EXT_COMPLEX, _pack([obj.real, obj.imag]))
-    if t is tree.ShardedRef:
+    if t is ShardedRef:
         blocks = [[index, list(offsets)] for index, offsets in obj.blocks]
         return msgpack.ExtType(EXT_SHARDED, _pack([list(obj.global_shape), obj.dtype, blocks]))
     raise TypeError(f"cannot encode {t.__name__} in a manifest")
@@ -199,24 +201,15 @@ def nesting_problem(node: Any) -> str | None:
     stack = [(node, 1, 0)]
     while stack:
         x, depth, ext = stack.pop()
-        t = type(x)
-        if t is dict:
-            children: Any = x.values()
-        elif t is list:
-            children = x
-        elif t is tuple:
-            children, ext = x, ext + 1
-        elif t is tree.Stateful:
-            children, ext = (x.state,), ext + 1
-        elif t is tree.NamedTuple:
-            children, ext = x.values, ext + 1
-        else:
+        kids = children(x)
+        if not kids:
             continue
+        ext += is_extension(x)
         if depth > MAX_DEPTH:
             return f"containers nest deeper than {MAX_DEPTH} levels"
         if ext > MAX_EXT_DEPTH:
             return f"tuples, NamedTuples and stateful objects nest deeper than {MAX_EXT_DEPTH} levels"
-        stack.extend((c, depth + 1, ext) for c in children)
+        stack.extend((c, depth + 1, ext) for _, c in kids)
     return None
 
 
@@ -227,29 +220,22 @@ def _check_leaves(node: Any, n_tensors: int) -> None:
     while stack:
         x = stack.pop()
         t = type(x)
-        if t is dict:
-            stack.extend(x.values())
-        elif t is list or t is tuple:
-            stack.extend(x)
-        elif t is tree.Stateful:
-            stack.append(x.state)
-        elif t is tree.NamedTuple:
-            stack.extend(x.values)
-        elif t is tree.TensorRef and x.index >= n_tensors:
+        if t is TensorRef and x.index >= n_tensors:
             raise CorruptCheckpointError(f"the tree refers to tensor #{x.index}, the manifest lists {n_tensors}")
-        elif t is tree.Scalar and len(x.data) != dtypes.dtype_of(x.dtype).itemsize:
+        if t is Scalar and len(x.data) != dtypes.dtype_of(x.dtype).itemsize:
             raise CorruptCheckpointError(f"a numpy scalar of dtype {x.dtype} has {len(x.data)} bytes")
+        stack.extend(c for _, c in children(x))
 
 
 def _decode_ext(code: int, data: bytes) -> Any:
     if code == EXT_TENSOR:
         fast = _read_uint(data)
         if fast is not None:
-            return tree.TensorRef(fast)
+            return TensorRef(fast)
         index = _unpack(data)
         if type(index) is not int or index < 0:
             raise CorruptCheckpointError(f"bad tensor reference {index!r}")
-        return tree.TensorRef(index)
+        return TensorRef(index)
     if code == EXT_TUPLE:
         items = _unpack(data)
         _expect(items, list, "tuple")
@@ -257,7 +243,7 @@ def _decode_ext(code: int, data: bytes) -> Any:
     if code == EXT_STATEFUL:
         name, state = _unpack_fields(data, 2, "stateful object")
         _expect(name, str, "stateful type name")
-        return tree.Stateful(name, state)
+        return Stateful(name, state)
     if code == EXT_NAMEDTUPLE:
         name, fields, values = _unpack_fields(data, 3, "NamedTuple")
         _expect(name, str, "NamedTuple type name")
@@ -265,12 +251,12 @@ def _decode_ext(code: int, data: bytes) -> Any:
         _expect(values, list, "NamedTuple values")
         if len(fields) != len(values) or not all(type(f) is str for f in fields):
             raise CorruptCheckpointError("NamedTuple fields and values do not match")
-        return tree.NamedTuple(name, tuple(fields), tuple(values))
+        return NamedTuple(name, tuple(fields), tuple(values))
     if code == EXT_SCALAR:
         dtype, raw = _unpack_fields(data, 2, "numpy scalar")
         _expect(raw, bytes, "numpy scalar bytes")
         dtypes.dtype_of(dtype)
-        return tree.Scalar(dtype, raw)
+        return Scalar(dtype, raw)
     if code == EXT_BIGINT:
         text = data.decode("ascii", "replace")
         if not re.fullmatch(r"-?[0-9]{1,4300}", text):
@@ -442,7 +428,7 @@ def _tensor(t: Any, files: list[FileEntry]) -> TensorEntry:
     return TensorEntry(name, file, dtype, tuple(shape), offset, nbytes, _int(t.get("xxh3"), "xxh3"))
 
 
-def _sharded_ref(data: bytes) -> tree.ShardedRef:
+def _sharded_ref(data: bytes) -> ShardedRef:
     gshape, dtype, raw_blocks = _unpack_fields(data, 3, "sharded array")
     _expect(gshape, list, "sharded array shape")
     _expect(dtype, str, "sharded array dtype")
@@ -455,15 +441,15 @@ def _sharded_ref(data: bytes) -> tree.ShardedRef:
             raise CorruptCheckpointError("bad block record of a sharded array")
         offsets = tuple(_int(o, "sharded array block offset") for o in c[1])
         blocks.append((_int(c[0], "sharded array block index"), offsets))
-    return tree.ShardedRef(dims, dtype, tuple(blocks))
+    return ShardedRef(dims, dtype, tuple(blocks))
 
 
 def _check_sharded(skeleton: Any, tensors: list[TensorEntry]) -> None:
     """Each sharded array's blocks name existing tensors of its dtype, lie inside its shape and, together,
     cover it exactly once."""
     used: set[int] = set()
-    for ref in tree.iter_refs(skeleton):
-        if type(ref) is not tree.ShardedRef:
+    for ref in iter_refs(skeleton):
+        if type(ref) is not ShardedRef:
             continue
         blocks = []
         for index, offsets in ref.blocks:
@@ -476,7 +462,7 @@ def _check_sharded(skeleton: Any, tensors: list[TensorEntry]) -> None:
                 raise CorruptCheckpointError(f"block {t.name!r} belongs to two sharded arrays (or twice to one)")
             used.add(index)
             blocks.append((offsets, t.shape))
-        problem = shard.check_partition(blocks, ref.global_shape)
+        problem = check_partition(blocks, ref.global_shape)
         if problem is not None:
             raise CorruptCheckpointError(f"sharded array of shape {ref.global_shape}: {problem}")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import tree
 from .errors import StructureMismatchError
+from .skeleton import TensorRef, iter_refs, render_path
 
 
 def _parse(keys: Sequence[str] | str) -> list[tuple[str, ...]]:
@@ -44,7 +44,7 @@ def _check(node: Any, path: tuple[str, ...]) -> None:
         match = [k for k in node if str(k) == part]
         if not match:
             raise StructureMismatchError(
-                f"key {'/'.join(path)!r}: the checkpoint has no {tree.render_path(path[: depth + 1])}"
+                f"key {'/'.join(path)!r}: the checkpoint has no {render_path(path[: depth + 1])}"
             )
         node = node[match[0]]
 
@@ -61,15 +61,11 @@ def _prune(node: Any, paths: list[tuple[str, ...]]) -> Any:
 
 
 def tensor_indices(skeleton: Any) -> list[int]:
-    """Indices of the stored tensors a (pruned) skeleton refers to."""
+    """Indices of the stored tensors a (pruned) skeleton refers to (a sharded array's: its blocks')."""
     found: list[int] = []
-
-    def visit(ref: Any) -> Any:
-        if isinstance(ref, tree.TensorRef):
+    for ref in iter_refs(skeleton):
+        if isinstance(ref, TensorRef):
             found.append(ref.index)
-        else:  # a sharded array: its stored blocks
+        else:
             found.extend(i for i, _ in ref.blocks)
-        return ref
-
-    tree.map_refs(skeleton, visit)
     return found

@@ -26,7 +26,7 @@ import xxhash
 from . import dtypes, knobs
 from .errors import CorruptCheckpointError
 from .manifest import TensorEntry
-from .tree import ArrayLeaf
+from .skeleton import ArrayLeaf
 
 if TYPE_CHECKING:
     from .storage import Staging

@@ -13,8 +13,7 @@ state their adapter gives (:class:`ckptstore.frameworks.ObjectAdapter`).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,80 +21,9 @@ import numpy as np
 from . import dtypes, shard
 from .errors import CkptStoreError, CorruptCheckpointError, ShardingError, StructureMismatchError, UnsupportedTypeError
 from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named, object_adapter_for
-
-KeyPath = tuple[Any, ...]
+from .skeleton import ArrayLeaf, KeyPath, NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path
 
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
-
-
-def render_path(path: KeyPath, root: str = "state") -> str:
-    """``('opt', 'param_groups', 0)`` -> ``state['opt']['param_groups'][0]``."""
-    return root + "".join(f"[{k!r}]" for k in path)
-
-
-# --- skeleton nodes ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TensorRef:
-    """An array's place in the skeleton: its index in the manifest's tensor list."""
-
-    index: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Stateful:
-    """A stateful object, saved as its ``state_dict()``; ``type_name`` is for people, never imported."""
-
-    type_name: str
-    state: Any
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class NamedTuple:
-    """A NamedTuple, saved as its type name, field names and values."""
-
-    type_name: str
-    fields: tuple[str, ...]
-    values: tuple[Any, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Scalar:
-    """A NumPy scalar (``np.float32(1.5)``): its dtype code and raw bytes."""
-
-    dtype: str
-    data: bytes
-
-    def value(self) -> np.generic:
-        arr = np.frombuffer(self.data, dtype=dtypes.dtype_of(self.dtype))
-        if arr.shape != (1,):
-            from .errors import CorruptCheckpointError
-
-            raise CorruptCheckpointError(f"numpy scalar of dtype {self.dtype} has {len(self.data)} bytes")
-        return arr[0]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ShardedRef:
-    """A global array stored as blocks (the ranks' shards): its shape, dtype code, and each block as
-    ``(index in the manifest's tensor list, offsets of its first element)``."""
-
-    global_shape: tuple[int, ...]
-    dtype: str
-    blocks: tuple[tuple[int, tuple[int, ...]], ...]
-
-
-@dataclasses.dataclass(slots=True)
-class ArrayLeaf:
-    """An array met while flattening: where it was, and its host (NumPy) view."""
-
-    path: KeyPath
-    array: np.ndarray
-    dtype: str
-    #: For a :class:`ckptstore.Shard` (or DTensor) leaf: the global array's shape and this block's offsets.
-    global_shape: tuple[int, ...] | None = None
-    offsets: tuple[int, ...] | None = None
 
 
 # --- flatten ----------------------------------------------------------------------------------------
@@ -210,42 +138,6 @@ def _key(k: Any, path: KeyPath) -> Any:
     raise UnsupportedTypeError(
         f"{render_path(path)} has a key of type {type(k).__name__} ({k!r}); dict keys must be str or int"
     )
-
-
-def iter_refs(node: Any) -> Iterator[TensorRef | ShardedRef]:
-    """Every :class:`TensorRef` and :class:`ShardedRef` of a skeleton, in order (nothing is copied)."""
-    t = type(node)
-    if t is TensorRef or t is ShardedRef:
-        yield node
-    elif t is dict:
-        for v in node.values():
-            yield from iter_refs(v)
-    elif t is list or t is tuple:
-        for v in node:
-            yield from iter_refs(v)
-    elif t is Stateful:
-        yield from iter_refs(node.state)
-    elif t is NamedTuple:
-        for v in node.values:
-            yield from iter_refs(v)
-
-
-def map_refs(node: Any, fn: Callable[[Any], Any]) -> Any:
-    """A copy of a skeleton in which each :class:`TensorRef` and :class:`ShardedRef` is ``fn(ref)``."""
-    t = type(node)
-    if t is TensorRef or t is ShardedRef:
-        return fn(node)
-    if t is dict:
-        return {k: map_refs(v, fn) for k, v in node.items()}
-    if t is list:
-        return [map_refs(v, fn) for v in node]
-    if t is tuple:
-        return tuple(map_refs(v, fn) for v in node)
-    if t is Stateful:
-        return Stateful(node.type_name, map_refs(node.state, fn))
-    if t is NamedTuple:
-        return NamedTuple(node.type_name, node.fields, tuple(map_refs(v, fn) for v in node.values))
-    return node
 
 
 # --- rebuild ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import ckptstore
 from ckptstore import Shard, distributed, manifest, tree
 from ckptstore.errors import CorruptCheckpointError, ShardingError, StructureMismatchError
-from ckptstore.shard import check_partition
+from ckptstore.blocks import check_partition
 from tests.s3server import free_port
 
 # --- Shard ------------------------------------------------------------------------------------------
