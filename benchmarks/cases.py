@@ -158,7 +158,7 @@ def restore_fn(tool: str, src: str, spec: Spec) -> Callable[[], Any]:
     key = _one_key(spec)
     if tool.startswith("ckptstore"):
         import ckptstore
-        from ckptstore import checkpoint
+        from ckptstore import load
         from ckptstore.storage import step_name
 
         store = ckptstore.CheckpointStore(src)
@@ -171,9 +171,9 @@ def restore_fn(tool: str, src: str, spec: Spec) -> Callable[[], Any]:
             def one() -> Any:
                 # Manifest, then one ranged read (the S3 engineer's restore(keys=...) does the same).
                 name = step_name(1)
-                m = checkpoint.read_manifest(store.storage, name)
+                m = load.read_manifest(store.storage, name)
                 idx = next(i for i, t in enumerate(m.tensors) if t.name == key)
-                return checkpoint.load_tensors(store.storage, name, m, [idx], verify=verify)[idx]
+                return load.load_tensors(store.storage, name, m, [idx], verify=verify)[idx]
 
             return one
         if "mmap" in tool:  # mapped on the files: touch every page (verify hashes them all anyway)

@@ -32,8 +32,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from . import knobs, tensorio
-from .checkpoint import Prepared
 from .errors import AsyncSaveError
+from .pipeline import Prepared
 from .skeleton import ArrayLeaf
 
 __all__ = ["SaveHandle", "Saver", "SnapshotBuffer"]

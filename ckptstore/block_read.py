@@ -13,13 +13,14 @@ is used, so verification costs reading every overlapping stored block whole.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import blocks, dtypes, shard, tensorio, tree
+from . import blocks, dtypes, remote_read, shard, tensorio, tree
 from .errors import CorruptCheckpointError, StructureMismatchError
 from .manifest import Manifest, TensorEntry
 from .skeleton import ShardedRef, Stateful, TensorRef, children, iter_refs
@@ -82,6 +83,7 @@ class BlockReader:
         self.storage, self.name, self.m, self.load, self.verify = storage, name, m, load, verify
         self._files: dict[int, Readable] = {}
         self._sizes: dict[str, int] | None = None
+        self._checked: set[int] = set()
         self._ready: dict[tuple[int, Dims | None, Dims | None], np.ndarray] = {}
         self._whole: dict[int, np.ndarray] = {}  # verified stored blocks of the array being read
 
@@ -150,29 +152,31 @@ class BlockReader:
             dst = out[tuple(slice(a - o, a - o + k) for a, o, k in zip(lo, offsets, n))]
             if n == entry.shape and dst.flags.c_contiguous:  # the whole stored block, straight into place
                 raw = dst.reshape(-1).view(np.uint8)
-                self._read_bytes(self._file(entry.file), entry, entry.offset, entry.nbytes, raw)
+                self._read_bytes(entry, entry.offset, entry.nbytes, raw)
                 if self.verify:
                     tensorio.check(raw, entry, self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}"))
             elif self.verify:
                 whole = self._verified(index, entry)
                 dst[...] = whole[tuple(slice(s, s + k) for s, k in zip(src, n))]
             else:
-                self._read_region(self._file(entry.file), entry, entry.offset, entry.shape, src, n, dst)
+                self._read_region(entry, entry.offset, entry.shape, src, n, dst)
         return out
 
     def _verified(self, index: int, entry: TensorEntry) -> np.ndarray:
         whole = self._whole.get(index)
         if whole is None:
             source = self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}")
-            whole = tensorio.read_tensor(self._file(entry.file), entry, verify=True, source=source)
+            raw = self._read_bytes(entry, entry.offset, entry.nbytes)
+            tensorio.check(raw, entry, source)
+            whole = raw.view(dtypes.dtype_of(entry.dtype)).reshape(entry.shape)
             self._whole[index] = whole
         return whole
 
-    def _file(self, file_index: int) -> Readable:
-        f = self._files.get(file_index)
-        if f is None:
-            fe = self.m.files[file_index]
-            rel = f"{self.name}/{fe.name}"
+    def _rel(self, file_index: int) -> str:
+        """The relative path of a tensor file, once its size is checked against the manifest."""
+        fe = self.m.files[file_index]
+        rel = f"{self.name}/{fe.name}"
+        if file_index not in self._checked:
             if self._sizes is None:
                 self._sizes = self.storage.sizes(self.name)
             actual = self._sizes.get(fe.name)
@@ -182,11 +186,17 @@ class BlockReader:
                 raise CorruptCheckpointError(
                     f"{self.storage.url_of(rel)} has {actual} bytes, the manifest says {fe.size} (truncated?)"
                 )
-            f = self._files[file_index] = self.storage.open_read(rel)
+            self._checked.add(file_index)
+        return rel
+
+    def _file(self, file_index: int) -> Readable:
+        f = self._files.get(file_index)
+        if f is None:
+            f = self._files[file_index] = self.storage.open_read(self._rel(file_index))
         return f
 
     def _read_region(
-        self, f: Readable, entry: TensorEntry, base: int, cshape: Dims, start: Dims, shape: Dims, dst: np.ndarray
+        self, entry: TensorEntry, base: int, cshape: Dims, start: Dims, shape: Dims, dst: np.ndarray
     ) -> None:
         """Copy the region ``start``/``shape`` of the row-major block of shape ``cshape`` whose first byte
         is at ``base`` into ``dst``: one read of the span from its first to its last element if the bytes
@@ -200,10 +210,10 @@ class BlockReader:
         if needed == 0:
             return
         if last - first == needed and dst.flags.c_contiguous:  # one run, and a contiguous destination
-            self._read_bytes(f, entry, base + first * isz, needed * isz, dst.reshape(-1).view(np.uint8))
+            self._read_bytes(entry, base + first * isz, needed * isz, dst.reshape(-1).view(np.uint8))
             return
         if len(shape) <= 1 or (last - first - needed) * isz <= max(needed * isz, GAP_BYTES):
-            buf = self._read_bytes(f, entry, base + first * isz, (last - first) * isz)
+            buf = self._read_bytes(entry, base + first * isz, (last - first) * isz)
             view = np.lib.stride_tricks.as_strided(
                 buf.view(dtype), shape=shape, strides=tuple(st * isz for st in strides), writeable=False
             )
@@ -211,20 +221,18 @@ class BlockReader:
             return
         for i in range(shape[0]):
             row_base = base + (start[0] + i) * strides[0] * isz
-            self._read_region(f, entry, row_base, cshape[1:], start[1:], shape[1:], dst[i])
+            self._read_region(entry, row_base, cshape[1:], start[1:], shape[1:], dst[i])
 
-    def _read_bytes(
-        self, f: Readable, entry: TensorEntry, pos: int, n: int, into: np.ndarray | None = None
-    ) -> np.ndarray:
-        """``n`` bytes from ``pos``, into ``into`` (contiguous uint8) or a new buffer."""
+    def _read_bytes(self, entry: TensorEntry, pos: int, n: int, into: np.ndarray | None = None) -> np.ndarray:
+        """``n`` bytes of ``entry``'s file from ``pos``, into ``into`` (contiguous uint8) or a new buffer:
+        ranged requests, several at once, where the storage wants them; else a seek and reads."""
         buf = tensorio.new_buffer(n) if into is None else into
-        view = buf.data
-        f.seek(pos)
-        got = 0
-        while got < n:
-            k = f.readinto(view[got:])
-            if not k:
-                source = self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}")
-                raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} is truncated")
-            got += k
+        if self.storage.ranged_reads:
+            fetch = functools.partial(self.storage.read_range, self._rel(entry.file))
+            got = remote_read.read_span(fetch, pos, buf)
+        else:
+            got = tensorio.read_into(self._file(entry.file), pos, buf)
+        if got < n:
+            source = self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}")
+            raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} is truncated")
         return buf

@@ -18,11 +18,11 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from . import checkpoint
+from . import load
 from .errors import CkptStoreError
 from .manifest import Manifest
 from .skeleton import NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path, walk
-from .storage import Storage, step_name
+from .storage import Storage, open_parent, step_name
 from .store import CheckpointStore
 
 Command = Callable[[argparse.Namespace], int]
@@ -90,10 +90,9 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _locate(args: argparse.Namespace) -> tuple[Storage, str]:
     """The storage and directory name of the checkpoint ``show`` is about."""
-    from .directory import _split
 
     if args.step is None:
-        storage, name = _split(args.url, _options(args.option))
+        storage, name = open_parent(args.url, _options(args.option))
         if storage.is_committed(name):
             return storage, name
     store = _store(args)
@@ -129,7 +128,7 @@ def describe(m: Manifest) -> Iterator[tuple[str, str]]:
 @command("show")
 def _show(args: argparse.Namespace) -> int:
     storage, name = _locate(args)
-    m = checkpoint.read_manifest(storage, name)
+    m = load.read_manifest(storage, name)
     print(f"# {storage.url_of(name)}  step {m.step}  created {_time(m.created)}")
     if m.metadata:
         print(f"# metadata {json.dumps(m.metadata, default=repr)}")
@@ -140,12 +139,11 @@ def _show(args: argparse.Namespace) -> int:
 
 @command("verify")
 def _verify(args: argparse.Namespace) -> int:
-    from .directory import _split
     from .verify import verify_checkpoint
 
     targets: list[tuple[Storage, str]] = []
     if args.step is None:
-        storage, name = _split(args.url, _options(args.option))
+        storage, name = open_parent(args.url, _options(args.option))
         if storage.is_committed(name):  # URL is one checkpoint directory
             targets = [(storage, name)]
     if not targets:

@@ -7,6 +7,9 @@ Messages name the step, key path or file concerned.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 __all__ = [
     "AsyncSaveError",
     "CheckpointExistsError",
@@ -72,3 +75,47 @@ class ShardingError(CkptStoreError, ValueError):
 class DistributedError(CkptStoreError, RuntimeError):
     """A save or restore across ranks failed: another rank failed, died or timed out (nothing was
     committed); the message names the rank where it is known."""
+
+
+# --- the storage boundary ---------------------------------------------------------------------------
+
+
+def storage_error(e: BaseException, what: str) -> StorageError:
+    """``e``, a failure of the filesystem or its client library, as a :class:`StorageError` whose message
+    names ``what`` (the operation and its path or URL) and which keeps ``e``'s errno, so that
+    ``err.errno == errno.ENOSPC`` still works."""
+    code = e.errno if isinstance(e, OSError) else None
+    detail = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+    where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+    message = f"{what}: {detail}{where}"
+    return StorageError(code, message) if code is not None else StorageError(message)
+
+
+#: ``describe(error, what)``: a more telling StorageError for a known kind of failure (missing
+#: credentials, denied access, an unreachable endpoint), or None.
+Describe = Callable[[BaseException, str], "StorageError | None"]
+
+
+@contextlib.contextmanager
+def storage_errors(
+    what: str,
+    *,
+    catch: type[BaseException] | tuple[type[BaseException], ...] = OSError,
+    describe: Describe | None = None,
+) -> Iterator[None]:
+    """The one wrapper at the storage boundary: inside the block, a failure of type ``catch`` (OSError;
+    remote backends pass Exception, since client libraries raise their own types) is raised as a
+    :class:`StorageError` naming ``what``; ckptstore's own errors pass unchanged.
+
+    Example::
+
+        with storage_errors(f"listing {url}"):
+            entries = os.listdir(path)
+    """
+    try:
+        yield
+    except CkptStoreError:
+        raise
+    except catch as e:
+        named = describe(e, what) if describe is not None else None
+        raise (named or storage_error(e, what)) from e

@@ -18,11 +18,11 @@ Each side writes before it looks, so at least one of them sees the other: never 
 is renewed in the background every third of its time to live (``knobs.lease_ttl_s``), so a reader that dies
 blocks deletion for at most that long. Expiry times are wall-clock times: the clocks of readers and trainer
 must agree to well within ``lease_ttl_s``. Explicit deletions (``CheckpointStore.delete``) ignore leases.
+The deleting side of the protocol is :func:`ckptstore.retention.delete_unpinned`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -30,79 +30,67 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
 from . import knobs
-from .directory import _split
-from .errors import CheckpointNotFoundError, CkptStoreError, StorageError
-from .storage import FsspecStorage, LocalStorage, Storage, new_token, parse_step, step_name
+from .errors import CheckpointNotFoundError, StorageError, storage_error
+from .storage import Storage, new_token, open_parent, parse_step
 
-__all__ = ["LEASE_DIR", "Lease", "acquire", "delete_unpinned", "pin", "pinned_steps"]
+__all__ = [
+    "LEASE",
+    "LEASE_DIR",
+    "MARK",
+    "Lease",
+    "LeaseDir",
+    "acquire",
+    "live_pins",
+    "parse_entry",
+    "pin",
+    "pinned_steps",
+]
 
 LEASE_DIR = ".leases"
-_LEASE, _MARK = "lease", "deleting"
+LEASE, MARK = "lease", "deleting"
 log = logging.getLogger(__name__)
 
 
-class _Files:
+class LeaseDir:
     """The lease directory of a store, as a flat set of empty files."""
 
     def __init__(self, storage: Storage) -> None:
-        self.fs: fsspec.AbstractFileSystem
-        if isinstance(storage, FsspecStorage):
-            self.fs, root = storage.fs, storage.root
-        elif isinstance(storage, LocalStorage):
-            self.fs, root = LocalFileSystem(auto_mkdir=True), storage.root
-        else:
-            raise CkptStoreError(f"leases are not supported on {type(storage).__name__}")
-        self.dir = f"{root}/{LEASE_DIR}"
+        self.storage = storage
         self.url = storage.url_of(LEASE_DIR)
 
     def put(self, name: str) -> None:
         try:
-            try:
-                self.fs.pipe_file(f"{self.dir}/{name}", b"")
-            except FileNotFoundError:  # a filesystem with real directories, and no lease directory yet
-                self.fs.makedirs(self.dir, exist_ok=True)
-                self.fs.pipe_file(f"{self.dir}/{name}", b"")
-        except OSError as e:
-            msg = (
-                f"cannot write {self.url}/{name}: {e} (a reader needs write access to pin checkpoints; "
-                "pass pin=False to watch without pinning)"
-            )
-            raise (StorageError(msg) if e.errno is None else StorageError(e.errno, msg)) from e
+            self.storage.put(f"{LEASE_DIR}/{name}")
+        except StorageError as e:
+            raise storage_error(
+                e, "a reader needs write access to pin checkpoints (pass pin=False to watch without pinning)"
+            ) from e
 
     def names(self) -> list[str]:
         """The names in the directory, listed fresh."""
-        self.fs.invalidate_cache(self.dir)
-        try:
-            paths = self.fs.ls(self.dir, detail=False)
-        except FileNotFoundError:
-            return []
-        return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in paths]
+        return self.storage.listdir(LEASE_DIR)
 
     def remove(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(f"{self.dir}/{name}")
+        self.storage.remove(f"{LEASE_DIR}/{name}")
 
 
-def _parse(name: str) -> tuple[str, str, float] | None:
+def parse_entry(name: str) -> tuple[str, str, float] | None:
     """(checkpoint name, kind, expiry in seconds) of a lease-directory entry; expiry is inf for marks."""
-    if name.endswith("." + _LEASE):
+    if name.endswith("." + LEASE):
         parts = name.rsplit(".", 3)
         if len(parts) == 4 and parts[1].isdigit():
-            return parts[0], _LEASE, int(parts[1]) / 1000.0
-    elif name.endswith("." + _MARK):
+            return parts[0], LEASE, int(parts[1]) / 1000.0
+    elif name.endswith("." + MARK):
         parts = name.rsplit(".", 2)
         if len(parts) == 3:
-            return parts[0], _MARK, float("inf")
+            return parts[0], MARK, float("inf")
     return None
 
 
-def _live_leases(names: Iterable[str], now: float) -> set[str]:
+def live_pins(names: Iterable[str], now: float) -> set[str]:
     """The checkpoint names that some unexpired lease pins."""
-    return {p[0] for p in map(_parse, names) if p is not None and p[1] == _LEASE and p[2] > now}
+    return {p[0] for p in map(parse_entry, names) if p is not None and p[1] == LEASE and p[2] > now}
 
 
 class Lease:
@@ -112,7 +100,7 @@ class Lease:
     A context manager. Made by :func:`pin`, :meth:`CheckpointStore.pin` and ``checkpoints_iterator``.
     """
 
-    def __init__(self, files: _Files, name: str, path: str, ttl: float) -> None:
+    def __init__(self, files: LeaseDir, name: str, path: str, ttl: float) -> None:
         self._files = files
         self.name = name
         #: Path or URL of the pinned checkpoint directory.
@@ -129,7 +117,7 @@ class Lease:
 
     def _write(self) -> str:
         expires_ms = int((time.time() + self.ttl) * 1000)
-        file = f"{self.name}.{expires_ms}.{new_token()}.{_LEASE}"
+        file = f"{self.name}.{expires_ms}.{new_token()}.{LEASE}"
         self._files.put(file)
         return file
 
@@ -170,11 +158,11 @@ class Lease:
 
 def acquire(storage: Storage, name: str, *, ttl: float | None = None) -> Lease | None:
     """Pin the checkpoint directory ``name`` of ``storage``; None if it is gone or being deleted."""
-    files = _Files(storage)
+    files = LeaseDir(storage)
     lease = Lease(files, name, storage.url_of(name), knobs.current.lease_ttl_s if ttl is None else ttl)
     try:
         # Written first, looked second (see the module docstring): the order is what makes the pin safe.
-        marked = any(p is not None and p[0] == name and p[1] == _MARK for p in map(_parse, files.names()))
+        marked = any(p is not None and p[0] == name and p[1] == MARK for p in map(parse_entry, files.names()))
         usable = not marked and storage.is_committed(name)
     except BaseException:
         lease.release()
@@ -199,7 +187,7 @@ def pin(
     Raises:
         CheckpointNotFoundError: ``path`` is no longer committed, or is being deleted.
     """
-    storage, name = _split(path, storage_options)
+    storage, name = open_parent(path, storage_options)
     lease = acquire(storage, name, ttl=ttl)
     if lease is None:
         raise CheckpointNotFoundError(f"{storage.url_of(name)} is not committed, or is being deleted")
@@ -208,36 +196,5 @@ def pin(
 
 def pinned_steps(storage: Storage) -> set[int]:
     """Steps that a live lease pins (one listing)."""
-    pinned = (parse_step(n) for n in _live_leases(_Files(storage).names(), time.time()))
+    pinned = (parse_step(n) for n in live_pins(LeaseDir(storage).names(), time.time()))
     return {s for s in pinned if s is not None}
-
-
-def delete_unpinned(storage: Storage, steps: Iterable[int]) -> list[int]:
-    """Delete the committed ``steps`` that no reader pins, safely against readers pinning at the same time;
-    return the steps deleted. Call under ``storage.lock()``: it assumes it is the only deleter, and so also
-    removes deletion marks that a crashed deleter left, and leases that expired."""
-    steps = list(steps)
-    if not steps:
-        return []
-    files = _Files(storage)
-    marks = {s: f"{step_name(s)}.{new_token()}.{_MARK}" for s in steps}
-    for mark in marks.values():
-        files.put(mark)
-    deleted = []
-    try:
-        names = files.names()  # looked at after the marks were written (see the module docstring)
-        pinned = _live_leases(names, time.time())
-        for s in steps:
-            if step_name(s) not in pinned:
-                storage.delete(step_name(s))
-                deleted.append(s)
-    finally:
-        for mark in marks.values():
-            files.remove(mark)
-    now = time.time()
-    for n in names:
-        p = _parse(n)
-        stale_mark = p is not None and p[1] == _MARK and n not in marks.values()
-        if stale_mark or (p is not None and p[1] == _LEASE and p[2] < now - knobs.current.lease_ttl_s):
-            files.remove(n)
-    return deleted

@@ -1,6 +1,6 @@
 """CheckpointStore: versioned step directories under one root, with retention. Orchestration only: the
-work is done by :mod:`.checkpoint` (one directory), :mod:`.storage` (commit protocols, listing) and
-:mod:`.retention` (which steps to keep)."""
+work is done by :mod:`.pipeline` (saving), :mod:`.load` (restoring), :mod:`.storage` (commit protocols,
+listing) and :mod:`.retention` (which steps to keep, and deleting the others)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, overload
 
-from . import checkpoint, distributed, leases, tree, watch
+from . import distributed, leases, load, pipeline, tree, watch
 from .asyncsave import SaveHandle, Saver
 from .errors import (
-    CheckpointExistsError,
     CheckpointNotFoundError,
     CkptStoreError,
     CorruptCheckpointError,
     CorruptCheckpointWarning,
+    StorageError,
+    storage_error,
 )
 from .manifest import Manifest
-from .retention import RetentionPolicy, StepInfo
+from .retention import Retention, RetentionPolicy
 from .storage import Storage, open_storage, step_name
 from .verify import verify_checkpoint
 
@@ -83,9 +84,9 @@ class CheckpointStore:
         coordinator: distributed.Coordinator | None = None,
     ) -> None:
         self.policy = RetentionPolicy(max_to_keep, keep_every_n_steps, keep_every_n_hours)
+        self._retention = Retention(self.policy)
         self.coordinator = coordinator
         self.storage = open_storage(url_or_path, storage_options)
-        self._created: dict[int, float] = {}
         self._saver = Saver()
 
     @property
@@ -151,21 +152,18 @@ class CheckpointStore:
         """
         step = _check_step(step)
         coord = distributed.resolve(self.coordinator)
-        if coord.world_size > 1:
-            if not blocking:
-                raise CkptStoreError("blocking=False is not supported for saves across ranks (yet)")
-            self._saver.wait()
-            return self._save_ranks(step, state, metadata, overwrite, coord)
         if blocking:
             self._saver.wait()  # saves commit in the order they were asked for
-            return self._write(step, checkpoint.prepare(state, metadata), overwrite)
+            return self._save(step, lambda: pipeline.prepare(state, metadata), overwrite, coord)
+        if coord.world_size > 1:
+            raise CkptStoreError("blocking=False is not supported for saves across ranks (yet)")
 
-        def prepare() -> checkpoint.Prepared:
-            prepared = checkpoint.prepare(state, metadata)
-            self._check_free(step, overwrite)
+        def prepare() -> pipeline.Prepared:  # on the caller's thread, before the snapshot is taken
+            prepared = pipeline.prepare(state, metadata)
+            pipeline.ensure_free(self.storage, step_name(step), overwrite)
             return prepared
 
-        return self._saver.start(step, prepare, lambda snap: self._write(step, snap, overwrite))
+        return self._saver.start(step, prepare, lambda snap: self._save(step, lambda: snap, overwrite, coord))
 
     def wait_until_finished(self) -> None:
         """Wait until every background save has committed (or failed).
@@ -192,59 +190,22 @@ class CheckpointStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_free(self, step: int, overwrite: bool) -> None:
-        name = step_name(step)
-        if not overwrite and self.storage.is_committed(name):
-            raise CheckpointExistsError(
-                f"{self.storage.url_of(name)} is already committed (pass overwrite=True to replace it)"
-            )
-
-    def _write(self, step: int, prepared: checkpoint.Prepared, overwrite: bool) -> CheckpointInfo:
-        """Write, commit, then apply retention (after the commit it depends on)."""
-        self._check_free(step, overwrite)
-        name = step_name(step)
-        m = checkpoint.write(self.storage, name, step, prepared, overwrite=overwrite)
-        self._created[step] = m.created
-        try:
-            self._apply_retention()
-        except OSError as e:  # StorageError included: the message must say the checkpoint is safe
-            raise checkpoint.storage_error(
-                e, f"step {step} is committed, but retention failed (it runs again on the next save)"
-            ) from e
-        return _info(self.storage, name, m)
-
-    def _save_ranks(
-        self, step: int, state: Any, metadata: dict[str, Any] | None, overwrite: bool, coord: distributed.Coordinator
+    def _save(
+        self, step: int, source: Callable[[], pipeline.Prepared], overwrite: bool, coord: distributed.Coordinator
     ) -> CheckpointInfo:
-        """Every rank writes its share, rank 0 commits; then rank 0 alone applies retention."""
+        """Every rank writes its share, rank 0 commits (:func:`ckptstore.pipeline.save`); then rank 0 alone
+        applies retention (after the commit it depends on)."""
         name = step_name(step)
-        done = distributed.save(
-            self.storage, name, step, state, metadata=metadata, overwrite=overwrite, coordinator=coord
-        )
-        self._created[step] = done.created
+        done = pipeline.save(self.storage, name, step, source, overwrite=overwrite, coordinator=coord)
         if coord.rank == 0:
-            self._apply_retention()
+            self._retention.saved(step, done.created)
+            try:
+                self._retention.apply(self.storage)
+            except StorageError as e:  # the message must say the checkpoint is safe
+                raise storage_error(
+                    e, f"step {step} is committed, but retention failed (it runs again on the next save)"
+                ) from e
         return CheckpointInfo(step, self.storage.url_of(name), done.created, done.nbytes, done.metadata)
-
-    def _apply_retention(self) -> list[int]:
-        with self.storage.lock():
-            self.storage.clean_leftovers()
-            if self.policy.keeps_all:
-                return []
-            steps = self.storage.committed_steps()
-            infos = [StepInfo(s, self._created_of(s)) for s in steps]
-            doomed = self.policy.to_delete(infos, pinned=leases.pinned_steps(self.storage))
-            deleted = leases.delete_unpinned(self.storage, doomed)  # a reader may pin one meanwhile
-            for s in deleted:
-                self._created.pop(s, None)
-            return deleted
-
-    def _created_of(self, step: int) -> float:
-        if self.policy.keep_every_n_hours is None:
-            return 0.0
-        if step not in self._created:
-            self._created[step] = checkpoint.read_manifest(self.storage, step_name(step)).created
-        return self._created[step]
 
     def delete(self, step: int) -> None:
         """Delete checkpoint ``step`` (its manifest first, then its data).
@@ -253,10 +214,12 @@ class CheckpointStore:
             CheckpointNotFoundError: no committed checkpoint has this step.
         """
         step = _check_step(step)
+        name = step_name(step)
         with self.storage.lock():
-            checkpoint.require_committed(self.storage, step_name(step))
-            self.storage.delete(step_name(step))
-        self._created.pop(step, None)
+            if not self.storage.is_committed(name):
+                raise CheckpointNotFoundError(f"no committed checkpoint at {self.storage.url_of(name)}")
+            self.storage.delete(name)
+        self._retention.forget(step)
 
     # --- reading ------------------------------------------------------------------------------------
 
@@ -361,9 +324,7 @@ class CheckpointStore:
             return self._restore_fallback(step, like, framework, keys)
         name = step_name(self._resolve(step))
         m = _manifest(self.storage, name)
-        return checkpoint.read(
-            self.storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys, mmap=mmap
-        )
+        return load.read(self.storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys, mmap=mmap)
 
     def _restore_fallback(
         self, step: int | None, like: Any, framework: str | None, keys: Sequence[str] | str | None = None
@@ -376,7 +337,7 @@ class CheckpointStore:
                 m = _manifest(self.storage, name)
                 # Every tensor is read and checked before the tree is rebuilt, so a damaged checkpoint
                 # fails before any object in ``like`` is touched.
-                state = checkpoint.read(self.storage, name, like=like, framework=framework, verify=True, m=m, keys=keys)
+                state = load.read(self.storage, name, like=like, framework=framework, verify=True, m=m, keys=keys)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 skipped.append(f"step {s}: {e}")
                 continue
@@ -426,6 +387,6 @@ class CheckpointStore:
 
 def _manifest(storage: Storage, name: str) -> Manifest:
     try:
-        return checkpoint.read_manifest(storage, name)
+        return load.read_manifest(storage, name)
     except CheckpointNotFoundError:
         raise CheckpointNotFoundError(f"no committed checkpoint at {storage.url_of(name)}") from None

@@ -18,7 +18,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import xxhash
@@ -28,20 +28,16 @@ from .errors import CorruptCheckpointError
 from .manifest import TensorEntry
 from .skeleton import ArrayLeaf
 
-if TYPE_CHECKING:
-    from .storage import Staging
-
 HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
 
 
 class Readable(Protocol):
-    """A file opened for ranged reads."""
+    """A file opened for ranged reads (what ``Storage.open_read`` returns)."""
 
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
     def read(self, size: int = -1, /) -> bytes: ...
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
+    def readinto(self, buffer: Any, /) -> int | None: ...
     def close(self) -> None: ...
-    def fileno(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,22 +240,6 @@ class _Writeback:
         self.done = pos
 
 
-def write_files(
-    staging: Staging, arrays: Sequence[ArrayLeaf], names: Sequence[str], plans: Sequence[FilePlan]
-) -> Iterator[tuple[FilePlan, int, list[TensorEntry]]]:
-    """Write each planned file into ``staging`` and make it durable; yield each plan with the file's size and
-    the manifest entries of its arrays (their ``file`` field is the plan's position in ``plans``)."""
-    for k, plan in enumerate(plans):
-        f = staging.open(plan.name)
-        try:
-            size, written = write_file(f, arrays, names, plan, k)
-        except BaseException:
-            f.close()
-            raise
-        staging.close_file(f)
-        yield plan, size, written
-
-
 #: Fresh buffers at least this large are mapped anonymous memory of their own (see :func:`new_buffer`).
 MAPPED_BUFFER_BYTES = 1 << 20
 
@@ -361,7 +341,7 @@ def _read_block(
     start = run[0][1].offset
     last = run[-1][1]
     block = new_buffer(last.offset + last.nbytes - start)
-    got = _read_into(f, start, block)
+    got = read_into(f, start, block)
     base = block.ctypes.data
     out: dict[int, np.ndarray] = {}
     for key, e in run:
@@ -381,15 +361,16 @@ def _read_block(
 
 
 def map_tensors(
-    fileno: int, items: Sequence[tuple[int, TensorEntry]], *, verify: bool, source: str
+    mapped_file: Any, items: Sequence[tuple[int, TensorEntry]], *, verify: bool, source: str
 ) -> dict[int, np.ndarray]:
-    """Tensors ``(key, entry)`` of one local file as arrays mapped on it (``mmap``), copying nothing.
+    """Tensors ``(key, entry)`` of one local file as arrays on its mapping (``Storage.map_file``), copying
+    nothing.
 
     The mapping is private and copy-on-write: the arrays are writable and writing to them never touches
     the file. Their pages are read on first touch (``verify`` touches them all, to hash them). The caller
     has checked the file's size against the manifest.
     """
-    mapped = np.frombuffer(mmap.mmap(fileno, 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
+    mapped = np.frombuffer(mapped_file, dtype=np.uint8)
     out: dict[int, np.ndarray] = {}
     for key, e in items:
         part = mapped[e.offset : e.offset + e.nbytes]
@@ -402,7 +383,7 @@ def map_tensors(
     return out
 
 
-def _read_into(f: Readable, offset: int, buf: np.ndarray) -> int:
+def read_into(f: Readable, offset: int, buf: np.ndarray) -> int:
     """Fill ``buf`` from ``offset``; return the bytes read (fewer only at the end of the file)."""
     view = buf.data
     f.seek(offset)

@@ -13,7 +13,7 @@ import dataclasses
 import struct
 from typing import Any
 
-from . import checkpoint, tensorio
+from . import load, tensorio
 from .errors import CorruptCheckpointError
 from .manifest import FileEntry, Manifest, TensorEntry
 from .storage import Storage
@@ -40,14 +40,14 @@ def verify_checkpoint(storage: Storage, name: str, m: Manifest | None = None) ->
             where one is to blame, the tensor.
     """
     if m is None:
-        m = checkpoint.read_manifest(storage, name)
+        m = load.read_manifest(storage, name)
     sizes = storage.sizes(name)
     by_file: dict[int, list[TensorEntry]] = {i: [] for i in range(len(m.files))}
     for t in m.tensors:
         by_file[t.file].append(t)
     nbytes = 0
     for index, fe in enumerate(m.files):
-        rel, source = checkpoint.checked_file(storage, name, fe, sizes)
+        rel, source = load.checked_file(storage, name, fe, sizes)
         f = storage.open_read(rel)
         try:
             header = tensorio.read_header(f, fe.size, source)

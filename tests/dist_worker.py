@@ -162,9 +162,10 @@ def check_restored(got: dict[str, Any], step: int, rank: int, world: int) -> lis
 
 
 def failing_write_file(f: Any, *args: Any, **kwargs: Any) -> Any:
-    """A tensorio.write_file that fails half-way, as a full disk would."""
+    """A tensorio.write_file that fails half-way, as a full disk would: its file's writes raise what the
+    storage boundary raises for ENOSPC."""
     f.write(b"partial bytes of a tensor file")
-    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+    raise ckptstore.errors.StorageError(errno.ENOSPC, "No space left on device (injected)")
 
 
 def slow_write_file(marker: str) -> Any:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import checkpoint, knobs
+from ckptstore import knobs, pipeline
 from ckptstore.asyncsave import SaveHandle
 from ckptstore.errors import AsyncSaveError, CheckpointExistsError, CkptStoreError, UnsupportedTypeError
 
@@ -31,7 +31,7 @@ class Gate:
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
-        real = checkpoint.write
+        real = pipeline.save
 
         def write(*args: Any, **kwargs: Any) -> Any:
             with self._lock:
@@ -45,7 +45,7 @@ class Gate:
                 with self._lock:
                     self.active -= 1
 
-        monkeypatch.setattr(checkpoint, "write", write)
+        monkeypatch.setattr(pipeline, "save", write)
 
 
 @pytest.fixture
@@ -273,13 +273,13 @@ def test_interpreter_exit_waits_for_the_save(tmp_path: Path, how: str) -> None:
         import sys, time
         import numpy as np
         import ckptstore
-        from ckptstore import checkpoint
+        from ckptstore import pipeline
 
-        real = checkpoint.write
+        real = pipeline.save
         def slow_write(*args, **kwargs):
             time.sleep(1.0)  # still in flight when the main thread ends
             return real(*args, **kwargs)
-        checkpoint.write = slow_write
+        pipeline.save = slow_write
 
         def main():
             store = ckptstore.CheckpointStore({str(root)!r})

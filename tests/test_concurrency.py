@@ -176,18 +176,18 @@ def test_reader_whose_checkpoint_is_deleted_under_it_gets_a_named_error(
 ) -> None:
     """Without a pin, retention may delete what a reader has started on: the reader holds the manifest,
     the data goes; it must get a CkptStoreError naming the file, never bytes of something else."""
-    from ckptstore import checkpoint
+    from ckptstore import load
     from ckptstore.storage import step_name
 
     location: Location = request.getfixturevalue(f"{where}_url")
     store = location.store()
     for s in (1, 2):
         store.save(s, state_of(s))
-    m = checkpoint.read_manifest(store.storage, step_name(1))
+    m = load.read_manifest(store.storage, step_name(1))
     store.delete(1)
     with pytest.raises(CkptStoreError, match="step_00000001"):
-        checkpoint.read(store.storage, step_name(1), m=m, verify=True)
+        load.read(store.storage, step_name(1), m=m, verify=True)
     store.save(1, state_of(1))  # the step reused by a new checkpoint: its own manifest, its own files
     with pytest.raises(CkptStoreError, match="tensors-"):
-        checkpoint.read(store.storage, step_name(1), m=m, verify=False)
+        load.read(store.storage, step_name(1), m=m, verify=False)
     check_state(1, store.restore(1))

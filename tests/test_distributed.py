@@ -162,7 +162,7 @@ def test_save_on_2_restore_on_1_3_4_with_other_partitions(
     assert no_leftovers(local_url.url) == []
 
     # Each rank wrote its own files; replicated arrays are stored once.
-    m = ckptstore.checkpoint.read_manifest(store.storage, "step_00000009")
+    m = ckptstore.load.read_manifest(store.storage, "step_00000009")
     assert sorted({f.name.split("-r")[1][:5] for f in m.files}) == ["00000", "00001"]
     names = [t.name for t in m.tensors]
     assert names.count("bias") == 1 and names.count("flags") == 1
@@ -189,7 +189,7 @@ def test_retention_2d_blocks_and_docs_example_under_4_ranks(
     store = local_url.store()
     assert store.steps() == [4, 5]
     assert no_leftovers(local_url.url) == []
-    m = ckptstore.checkpoint.read_manifest(store.storage, "step_00000005")
+    m = ckptstore.load.read_manifest(store.storage, "step_00000005")
     assert len({f.name.split("-r")[1][:5] for f in m.files}) == 4  # every rank wrote a share
     grid = sorted(t.name for t in m.tensors if t.name.startswith("grid@"))
     assert grid == ["grid@0,0", "grid@0,4", "grid@3,0", "grid@3,4"]  # the 2 x 2 block grid

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import ckptstore
-from ckptstore import Shard, distributed, manifest, tree
-from ckptstore.errors import CorruptCheckpointError, ShardingError, StructureMismatchError
+from ckptstore import Shard, distributed, manifest, pipeline, tree
 from ckptstore.blocks import check_partition
+from ckptstore.errors import CorruptCheckpointError, ShardingError, StructureMismatchError
 from tests.s3server import free_port
 
 # --- Shard ------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_assign_balances_replicated_arrays_and_writes_shared_blocks_once() -> No
         ("d", "F32", [100], None, None),
         ("s", "F32", [4, 2], [4, 2], [0, 0]),
     )
-    layout, tasks = distributed.assign([rep, rep])
+    layout, tasks = pipeline.assign([rep, rep])
     written = sorted(leaf for rank_tasks in tasks for _, leaf in rank_tasks)
     assert written == [0, 1, 2, 3, 4]  # everything once
     assert all(tasks)  # no rank idle
@@ -102,7 +102,7 @@ def test_assign_balances_replicated_arrays_and_writes_shared_blocks_once() -> No
 
 def test_assign_gives_each_rank_its_own_blocks() -> None:
     reports = [report(("w", "F32", [2, 4], [6, 4], [2 * r, 0])) for r in range(3)]
-    layout, tasks = distributed.assign(reports)
+    layout, tasks = pipeline.assign(reports)
     assert [[leaf for _, leaf in t] for t in tasks] == [[0], [0], [0]]
     assert [layout.slots[t[0][0]][1] for t in tasks] == [(0, 0), (2, 0), (4, 0)]
     assert layout.leaves == [((6, 4), [0, 1, 2])]
@@ -120,13 +120,13 @@ def test_assign_gives_each_rank_its_own_blocks() -> None:
 )
 def test_assign_refuses_ranks_that_disagree(other: list[Any], words: str) -> None:
     with pytest.raises(ShardingError, match=words):
-        distributed.assign([report(("w", "F32", [3], None, None)), other])
+        pipeline.assign([report(("w", "F32", [3], None, None)), other])
 
 
 def test_assign_refuses_blocks_that_leave_a_gap() -> None:
     reports = [report(("w", "F32", [2], [6], [0])), report(("w", "F32", [2], [6], [4]))]
     with pytest.raises(ShardingError, match=r"w: the ranks' shards of global shape \(6,\) do not fit"):
-        distributed.assign(reports)
+        pipeline.assign(reports)
 
 
 # --- the sharded manifest -----------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def test_dtensor_leaves_one_process(tmp_path: Path, process_group: None) -> None
     state = {"s": distribute_tensor(full, mesh, [TShard(0)]), "r": distribute_tensor(full * 2, mesh, [Replicate()])}
     store = ckptstore.CheckpointStore(tmp_path / "s")
     store.save(1, state)
-    m = ckptstore.checkpoint.read_manifest(store.storage, "step_00000001")
+    m = ckptstore.load.read_manifest(store.storage, "step_00000001")
     assert type(m.tree["s"]) is tree.ShardedRef and type(m.tree["r"]) is tree.TensorRef
     like = {
         "s": distribute_tensor(torch.zeros(4, 3), mesh, [TShard(1)]),

@@ -55,15 +55,15 @@ def test_small_tensors_round_trip_bit_exact_and_aligned(
 
 
 def test_restoring_some_tensors_reads_only_those(tmp_path: Path) -> None:
-    from ckptstore import checkpoint
+    from ckptstore import load
     from ckptstore.storage import step_name
 
     state = _mixed_state()
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state)
-    m = checkpoint.read_manifest(store.storage, step_name(1))
+    m = load.read_manifest(store.storage, step_name(1))
     picked = [3, 4, 10, 200, len(m.tensors) - 1]  # adjacent and far apart
-    got = checkpoint.load_tensors(store.storage, step_name(1), m, picked, verify=True)
+    got = load.load_tensors(store.storage, step_name(1), m, picked, verify=True)
     assert sorted(got) == picked
     names = list(state)
     for i in picked:
@@ -118,7 +118,7 @@ def test_large_tensors_checksums_are_those_of_their_bytes(tmp_path: Path, chunk_
     import xxhash
     from safetensors.numpy import load_file
 
-    from ckptstore import checkpoint, knobs
+    from ckptstore import knobs, load
     from ckptstore.storage import step_name
 
     state = _large_state()
@@ -126,7 +126,7 @@ def test_large_tensors_checksums_are_those_of_their_bytes(tmp_path: Path, chunk_
     store = ckptstore.CheckpointStore(tmp_path)
     with knobs.override(chunk_bytes=chunk_bytes):  # 512 KiB: several pieces a tensor, each hashed while written
         store.save(1, state)
-    m = checkpoint.read_manifest(store.storage, step_name(1))
+    m = load.read_manifest(store.storage, step_name(1))
     for t in m.tensors:
         expected = np.ascontiguousarray(state[t.name])
         assert t.xxh3 == xxhash.xxh3_64_intdigest(expected.tobytes()), t.name
@@ -137,14 +137,14 @@ def test_large_tensors_checksums_are_those_of_their_bytes(tmp_path: Path, chunk_
 
 @pytest.mark.parametrize("victim", ["a", "c", "d"])  # the first, a middle and the last large tensor
 def test_corrupt_large_tensor_is_caught_by_the_overlapped_check(tmp_path: Path, victim: str) -> None:
-    from ckptstore import checkpoint
+    from ckptstore import load
     from ckptstore.errors import CorruptCheckpointError
     from ckptstore.storage import step_name
 
     state = _large_state()
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state)
-    m = checkpoint.read_manifest(store.storage, step_name(1))
+    m = load.read_manifest(store.storage, step_name(1))
     entry = next(t for t in m.tensors if t.name == victim)
     (path,) = tmp_path.glob("step_*/*.safetensors")
     with open(path, "r+b") as f:  # flip one byte in the middle of the victim

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import ckptstore
-from ckptstore import knobs, leases
+from ckptstore import knobs, leases, retention
 from ckptstore.errors import CheckpointNotFoundError
 from ckptstore.storage import step_name
 from tests.conftest import Location
@@ -38,7 +38,7 @@ def state(step: int, done: bool = False) -> dict[str, Any]:
 
 
 def lease_files(store: ckptstore.CheckpointStore) -> list[str]:
-    return leases._Files(store.storage).names()
+    return leases.LeaseDir(store.storage).names()
 
 
 # --- retention honours pins ---------------------------------------------------------------------------
@@ -109,11 +109,11 @@ def test_a_reader_that_pinned_first_makes_retention_back_off(store_url: Location
     lease = leases.acquire(store.storage, step_name(1))
     assert lease is not None
     # Retention that chose step 1 before the lease existed (its `pinned` listing was older) still keeps it.
-    assert leases.delete_unpinned(store.storage, [1]) == []
+    assert retention.delete_unpinned(store.storage, [1]) == []
     assert store.steps() == [1]
     assert [n for n in lease_files(store) if n.endswith(".deleting")] == []  # its mark is withdrawn
     lease.release()
-    assert leases.delete_unpinned(store.storage, [1]) == [1]
+    assert retention.delete_unpinned(store.storage, [1]) == [1]
     assert store.steps() == []
 
 
@@ -121,7 +121,7 @@ def test_a_checkpoint_marked_for_deletion_is_not_pinned_nor_yielded(store_url: L
     store = store_url.store()
     store.save(1, state(1))
     store.save(2, state(2))
-    files = leases._Files(store.storage)
+    files = leases.LeaseDir(store.storage)
     files.put(f"{step_name(1)}.abc.deleting")  # retention got there first and is deleting step 1
     assert leases.acquire(store.storage, step_name(1)) is None
     with pytest.raises(CheckpointNotFoundError, match="being deleted"):
@@ -132,7 +132,7 @@ def test_a_checkpoint_marked_for_deletion_is_not_pinned_nor_yielded(store_url: L
     assert files.names() == [f"{step_name(1)}.abc.deleting"]  # the failed pins left no lease behind
     # The next deleter (the only one there is) clears a mark that a crashed deleter left.
     store.save(3, state(3))
-    assert leases.delete_unpinned(store.storage, [3]) == [3]
+    assert retention.delete_unpinned(store.storage, [3]) == [3]
     assert files.names() == []
 
 

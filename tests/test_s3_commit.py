@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from ckptstore import checkpoint
+from ckptstore import distributed, pipeline
 from ckptstore.errors import CheckpointExistsError
 from ckptstore.storage import FsspecStorage
 from tests.conftest import Location
@@ -27,16 +27,24 @@ def objects(storage: FsspecStorage) -> list[str]:
     return sorted(storage._find())
 
 
-def test_second_writer_of_a_step_gets_exists_error_and_leaves_nothing(s3_like: Location) -> None:
+def test_second_writer_of_a_step_gets_exists_error_and_leaves_nothing(
+    s3_like: Location, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = s3_like.store(), s3_like.store()
     a.save(5, {"w": np.full(64, 1.0)})
     assert isinstance(b.storage, FsspecStorage)
     before = objects(b.storage)
     # Writer B gets past the early "already committed?" check (it looked before A committed) and uploads
     # its data; only the conditional PUT of its manifest stops it.
+    monkeypatch.setattr(pipeline, "ensure_free", lambda *args: None)
     with pytest.raises(CheckpointExistsError, match="step_00000005"):
-        checkpoint.write(
-            b.storage, "step_00000005", 5, checkpoint.prepare({"w": np.full(64, 2.0)}, None), overwrite=False
+        pipeline.save(
+            b.storage,
+            "step_00000005",
+            5,
+            lambda: pipeline.prepare({"w": np.full(64, 2.0)}, None),
+            overwrite=False,
+            coordinator=distributed.SINGLE,
         )
     assert objects(b.storage) == before  # B's data objects are gone, A's untouched
     np.testing.assert_array_equal(b.restore(5)["w"], np.full(64, 1.0))

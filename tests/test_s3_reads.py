@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ckptstore
-from ckptstore import checkpoint, knobs
+from ckptstore import knobs, load
 from ckptstore.errors import StructureMismatchError
 from tests.conftest import Location
 from tests.s3proxy import FaultProxy
@@ -37,7 +37,7 @@ def test_restore_keys_reads_only_those_byte_ranges(s3_proxy: tuple[Location, Fau
     loc, proxy = s3_proxy
     store = loc.store()
     store.save(7, state())  # one tensor file: model/w, model/b, opt/m, opt/v back to back
-    m = checkpoint.read_manifest(store.storage, "step_00000007")
+    m = load.read_manifest(store.storage, "step_00000007")
     entries = {e.name: e for e in m.tensors}
     proxy.clear()
     with knobs.override(read_coalesce_bytes=0):

@@ -10,13 +10,15 @@ Two backends, chosen by what the filesystem can do, not by the URL's scheme:
   go straight under the final prefix; the manifest is written last in one PUT, as an exclusive create
   where the filesystem offers one (S3: ``If-None-Match: *``), so two writers cannot both commit one step.
 
-Both expose the same small interface, used by :mod:`ckptstore.store`. Paths given to a backend are
-relative to the store root, with '/' separators.
+Both keep the contract of :mod:`._base` (``Storage``, ``Staging``): every failure a named error, what they
+can do beyond the basics said by capability flags. :func:`open_storage` and :func:`open_parent` are the one
+place a path or URL becomes a storage.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 from typing import Any
 
 import fsspec
@@ -28,6 +30,7 @@ from ._base import (
     STEP_RE,
     TMP_PREFIX,
     TRASH_PREFIX,
+    Readable,
     Staging,
     Storage,
     new_token,
@@ -45,9 +48,11 @@ __all__ = [
     "FsspecStorage",
     "LocalOps",
     "LocalStorage",
+    "Readable",
     "Staging",
     "Storage",
     "new_token",
+    "open_parent",
     "open_storage",
     "parse_step",
     "step_name",
@@ -56,17 +61,39 @@ __all__ = [
 ]
 
 
+def _is_local(url_or_path: str | os.PathLike[str]) -> bool:
+    return isinstance(url_or_path, os.PathLike) or ("://" not in str(url_or_path) and "::" not in str(url_or_path))
+
+
 def open_storage(
     url_or_path: str | os.PathLike[str] | Storage, storage_options: dict[str, Any] | None = None
 ) -> Storage:
-    """The backend for a path or URL: local directories commit by rename, everything else manifest-last.
-    A :class:`Storage` object is used as it is (tests pass wrappers that inject faults)."""
+    """The backend for a store root given as a path or URL: local directories commit by rename, everything
+    else manifest-last. A :class:`Storage` object is used as it is (tests pass wrappers that inject
+    faults)."""
     if isinstance(url_or_path, Storage):
         return url_or_path
-    if isinstance(url_or_path, os.PathLike) or ("://" not in str(url_or_path) and "::" not in str(url_or_path)):
+    if _is_local(url_or_path):
         return LocalStorage(url_or_path)
     fs, root = url_to_fs(str(url_or_path), storage_options)
     return storage_for(fs, root)
+
+
+def open_parent(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> tuple[Storage, str]:
+    """The storage of a checkpoint directory's parent, and the directory's name in it (same rules as
+    :func:`open_storage`).
+
+    Raises:
+        StorageError: ``path`` names no directory (a bucket's root, ``s3://b/``).
+    """
+    if _is_local(path):
+        parent, name = os.path.split(os.path.abspath(os.fspath(path)).rstrip(os.sep))
+        return LocalStorage(parent), name
+    fs, full = url_to_fs(str(path), storage_options)
+    parent, name = posixpath.split(full.rstrip("/"))
+    if not name:
+        raise StorageError(f"{path} names no checkpoint directory")
+    return storage_for(fs, parent), name
 
 
 def url_to_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:

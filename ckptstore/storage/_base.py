@@ -1,4 +1,14 @@
-"""The storage contract: step directory names, :class:`Storage` and :class:`Staging`."""
+"""The storage contract: step directory names, :class:`Storage` (a store root on some filesystem) and
+:class:`Staging` (one save in progress on it).
+
+Every method of both raises only :mod:`ckptstore.errors` types: a backend runs its filesystem calls inside
+:meth:`Storage.named_errors` (the one wrapper, :func:`ckptstore.errors.storage_errors`), so callers never
+see an ``OSError`` or a client library's own exception. What a backend can do beyond the basics is said
+by its capability flags (:attr:`Storage.ranged_reads`, :attr:`Storage.supports_mmap`); callers branch on
+those, never on a backend's class.
+
+Paths given to a backend are relative to the store root, with '/' separators.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +16,17 @@ import contextlib
 import re
 import uuid
 from abc import ABC, abstractmethod
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO, ClassVar, Protocol, TypeVar
 
-from ..errors import (
-    CkptStoreError,
-)
-from ..tensorio import Readable
+from ..errors import CkptStoreError, StorageError, storage_error, storage_errors
 
 STEP_RE = re.compile(r"step_([0-9]{8,20})")
 LOCK_NAME = ".ckptstore.lock"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+
+_T = TypeVar("_T")
 
 
 def step_name(step: int) -> str:
@@ -38,19 +48,161 @@ def new_token() -> str:
     return uuid.uuid4().hex[:16]
 
 
+class Readable(Protocol):
+    """A file opened for ranged reads (what :meth:`Storage.open_read` returns)."""
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def read(self, size: int = -1, /) -> bytes: ...
+    def readinto(self, buffer: Any, /) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class Storage(ABC):
+    """A store root on some filesystem: the contract every backend keeps."""
+
+    #: The root as the user should see it (path or URL).
+    url: str
+    #: Capability: every read is a request with a latency of its own (object stores). Readers then fetch
+    #: byte ranges through :meth:`read_range`, coalesced and several at once, rather than seek and read.
+    ranged_reads: ClassVar[bool] = False
+    #: Capability: :meth:`map_file` maps a file into memory (local disks).
+    supports_mmap: ClassVar[bool] = False
+    #: The exceptions of this backend's filesystem calls that :meth:`named_errors` turns into StorageError.
+    failures: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
+
+    def named_errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """The wrapper a backend runs its filesystem calls in: failures come out as StorageError naming
+        ``what`` (the operation and the path or URL), with errno kept."""
+        return storage_errors(what, catch=self.failures, describe=self.describe_failure)
+
+    def describe_failure(self, e: BaseException, what: str) -> StorageError | None:
+        """A more telling error than the generic one for a failure this backend knows (credentials,
+        permissions, an unreachable endpoint), or None."""
+        return None
+
+    @abstractmethod
+    def url_of(self, rel: str) -> str:
+        """Path or URL of something under the root, as a user would pass it back to ckptstore."""
+
+    # --- writing checkpoints ------------------------------------------------------------------------
+
+    @abstractmethod
+    def begin(self, name: str, token: str) -> Staging:
+        """Start writing a checkpoint directory ``name`` (relative to the root)."""
+
+    def join(self, name: str, token: str) -> Staging:
+        """Write data files into the save that another process began with ``begin(name, token)`` (another
+        rank of a save across processes). That process alone commits or aborts the checkpoint: this
+        staging's ``commit`` is refused and its ``abort`` removes only the files it wrote."""
+        raise CkptStoreError(f"{type(self).__name__} cannot take part in a save across processes")
+
+    @abstractmethod
+    def lock(self) -> contextlib.AbstractContextManager[Any]:
+        """Serialise commits, deletions and clean-ups (between processes where the filesystem allows)."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Delete a committed checkpoint directory: its manifest first, then its data. Call under
+        :meth:`lock`. Deleting what does not exist does nothing."""
+
+    @abstractmethod
+    def clean_leftovers(self) -> list[str]:
+        """Remove what crashed writers left (temp data, half-deleted steps); return what was removed.
+        Call under :meth:`lock`."""
+
+    # --- listing and reading ------------------------------------------------------------------------
+
+    @abstractmethod
+    def committed_steps(self) -> list[int]:
+        """Steps whose manifest exists, ascending, listed fresh (no cached listing)."""
+
+    @abstractmethod
+    def is_committed(self, name: str) -> bool:
+        """Whether the checkpoint directory ``name`` has its manifest."""
+
+    def is_occupied(self, name: str) -> bool:
+        """Whether something other than a committed checkpoint lies at ``name`` that a commit there would
+        replace (a local commit replaces what it finds; a manifest-last commit leaves other objects be)."""
+        return False
+
+    @abstractmethod
+    def read_bytes(self, rel: str, limit: int) -> bytes:
+        """A whole small file (a manifest). Raises CheckpointNotFoundError if it does not exist,
+        CorruptCheckpointError if it is larger than ``limit``."""
+
+    @abstractmethod
+    def open_read(self, rel: str) -> Readable:
+        """A file for ranged reads (``seek`` + ``readinto``); the caller closes it. Raises
+        CorruptCheckpointError if it does not exist."""
+
+    @abstractmethod
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file (fewer at its end): one request on an object store. Raises
+        CorruptCheckpointError if it does not exist."""
+
+    def map_file(self, rel: str) -> Any:
+        """A whole file mapped into memory, private and copy-on-write (an ``mmap`` object; pages are read
+        on first touch). Only where :attr:`supports_mmap`."""
+        raise CkptStoreError(f"{type(self).__name__} cannot map files into memory")
+
+    @abstractmethod
+    def sizes(self, rel_dir: str) -> dict[str, int]:
+        """Names and sizes of the files in a directory ({} if it does not exist, or vanishes meanwhile)."""
+
+    # --- small files beside the checkpoints (readers' leases) ---------------------------------------
+
+    @abstractmethod
+    def put(self, rel: str, data: bytes = b"") -> None:
+        """Write a small file (creating its directory); never follows a symlink."""
+
+    @abstractmethod
+    def listdir(self, rel_dir: str) -> list[str]:
+        """Names in a directory, listed fresh ([] if it does not exist)."""
+
+    @abstractmethod
+    def remove(self, rel: str) -> None:
+        """Remove a small file; a missing one is no error."""
+
+
 class Staging(ABC):
     """One save in progress: a place to write data files, then commit or abort."""
 
-    #: Relative directory the data files go to (``open`` takes names inside it).
+    #: Relative directory the data files go to (``write`` takes names inside it).
     dir: str
+    storage: Storage
+
+    def write(self, name: str, fill: Callable[[BinaryIO], _T]) -> _T:
+        """Create the data file ``name``, let ``fill(f)`` write it, and make it durable (fsync, or the
+        upload completed); return what ``fill`` returned.
+
+        If ``fill`` raises, the file is discarded (an upload in parts is aborted, not completed) and the
+        error passes on. Failures of the filesystem, ``fill``'s writes included, are StorageErrors.
+        """
+        what = f"writing {self.storage.url_of(f'{self.dir}/{name}')}"
+        with self.storage.named_errors(what):
+            raw = self._open(name)
+        f = _NamedFile(raw, what, self.storage)
+        try:
+            result = fill(f)  # type: ignore[arg-type]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._discard(raw)
+            raise
+        with self.storage.named_errors(what):
+            self._close(raw)
+        return result
 
     @abstractmethod
-    def open(self, name: str) -> BinaryIO:
-        """A new data file; it is made durable by :meth:`close_file`."""
+    def _open(self, name: str) -> BinaryIO:
+        """A new data file."""
 
     @abstractmethod
-    def close_file(self, f: BinaryIO) -> None:
-        """Flush, make durable (fsync where the filesystem has it) and close a data file."""
+    def _close(self, f: BinaryIO) -> None:
+        """Flush, make durable and close a data file."""
+
+    def _discard(self, f: BinaryIO) -> None:
+        """Close a data file that will not be used (its content is removed by :meth:`abort`)."""
+        f.close()
 
     @abstractmethod
     def commit(self, manifest: bytes, *, overwrite: bool) -> None:
@@ -61,62 +213,78 @@ class Staging(ABC):
         """Remove whatever this save wrote (best effort; leftovers are cleaned by a later writer)."""
 
     def adopt(self, names: list[str]) -> None:  # noqa: B027 - optional hook; local staging needs nothing
-        """Count data files that other processes wrote into :attr:`dir` (the other ranks of a distributed
-        save) as this save's own: commit keeps them, abort removes them."""
+        """Count data files that other processes wrote into :attr:`dir` (the other ranks of a save
+        across processes) as this save's own: commit keeps them, abort removes them."""
 
 
-class Storage(ABC):
-    """A store root on some filesystem."""
+class _NamedFile:
+    """A data file being written whose failures are StorageErrors naming it (the writer calls ``write``,
+    ``flush`` and ``fileno`` only)."""
 
-    #: Whether a directory can be published by one atomic rename.
-    atomic_rename: bool
-    #: The root as the user should see it (path or URL).
-    url: str
+    __slots__ = ("_f", "_failures", "_what")
 
-    @abstractmethod
-    def url_of(self, rel: str) -> str:
-        """Path or URL of something under the root, as a user would pass it back to ckptstore."""
+    def __init__(self, f: BinaryIO, what: str, storage: Storage) -> None:
+        self._f, self._what, self._failures = f, what, storage.failures
 
-    @abstractmethod
-    def begin(self, name: str, token: str) -> Staging:
-        """Start writing a checkpoint directory ``name`` (relative to the root)."""
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except CkptStoreError:
+            raise
+        except self._failures as e:
+            raise storage_error(e, self._what) from e
 
-    def join(self, name: str, token: str) -> Staging:
-        """Write data files into the save that another process began with ``begin(name, token)`` (another
-        rank of a distributed save). That process alone commits or aborts the checkpoint: this staging's
-        ``commit`` is refused and its ``abort`` removes only the files it wrote."""
-        raise CkptStoreError(f"{type(self).__name__} cannot take part in a save across processes")
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except CkptStoreError:
+            raise
+        except self._failures as e:
+            raise storage_error(e, self._what) from e
 
-    @abstractmethod
-    def lock(self) -> contextlib.AbstractContextManager[Any]:
-        """Serialise commits, deletions and clean-ups (between processes where the filesystem allows)."""
+    def fileno(self) -> int:
+        return self._f.fileno()  # a hint only (writeback); a file without one raises, and that is fine
 
-    @abstractmethod
-    def committed_steps(self) -> list[int]:
-        """Steps whose manifest exists, ascending, listed fresh (no cached listing)."""
 
-    @abstractmethod
-    def read_bytes(self, rel: str, limit: int) -> bytes:
-        """A whole small file (a manifest); raises CheckpointNotFoundError if it does not exist."""
+class NamedReader:
+    """A file being read whose failures are StorageErrors naming it."""
 
-    @abstractmethod
-    def open_read(self, rel: str) -> Readable:
-        """A file for ranged reads (``seek`` + ``readinto``); the caller closes it."""
+    __slots__ = ("_f", "_failures", "_what")
 
-    @abstractmethod
-    def sizes(self, rel_dir: str) -> dict[str, int]:
-        """Names and sizes of the files in a directory."""
+    def __init__(self, f: Any, what: str, storage: Storage) -> None:
+        self._f, self._what, self._failures = f, what, storage.failures
 
-    @abstractmethod
-    def delete(self, name: str) -> None:
-        """Delete a committed checkpoint directory: its manifest first, then its data. Call under
-        :meth:`lock`. Deleting what does not exist does nothing."""
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        try:
+            return int(self._f.seek(offset, whence))
+        except CkptStoreError:
+            raise
+        except self._failures as e:
+            raise storage_error(e, self._what) from e
 
-    @abstractmethod
-    def is_committed(self, name: str) -> bool:
-        """Whether the checkpoint directory ``name`` has its manifest."""
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            return bytes(self._f.read(size))
+        except CkptStoreError:
+            raise
+        except self._failures as e:
+            raise storage_error(e, self._what) from e
 
-    @abstractmethod
-    def clean_leftovers(self) -> list[str]:
-        """Remove what crashed writers left (temp data, half-deleted steps); return what was removed.
-        Call under :meth:`lock`."""
+    def readinto(self, buffer: Any, /) -> int | None:
+        try:
+            n = self._f.readinto(buffer)
+        except CkptStoreError:
+            raise
+        except self._failures as e:
+            raise storage_error(e, self._what) from e
+        return None if n is None else int(n)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+    def __enter__(self) -> NamedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -17,16 +17,17 @@ from ..errors import (
     CorruptCheckpointError,
 )
 from ..manifest import MANIFEST_NAME
-from ..tensorio import Readable
 from . import _multipart as multipart
 from . import _retry as retry
-from ._base import Staging, Storage, parse_step
+from ._base import NamedReader, Readable, Staging, Storage, parse_step
 
 _FS_LOCKS: dict[str, threading.RLock] = {}
 _FS_LOCKS_GUARD = threading.Lock()
 
 
 class _FsspecStaging(Staging):
+    storage: FsspecStorage
+
     def __init__(self, storage: FsspecStorage, name: str, token: str) -> None:
         self.storage = storage
         self.token = token
@@ -34,23 +35,35 @@ class _FsspecStaging(Staging):
         self.written: list[str] = []
         self._manifest: bytes | None = None  # set once the manifest PUT has been tried
 
-    def open(self, name: str) -> BinaryIO:
+    def _open(self, name: str) -> BinaryIO:
         path = self.storage._path(f"{self.dir}/{name}")
         self.written.append(path)
         return self.storage._open_write(path)
 
-    def close_file(self, f: BinaryIO) -> None:
+    def _close(self, f: BinaryIO) -> None:
         f.close()  # object stores: the object exists, complete, once close returns
+
+    def _discard(self, f: BinaryIO) -> None:
+        # A buffered upload (fsspec's, or ours in parts) is abandoned, never completed by close().
+        discard = getattr(f, "discard", None)
+        if callable(discard):
+            discard()
+        else:
+            f.close()
 
     def adopt(self, names: list[str]) -> None:
         self.written.extend(self.storage._path(f"{self.dir}/{n}") for n in names)
 
     def commit(self, manifest: bytes, *, overwrite: bool) -> None:
+        with self.storage.named_errors(f"committing {self.storage.url_of(self.dir)}"):
+            self._commit(manifest, overwrite)
+
+    def _commit(self, manifest: bytes, overwrite: bool) -> None:
         fs = self.storage.fs
         path = self.storage._path(f"{self.dir}/{MANIFEST_NAME}")
         with self.storage.lock():
             if overwrite and self.storage.is_committed(self.dir):
-                self.storage.delete(self.dir, keep=set(self.written))
+                self.storage._delete(self.dir, keep=set(self.written))
             self._manifest = manifest
             try:
                 # One PUT with If-None-Match: *; retried (by botocore, and by retry.call) when it fails
@@ -96,11 +109,15 @@ class FsspecStorage(Storage):
     object store); concurrent commits are, where the filesystem has an exclusive create (S3, local).
     """
 
-    atomic_rename = False
+    ranged_reads = True
+    # Client libraries raise their own exception types (botocore's, aiohttp's): all are named here.
+    failures = (Exception,)
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
         self.fs = fs
-        self.root = root.rstrip("/")
+        # The filesystem's own form of the path: absolute for a local one ("rel" -> "/cwd/rel"), without
+        # the protocol for others; listings return paths in this form.
+        self.root = str(fs._strip_protocol(root)).rstrip("/")
         self.url = fs.unstrip_protocol(self.root)
         key = f"{type(fs).__module__}.{type(fs).__qualname__}:{self.url}"
         with _FS_LOCKS_GUARD:
@@ -138,7 +155,9 @@ class FsspecStorage(Storage):
 
     def committed_steps(self) -> list[int]:
         steps = set()
-        for rel in self._find():
+        with self.named_errors(f"listing {self.url}"):
+            found = self._find()
+        for rel in found:
             parent, _, name = rel.partition("/")
             if name == MANIFEST_NAME and (step := parse_step(parent)) is not None:
                 steps.add(step)
@@ -146,30 +165,34 @@ class FsspecStorage(Storage):
 
     def read_bytes(self, rel: str, limit: int) -> bytes:
         path = self._path(rel)
-        try:
-            # A plain GET (no cached size or ETag: fs.open would check them, and a manifest replaced by
-            # another process since our last listing would fail as "expired").
-            data = retry.call(self.fs.cat_file, path, start=0, end=limit + 1, what=f"reading {self.url_of(rel)}")
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
+        with self.named_errors(f"reading {self.url_of(rel)}"):
+            try:
+                # A plain GET (no cached size or ETag: fs.open would check them, and a manifest replaced by
+                # another process since our last listing would fail as "expired").
+                data = retry.call(self.fs.cat_file, path, start=0, end=limit + 1, what=f"reading {self.url_of(rel)}")
+            except FileNotFoundError:
+                raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
         if len(data) > limit:
             raise CorruptCheckpointError(f"{self.url_of(rel)} is larger than {limit} bytes")
         return bytes(data)
 
     def open_read(self, rel: str) -> Readable:
-        try:
-            return self.fs.open(self._path(rel), "rb")
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+        with self.named_errors(f"opening {self.url_of(rel)}"):
+            try:
+                f = self.fs.open(self._path(rel), "rb")
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+        return NamedReader(f, f"reading {self.url_of(rel)}", self)
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file, in one ranged GET (retried when it fails transiently)."""
-        try:
-            data = retry.call(
-                self.fs.cat_file, self._path(rel), start=start, end=end, what=f"reading {self.url_of(rel)}"
-            )
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+        with self.named_errors(f"reading {self.url_of(rel)}"):
+            try:
+                data = retry.call(
+                    self.fs.cat_file, self._path(rel), start=start, end=end, what=f"reading {self.url_of(rel)}"
+                )
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
         return bytes(data)
 
     def _open_write(self, path: str) -> BinaryIO:
@@ -184,11 +207,12 @@ class FsspecStorage(Storage):
 
     def sizes(self, rel_dir: str) -> dict[str, int]:
         path = self._path(rel_dir)
-        self.fs.invalidate_cache(path)
-        try:
-            entries = retry.call(self.fs.ls, path, detail=True, what=f"listing {self.url_of(rel_dir)}")
-        except FileNotFoundError:
-            return {}
+        with self.named_errors(f"listing {self.url_of(rel_dir)}"):
+            self.fs.invalidate_cache(path)
+            try:
+                entries = retry.call(self.fs.ls, path, detail=True, what=f"listing {self.url_of(rel_dir)}")
+            except FileNotFoundError:
+                return {}
         return {
             e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
             for e in entries
@@ -197,10 +221,16 @@ class FsspecStorage(Storage):
 
     def is_committed(self, name: str) -> bool:
         path = self._path(f"{name}/{MANIFEST_NAME}")
-        self.fs.invalidate_cache(self._path(name))
-        return bool(retry.call(self.fs.exists, path, what=f"looking up {self.url_of(name)}"))
+        with self.named_errors(f"looking up {self.url_of(name)}"):
+            self.fs.invalidate_cache(self._path(name))
+            return bool(retry.call(self.fs.exists, path, what=f"looking up {self.url_of(name)}"))
 
-    def delete(self, name: str, keep: set[str] | None = None) -> None:
+    def delete(self, name: str) -> None:
+        with self.named_errors(f"deleting {self.url_of(name)}"):
+            self._delete(name)
+
+    def _delete(self, name: str, keep: set[str] | None = None) -> None:
+        """Delete a committed checkpoint, keeping the objects ``keep`` (an overwriting writer's own)."""
         base = self._path(name)
         if not self.is_committed(name):
             return
@@ -221,6 +251,10 @@ class FsspecStorage(Storage):
     def clean_leftovers(self) -> list[str]:
         """Remove step prefixes without a manifest whose objects are all older than the grace period
         (a writer may still be uploading into a younger one)."""
+        with self.named_errors(f"cleaning {self.url}"):
+            return self._clean_leftovers()
+
+    def _clean_leftovers(self) -> list[str]:
         removed = []
         by_step: dict[str, list[str]] = {}
         for rel in self._find():
@@ -242,3 +276,26 @@ class FsspecStorage(Storage):
             return float(self.fs.modified(path).timestamp())
         except (NotImplementedError, FileNotFoundError, AttributeError):
             return 0.0
+
+    def put(self, rel: str, data: bytes = b"") -> None:
+        path = self._path(rel)
+        with self.named_errors(f"writing {self.url_of(rel)}"):
+            try:
+                retry.call(self.fs.pipe_file, path, data, what=f"writing {self.url_of(rel)}")
+            except FileNotFoundError:  # a filesystem with real directories, and no directory there yet
+                self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+                retry.call(self.fs.pipe_file, path, data, what=f"writing {self.url_of(rel)}")
+
+    def listdir(self, rel_dir: str) -> list[str]:
+        path = self._path(rel_dir)
+        with self.named_errors(f"listing {self.url_of(rel_dir)}"):
+            self.fs.invalidate_cache(path)
+            try:
+                found = retry.call(self.fs.ls, path, detail=False, what=f"listing {self.url_of(rel_dir)}")
+            except FileNotFoundError:
+                return []
+        return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in found]
+
+    def remove(self, rel: str) -> None:
+        with self.named_errors(f"removing {self.url_of(rel)}"), contextlib.suppress(FileNotFoundError):
+            retry.call(self.fs.rm_file, self._path(rel), what=f"removing {self.url_of(rel)}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import io
+import mmap
 import os
 import shutil
 import stat
@@ -22,8 +22,18 @@ from ..errors import (
     StorageError,
 )
 from ..manifest import MANIFEST_NAME
-from ..tensorio import Readable
-from ._base import LOCK_NAME, TMP_PREFIX, TRASH_PREFIX, Staging, Storage, new_token, parse_step
+from ._base import LOCK_NAME, TMP_PREFIX, TRASH_PREFIX, NamedReader, Readable, Staging, Storage, new_token, parse_step
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): importing works, writing a local store is refused
+    fcntl = None  # type: ignore[assignment]
+
+
+def _flock(fd: int, flags: int) -> None:
+    if fcntl is None:
+        raise StorageError("local stores need POSIX file locks (flock): Linux or macOS")
+    fcntl.flock(fd, flags)
 
 
 class LocalOps:
@@ -95,6 +105,8 @@ class _ProcessLock:
 
 
 class _LocalStaging(Staging):
+    storage: LocalStorage
+
     def __init__(self, storage: LocalStorage, name: str, token: str) -> None:
         self.storage = storage
         self.final_name = name
@@ -102,44 +114,47 @@ class _LocalStaging(Staging):
         self.path = os.path.join(storage.root, self.dir)
         self.ops = storage.ops
         # Held for as long as this writer lives: a cleaner that can take it knows the writer is dead.
-        self._alive_fd = os.open(self.path + ".alive", os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._alive_fd, fcntl.LOCK_EX)
-        try:
-            self.ops.mkdir(self.path)
-        except BaseException:
-            self.abort()  # the directory may exist all the same (an error reported after the fact)
-            raise
+        self._alive_fd = -1
+        with storage.named_errors(f"saving {storage.url_of(name)}"):
+            self._alive_fd = os.open(self.path + ".alive", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                _flock(self._alive_fd, fcntl.LOCK_EX if fcntl else 0)
+                self.ops.mkdir(self.path)
+            except BaseException:
+                self.abort()  # the directory may exist all the same (an error reported after the fact)
+                raise
 
-    def open(self, name: str) -> BinaryIO:
+    def _open(self, name: str) -> BinaryIO:
         return self.ops.create(os.path.join(self.path, name))
 
-    def close_file(self, f: BinaryIO) -> None:
+    def _close(self, f: BinaryIO) -> None:
         self.ops.sync_close(f)
 
     def commit(self, manifest: bytes, *, overwrite: bool) -> None:
-        f = self.ops.create(os.path.join(self.path, MANIFEST_NAME))
-        try:
-            f.write(manifest)
-            self.ops.fsync(f)
-        finally:
-            f.close()
-        self.ops.fsync_dir(self.path)
         final = os.path.join(self.storage.root, self.final_name)
-        with self.storage.lock():
-            if os.path.exists(os.path.join(final, MANIFEST_NAME)):
-                if not overwrite:
-                    raise CheckpointExistsError(f"{final} is already committed")
-                self.storage.delete(self.final_name)
-            elif os.path.exists(final):  # a half-deleted step: its manifest is gone already
-                self.storage._remove_tree(final)
-            self.ops.rename(self.path, final)
+        with self.storage.named_errors(f"committing {final}"):
+            f = self.ops.create(os.path.join(self.path, MANIFEST_NAME))
             try:
-                self.ops.fsync_dir(self.storage.root)
-            except BaseException:
-                # Not durable, so not committed: a save that raises leaves no checkpoint behind.
-                with contextlib.suppress(Exception):
+                f.write(manifest)
+                self.ops.fsync(f)
+            finally:
+                f.close()
+            self.ops.fsync_dir(self.path)
+            with self.storage.lock():
+                if os.path.exists(os.path.join(final, MANIFEST_NAME)):
+                    if not overwrite:
+                        raise CheckpointExistsError(f"{final} is already committed")
                     self.storage.delete(self.final_name)
-                raise
+                elif os.path.lexists(final):  # a half-deleted step: its manifest is gone already
+                    self.storage._remove_tree(final)
+                self.ops.rename(self.path, final)
+                try:
+                    self.ops.fsync_dir(self.storage.root)
+                except BaseException:
+                    # Not durable, so not committed: a save that raises leaves no checkpoint behind.
+                    with contextlib.suppress(Exception):
+                        self.storage.delete(self.final_name)
+                    raise
         self._release()
 
     def abort(self) -> None:
@@ -157,18 +172,21 @@ class _LocalStaging(Staging):
 class _LocalJoined(Staging):
     """A share of a save begun by another process, in its temp directory (shared disk)."""
 
+    storage: LocalStorage
+
     def __init__(self, storage: LocalStorage, name: str, token: str) -> None:
         self.dir = f"{TMP_PREFIX}{name}-{token}"
         self.path = os.path.join(storage.root, self.dir)
         self.ops = storage.ops
+        self.storage = storage
         self.written: list[str] = []
 
-    def open(self, name: str) -> BinaryIO:
+    def _open(self, name: str) -> BinaryIO:
         path = os.path.join(self.path, name)
         self.written.append(path)
         return self.ops.create(path)
 
-    def close_file(self, f: BinaryIO) -> None:
+    def _close(self, f: BinaryIO) -> None:
         self.ops.sync_close(f)
 
     def commit(self, manifest: bytes, *, overwrite: bool) -> None:
@@ -181,9 +199,9 @@ class _LocalJoined(Staging):
 
 
 class LocalStorage(Storage):
-    """A store on a local (POSIX) filesystem; commits by atomic rename."""
+    """A store on a local (POSIX) filesystem; commits by atomic rename, files can be mapped."""
 
-    atomic_rename = True
+    supports_mmap = True
 
     def __init__(self, root: str | os.PathLike[str], ops: LocalOps | None = None) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -192,52 +210,68 @@ class LocalStorage(Storage):
         self._lock = _ProcessLock(os.path.join(self.root, LOCK_NAME))
 
     def url_of(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
+        return os.path.join(self.root, *rel.split("/")) if rel else self.root
+
+    def _path(self, rel: str) -> str:
+        return self.url_of(rel)
 
     def begin(self, name: str, token: str) -> Staging:
-        os.makedirs(self.root, exist_ok=True)  # only writers create the root; readers never do
+        with self.named_errors(f"creating {self.root}"):
+            os.makedirs(self.root, exist_ok=True)  # only writers create the root; readers never do
         return _LocalStaging(self, name, token)
 
     def join(self, name: str, token: str) -> Staging:
         return _LocalJoined(self, name, token)
 
     def lock(self) -> contextlib.AbstractContextManager[Any]:
-        os.makedirs(self.root, exist_ok=True)  # the lock file lives in the root
-        return self._lock
+        with self.named_errors(f"creating {self.root}"):
+            os.makedirs(self.root, exist_ok=True)  # the lock file lives in the root
+        return _NamedLock(self._lock, self)
 
     def committed_steps(self) -> list[int]:
         steps = []
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return []
-        except NotADirectoryError:
-            raise StorageError(f"{self.root} is a file, not a store directory") from None
-        for entry in entries:
-            step = parse_step(entry.name)
-            if step is not None and os.path.exists(os.path.join(entry.path, MANIFEST_NAME)):
-                steps.append(step)
+        with self.named_errors(f"listing {self.root}"):
+            try:
+                entries = list(os.scandir(self.root))
+            except FileNotFoundError:
+                return []
+            except NotADirectoryError:
+                raise StorageError(f"{self.root} is a file, not a store directory") from None
+            for entry in entries:
+                step = parse_step(entry.name)
+                if step is not None and os.path.exists(os.path.join(entry.path, MANIFEST_NAME)):
+                    steps.append(step)
         return sorted(steps)
 
-    def _path(self, rel: str) -> str:
-        return os.path.join(self.root, *rel.split("/"))
-
     def read_bytes(self, rel: str, limit: int) -> bytes:
-        try:
-            with self._open_file(rel) as f:
-                # Read what is there, not limit + 1 bytes: a read of n bytes allocates n bytes up front.
-                data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
+        with self.named_errors(f"reading {self.url_of(rel)}"):
+            try:
+                with self._open_file(rel) as f:
+                    # Read what is there, not limit + 1 bytes: a read of n bytes allocates n bytes up front.
+                    data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
+            except FileNotFoundError:
+                raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
         if len(data) > limit:
             raise CorruptCheckpointError(f"{self.url_of(rel)} is larger than {limit} bytes")
         return data
 
     def open_read(self, rel: str) -> Readable:
-        try:
-            return self._open_file(rel)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
+        return NamedReader(self._open_data(rel), f"reading {self.url_of(rel)}", self)
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        with self._open_data(rel) as f, self.named_errors(f"reading {self.url_of(rel)}"):
+            return os.pread(f.fileno(), max(0, end - start), start)
+
+    def map_file(self, rel: str) -> mmap.mmap:
+        with self._open_data(rel) as f, self.named_errors(f"mapping {self.url_of(rel)}"):
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def _open_data(self, rel: str) -> io.FileIO:
+        with self.named_errors(f"opening {self.url_of(rel)}"):
+            try:
+                return self._open_file(rel)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
 
     def _open_file(self, rel: str) -> io.FileIO:
         """A regular file of a checkpoint, opened for reading. A symlink (which could point anywhere) or
@@ -256,23 +290,44 @@ class LocalStorage(Storage):
         return open(fd, "rb", buffering=0)
 
     def sizes(self, rel_dir: str) -> dict[str, int]:
-        try:
-            entries = list(os.scandir(self._path(rel_dir)))
-        except FileNotFoundError:
-            return {}
-        return {e.name: e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False)}
+        out = {}
+        with self.named_errors(f"listing {self.url_of(rel_dir)}"):
+            try:
+                entries = list(os.scandir(self._path(rel_dir)))
+            except FileNotFoundError:
+                return {}
+            for e in entries:
+                try:
+                    if e.is_file(follow_symlinks=False):
+                        out[e.name] = e.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:  # deleted meanwhile (retention): as if it was never listed
+                    continue
+        return out
 
     def is_committed(self, name: str) -> bool:
-        return os.path.exists(os.path.join(self.root, name, MANIFEST_NAME))
+        with self.named_errors(f"looking up {self.url_of(name)}"):
+            return os.path.exists(os.path.join(self.root, name, MANIFEST_NAME))
+
+    def is_occupied(self, name: str) -> bool:
+        path = os.path.join(self.root, name)
+        with self.named_errors(f"looking up {path}"):
+            if not os.path.lexists(path):
+                return False
+            try:
+                with os.scandir(path) as entries:
+                    return next(entries, None) is not None
+            except NotADirectoryError:
+                return True
 
     def delete(self, name: str) -> None:
         path = os.path.join(self.root, name)
-        try:
-            self.ops.unlink(os.path.join(path, MANIFEST_NAME))
-        except FileNotFoundError:
-            return
-        self.ops.fsync_dir(path)  # the manifest is gone for good before any data goes
-        self._remove_tree(path)
+        with self.named_errors(f"deleting {path}"):
+            try:
+                self.ops.unlink(os.path.join(path, MANIFEST_NAME))
+            except FileNotFoundError:
+                return
+            self.ops.fsync_dir(path)  # the manifest is gone for good before any data goes
+            self._remove_tree(path)
 
     def _remove_tree(self, path: str) -> None:
         # Rename first, so a crash half-way leaves a .trash- directory, never a step name with half its files.
@@ -282,23 +337,24 @@ class LocalStorage(Storage):
 
     def clean_leftovers(self) -> list[str]:
         removed = []
-        for entry in list(os.scandir(self.root)):
-            name = entry.name
-            if name.startswith(TRASH_PREFIX):
-                self.ops.rmtree(entry.path)
-            elif name.startswith(TMP_PREFIX):
-                tmp = entry.path.removesuffix(".alive")
-                if not self._writer_dead(tmp):
+        with self.named_errors(f"cleaning {self.root}"):
+            for entry in list(os.scandir(self.root)):
+                name = entry.name
+                if name.startswith(TRASH_PREFIX):
+                    self.ops.rmtree(entry.path)
+                elif name.startswith(TMP_PREFIX):
+                    tmp = entry.path.removesuffix(".alive")
+                    if not self._writer_dead(tmp):
+                        continue
+                    self.ops.rmtree(tmp)
+                    with contextlib.suppress(FileNotFoundError):
+                        self.ops.unlink(tmp + ".alive")
+                elif parse_step(name) is not None and entry.is_dir() and not self.is_committed(name):
+                    # Never a save in progress (those live in .tmp- directories): a deletion cut short.
+                    self._remove_tree(entry.path)
+                else:
                     continue
-                self.ops.rmtree(tmp)
-                with contextlib.suppress(FileNotFoundError):
-                    self.ops.unlink(tmp + ".alive")
-            elif parse_step(name) is not None and entry.is_dir() and not self.is_committed(name):
-                # Never a save in progress (those live in .tmp- directories): a deletion cut short.
-                self._remove_tree(entry.path)
-            else:
-                continue
-            removed.append(name)
+                removed.append(name)
         return removed
 
     @staticmethod
@@ -308,7 +364,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             return True
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if fcntl else 0)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False
@@ -316,3 +372,36 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
         return True
+
+    def put(self, rel: str, data: bytes = b"") -> None:
+        path = self._path(rel)
+        with self.named_errors(f"writing {path}"):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with open(fd, "wb") as f:
+                f.write(data)
+
+    def listdir(self, rel_dir: str) -> list[str]:
+        with self.named_errors(f"listing {self.url_of(rel_dir)}"):
+            try:
+                return os.listdir(self._path(rel_dir))
+            except FileNotFoundError:
+                return []
+
+    def remove(self, rel: str) -> None:
+        with self.named_errors(f"removing {self.url_of(rel)}"), contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(rel))
+
+
+class _NamedLock:
+    """The store lock, its failures named (a lock file that cannot be created or locked)."""
+
+    def __init__(self, lock: _ProcessLock, storage: LocalStorage) -> None:
+        self._lock, self._storage = lock, storage
+
+    def __enter__(self) -> None:
+        with self._storage.named_errors(f"locking {self._storage.root}"):
+            self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)

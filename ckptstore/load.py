@@ -1,0 +1,122 @@
+"""Restore one checkpoint directory: manifest -> tensors -> tree (the save is :mod:`.pipeline`).
+
+The manifest is read and validated (:func:`read_manifest`); the tensors are read by the reader the storage
+calls for (:func:`load_tensors`: mapped on a local file, ranged requests on an object store, seek and read
+otherwise), blocks of sharded arrays only where wanted (:mod:`.block_read`); then the tree is rebuilt
+(:func:`ckptstore.tree.rebuild`). :class:`ckptstore.CheckpointStore` and ``ckptstore.restore`` use this.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import block_read, knobs, manifest, remote_read, subset, tensorio, tree
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
+from .manifest import MANIFEST_NAME, Manifest
+from .storage import Storage
+
+
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    """Read and validate the manifest of checkpoint directory ``name``."""
+    rel = f"{name}/{MANIFEST_NAME}"
+    data = storage.read_bytes(rel, knobs.current.max_manifest_bytes)
+    return manifest.decode(data, source=storage.url_of(rel))
+
+
+def checked_file(storage: Storage, name: str, fe: manifest.FileEntry, sizes: dict[str, int]) -> tuple[str, str]:
+    """The relative path and URL of a tensor file, after checking that it exists with the manifest's size.
+
+    Raises:
+        CorruptCheckpointError: the file is missing, or truncated (or grown).
+    """
+    rel = f"{name}/{fe.name}"
+    source = storage.url_of(rel)
+    actual = sizes.get(fe.name)
+    if actual is None:
+        raise CorruptCheckpointError(f"{source} is missing")
+    if actual != fe.size:
+        raise CorruptCheckpointError(f"{source} has {actual} bytes, the manifest says {fe.size} (truncated?)")
+    return rel, source
+
+
+def load_tensors(
+    storage: Storage,
+    name: str,
+    m: Manifest,
+    indices: Sequence[int] | None = None,
+    *,
+    verify: bool = False,
+    mmap: bool = False,
+) -> dict[int, np.ndarray]:
+    """Read tensors (all, or those at ``indices``) of a checkpoint into host arrays, file by file in
+    offset order. Sizes of the files are always checked; checksums when ``verify``."""
+    wanted = range(len(m.tensors)) if indices is None else sorted(set(indices))
+    by_file: dict[int, list[int]] = {}
+    for i in wanted:
+        by_file.setdefault(m.tensors[i].file, []).append(i)
+    sizes = storage.sizes(name) if by_file else {}
+    out: dict[int, np.ndarray] = {}
+    for file_index, idx in by_file.items():
+        rel, source = checked_file(storage, name, m.files[file_index], sizes)
+        idx.sort(key=lambda i: m.tensors[i].offset)
+        items = [(i, m.tensors[i]) for i in idx]
+        if mmap and storage.supports_mmap:  # arrays on the mapped file: nothing copied
+            out.update(tensorio.map_tensors(storage.map_file(rel), items, verify=verify, source=source))
+        elif storage.ranged_reads:  # parallel ranged requests of just these tensors' bytes
+            fetch = functools.partial(storage.read_range, rel)
+            out.update(remote_read.read_tensors(fetch, items, verify=verify, source=source))
+        else:
+            f = storage.open_read(rel)
+            try:
+                out.update(tensorio.read_tensors(f, items, verify=verify, source=source))
+            finally:
+                f.close()
+    return out
+
+
+def read(
+    storage: Storage,
+    name: str,
+    *,
+    like: Any = tree.MISSING,
+    framework: str | None = None,
+    verify: bool = False,
+    m: Manifest | None = None,
+    keys: Sequence[str] | str | None = None,
+    mmap: bool = False,
+) -> Any:
+    """Restore the state tree of checkpoint directory ``name`` (only the subtrees ``keys`` select, and
+    only their tensors read, when given: see :mod:`.subset`). With ``mmap`` on local disk, arrays are
+    mapped on the tensor files rather than read (see :func:`tensorio.map_tensors`)."""
+    if m is None:
+        m = read_manifest(storage, name)
+    skeleton = m.tree if keys is None else subset.select(m.tree, keys)
+    sharded = block_read.block_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
+    wanted = range(len(m.tensors)) if keys is None else sorted(set(subset.tensor_indices(skeleton)))
+    eager = [i for i in wanted if i not in sharded] if sharded or keys is not None else None
+    arrays = load_tensors(storage, name, m, eager, verify=verify, mmap=mmap)
+
+    def load(index: int) -> np.ndarray:
+        try:
+            return arrays[index]
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"{storage.url_of(name)}: the tree refers to tensor #{index}, the manifest lists {len(m.tensors)}"
+            ) from None
+
+    with block_read.BlockReader(storage, name, m, load, verify=verify) as blocks:
+        if sharded:
+            blocks.prefetch(block_read.wanted_blocks(skeleton, like))
+        return tree.rebuild(skeleton, load, like=like, framework=framework, blocks=blocks)
+
+
+def require_committed(storage: Storage, name: str) -> None:
+    if not storage.is_committed(name):
+        raise CheckpointNotFoundError(f"no committed checkpoint at {storage.url_of(name)}")

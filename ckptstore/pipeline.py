@@ -1,0 +1,474 @@
+"""The save pipeline, for one process or many: a single process is a world of one.
+
+Every save, blocking or in the background, of one process or of every rank of a job, runs these steps;
+the coordinator (:mod:`.distributed`: this process alone, torch.distributed) is the only thing that
+differs. Each step that involves the other ranks is a collective that every rank joins whatever happened
+to it locally, so a failure anywhere fails the save everywhere:
+
+1. *prepare* (every rank): walk the state (:func:`prepare`); nothing is written if a leaf is unsupported.
+2. *plan* (rank 0): gather what each rank holds (key paths, dtypes, shapes, and for each
+   :class:`~ckptstore.Shard` its global shape and offsets); check that the ranks agree and that each
+   array's blocks cover it exactly; give every distinct block and every replicated array to one rank,
+   balancing bytes (:func:`assign`); check the step is free; begin the staging; send each rank its share.
+3. *write* (every rank): write the share into the rank's own safetensors files in the staging, with
+   checksums; send rank 0 the files' names and sizes and the tensors' entries.
+4. *commit* (rank 0): build the one manifest and commit it (:func:`commit_manifest`, the only place a
+   manifest is encoded and published); tell every rank the outcome.
+5. *abort* on any failure: the staging is removed and nothing is committed (a rank that cannot know
+   whether rank 0 committed leaves its files to the leftover cleaning of later saves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
+
+from . import knobs, manifest, tensorio, tree
+from .blocks import check_partition
+from .distributed import Coordinator, collective, failure, raise_failure
+from .dtypes import dtype_of
+from .errors import (
+    CheckpointExistsError,
+    DistributedError,
+    ShardingError,
+    StorageError,
+    UnsupportedTypeError,
+    storage_error,
+)
+from .manifest import FileEntry, Manifest, TensorEntry
+from .skeleton import ArrayLeaf, NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, map_refs, render_path, walk
+from .storage import Staging, Storage, new_token
+
+__all__ = ["Committed", "Prepared", "assign", "commit_manifest", "ensure_free", "prepare", "save"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A state taken apart and checked, ready to be written (nothing has touched storage yet)."""
+
+    skeleton: Any
+    arrays: list[ArrayLeaf]
+    metadata: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.array.nbytes for a in self.arrays)
+
+
+def prepare(state: Any, metadata: dict[str, Any] | None, *, snapshot: bool = False) -> Prepared:
+    """Walk the state and check the metadata; raise before anything is written if either is unsupported."""
+    skeleton, arrays = tree.flatten(state, snapshot=snapshot)
+    meta = _check_metadata(metadata)
+    problem = manifest.nesting_problem(skeleton) or manifest.nesting_problem(meta)
+    if problem:  # refused now, or saved and never restorable
+        raise UnsupportedTypeError(f"the state cannot be saved: {problem}")
+    return Prepared(skeleton, arrays, meta)
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedTypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+    try:
+        skeleton, arrays = tree.flatten(metadata)
+    except UnsupportedTypeError as e:  # flatten names paths from "state"; here they lie in "metadata"
+        msg = str(e)
+        raise UnsupportedTypeError("metadata" + msg.removeprefix("state") if msg.startswith("state") else msg) from None
+    if arrays:
+        raise UnsupportedTypeError(
+            f"{render_path(arrays[0].path, 'metadata')} is an array; metadata holds small plain "
+            "values (put arrays in the state)"
+        )
+    if any(type(v) in (Stateful, Scalar, NamedTuple) for _, v in walk(skeleton)):
+        raise UnsupportedTypeError("metadata holds plain Python values only (numbers, strings, lists, dicts)")
+    return dict(skeleton)
+
+
+def ensure_free(storage: Storage, name: str, overwrite: bool) -> None:
+    """Raise CheckpointExistsError if ``name`` is committed and ``overwrite`` is False (the one place this
+    is asked before a save; the commit protocols refuse a taken step again, atomically)."""
+    if not overwrite and storage.is_committed(name):
+        raise CheckpointExistsError(f"{storage.url_of(name)} is already committed (pass overwrite=True to replace it)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Committed:
+    """What every rank learns of a committed save."""
+
+    created: float
+    #: Bytes of tensor data over all ranks' files.
+    nbytes: int
+    #: The metadata as committed (rank 0's).
+    metadata: dict[str, Any]
+    #: The manifest, on rank 0 only.
+    manifest: Manifest | None = None
+
+
+def save(
+    storage: Storage,
+    name: str,
+    step: int,
+    source: Callable[[], Prepared],
+    *,
+    overwrite: bool,
+    coordinator: Coordinator,
+) -> Committed:
+    """Save what ``source()`` prepares (this rank's view of the state) as checkpoint directory ``name``,
+    with every rank of ``coordinator``; steps 1-5 of the module docstring.
+
+    Plain arrays are taken as replicated: the same on every rank, written once. :class:`ckptstore.Shard`
+    and DTensor leaves are blocks of global arrays. Plain values and the metadata are rank 0's.
+
+    Raises:
+        UnsupportedTypeError: a leaf cannot be saved (on any rank; nothing is written).
+        ShardingError: the ranks disagree about the state, or an array's blocks do not cover it exactly.
+        CheckpointExistsError: ``name`` is committed and ``overwrite`` is False.
+        StorageError: the filesystem failed; the message says whether the checkpoint is committed.
+        DistributedError: another rank failed, died or timed out.
+    """
+    c = coordinator
+    own: BaseException | None = None
+    prepared: Prepared | None = None
+    try:
+        prepared = source()
+        report: list[Any] = ["ok", _describe(prepared), name]
+    except Exception as e:
+        own, report = e, failure(c.rank, e)
+
+    staging: Staging | None = None
+    # Rank 0 removes the staging on failure until it has committed (it knows every file once the results
+    # arrived). Another rank removes its own files only while rank 0 cannot have committed them: before it
+    # sent them, or on rank 0's word that the save failed.
+    may_abort = True
+    try:
+        reports = collective(c.gather, report, "planning")
+        orders: list[Any] | None = None
+        layout: _Layout | None = None
+        if c.rank == 0:
+            assert reports is not None
+            orders, layout, staging, own0 = _plan(storage, name, reports, overwrite, c.world_size)
+            own = own or own0
+        order = collective(c.scatter, orders, "planning")
+        if order[0] != "ok":
+            raise_failure(order, own, c.rank)
+        _, token, tasks = order
+        assert prepared is not None
+        try:
+            if staging is None:
+                staging = storage.join(name, token)
+            result: list[Any] = ["ok", *_write_share(staging, prepared, tasks, token, c.rank)]
+        except Exception as e:
+            err: BaseException = e
+            if isinstance(e, StorageError) and c.world_size > 1:
+                err = _with_cause(storage_error(e, f"saving {storage.url_of(name)} failed on rank {c.rank}"), e)
+            own, result = err, failure(c.rank, err)
+        may_abort = c.rank == 0
+        results = collective(c.gather, result, "writing")
+        verdict: list[Any] | None = None
+        if c.rank == 0:
+            assert results is not None and layout is not None and staging is not None
+            verdict, own0 = _commit(storage, staging, name, step, prepared, layout, results, overwrite)
+            may_abort = verdict[0] != "ok"
+            own = own or own0
+        verdict = collective(c.broadcast, verdict, "committing")
+        if verdict[0] != "ok":
+            may_abort = True
+            raise_failure(verdict, own, c.rank)
+        _, created, nbytes, meta = verdict
+        return Committed(created, nbytes, meta, layout.manifest if layout is not None else None)
+    except BaseException:
+        if staging is not None and may_abort:
+            staging.abort()
+        raise
+
+
+def _with_cause(e: BaseException, cause: BaseException) -> BaseException:
+    e.__cause__ = cause
+    return e
+
+
+def _describe(prepared: Prepared) -> list[list[Any]]:
+    """This rank's arrays as plain values: ``[key path, dtype, shape, global shape | None, offsets | None]``."""
+    return [
+        [
+            a.path,
+            a.dtype,
+            a.array.shape,
+            a.global_shape,
+            a.offsets,
+        ]
+        for a in prepared.arrays
+    ]
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Rank 0's plan: the manifest's tensor list, slot by slot, and what each leaf became."""
+
+    #: Per slot: (leaf index, offsets of the block or None for a replicated array, shape, dtype, writer).
+    slots: list[tuple[int, tuple[int, ...] | None, tuple[int, ...], str, int]]
+    #: Per leaf: a slot (replicated) or the global shape and its blocks' slots (sharded).
+    leaves: list[int | tuple[tuple[int, ...], list[int]]]
+    #: The writer token of this save (in the manifest and the data file names).
+    token: str = ""
+    manifest: Manifest | None = None
+
+
+def _path_text(path: Any) -> str:
+    return path if isinstance(path, str) else render_path(path)
+
+
+def assign(reports: list[list[list[Any]]]) -> tuple[_Layout, list[list[list[int]]]]:
+    """Check the ranks' arrays against each other and give every distinct block, and every replicated
+    array, to one rank: blocks held by one rank to it, the rest largest first to the least loaded rank
+    that holds them. Returns the layout and each rank's tasks ``[slot, leaf index]``.
+
+    Raises:
+        ShardingError: the ranks disagree, or an array's blocks overlap, leave a gap or reach outside it.
+    """
+    world = len(reports)
+    first = reports[0]
+    if world == 1:
+        return _assign_one(first)
+    for r, rep in enumerate(reports[1:], 1):
+        if len(rep) != len(first) or any(a[0] != b[0] for a, b in zip(rep, first)):
+            paths0, paths_r = [a[0] for a in first], [a[0] for a in rep]
+            diff = sorted(set(paths0) ^ set(paths_r), key=str)[:5] or paths0[:5]
+            raise ShardingError(
+                f"the ranks' states differ: rank 0 has {len(first)} arrays, rank {r} {len(rep)} "
+                f"(paths not on both, or out of order: {[_path_text(p) for p in diff]})"
+            )
+    load = [0] * world
+    slots: list[tuple[int, tuple[int, ...] | None, tuple[int, ...], str, int]] = []
+    leaves: list[int | tuple[tuple[int, ...], list[int]]] = []
+    shared: list[tuple[int, int, list[int]]] = []  # (nbytes, slot, holders) still to assign
+    for i, (key_path, dtype, shape, gshape, _) in enumerate(first):
+        path = _path_text(key_path)
+        itemsize = _itemsize(dtype)
+        kinds = {tuple(rep[i][3]) if rep[i][3] is not None else None for rep in reports}
+        if len(kinds) > 1 or any(rep[i][1] != dtype for rep in reports):
+            raise ShardingError(
+                f"{path}: the ranks disagree on it (dtypes {sorted({rep[i][1] for rep in reports})}, "
+                f"global shapes {sorted(map(str, kinds))}); a plain array must be the same on every rank"
+            )
+        if gshape is None:
+            if any(rep[i][2] != shape for rep in reports):
+                raise ShardingError(
+                    f"{path}: a plain (replicated) array with different shapes on different ranks "
+                    f"({sorted({str(rep[i][2]) for rep in reports})}); save per-rank arrays as Shards"
+                )
+            leaves.append(len(slots))
+            shared.append((math.prod(shape) * itemsize, len(slots), list(range(world))))
+            slots.append((i, None, tuple(shape), dtype, -1))
+            continue
+        holders: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        for r, rep in enumerate(reports):
+            holders.setdefault((tuple(rep[i][4]), tuple(rep[i][2])), []).append(r)
+        blocks = sorted(holders)
+        problem = check_partition(blocks, tuple(gshape))
+        if problem is not None:
+            raise ShardingError(f"{path}: the ranks' shards of global shape {tuple(gshape)} do not fit: {problem}")
+        block_slots = []
+        for offsets, bshape in blocks:
+            owners = holders[(offsets, bshape)]
+            nbytes = math.prod(bshape) * itemsize
+            if len(owners) == 1:
+                load[owners[0]] += nbytes
+                slots.append((i, offsets, bshape, dtype, owners[0]))
+            else:
+                shared.append((nbytes, len(slots), owners))
+                slots.append((i, offsets, bshape, dtype, -1))
+            block_slots.append(len(slots) - 1)
+        leaves.append((tuple(gshape), block_slots))
+    for nbytes, slot, owners in sorted(shared, key=lambda s: (-s[0], s[1])):
+        writer = min(owners, key=lambda r: (load[r], r))
+        load[writer] += nbytes
+        leaf, where, shape, dtype, _ = slots[slot]
+        slots[slot] = (leaf, where, shape, dtype, writer)
+    tasks: list[list[list[int]]] = [[] for _ in range(world)]
+    for slot, (leaf, _, _, _, writer) in enumerate(slots):
+        tasks[writer].append([slot, leaf])
+    return _Layout(slots, leaves), tasks
+
+
+def _assign_one(report: list[list[Any]]) -> tuple[_Layout, list[list[list[int]]]]:
+    """:func:`assign` for a world of one: everything to rank 0; a Shard must cover its whole array."""
+    slots: list[tuple[int, tuple[int, ...] | None, tuple[int, ...], str, int]] = []
+    leaves: list[int | tuple[tuple[int, ...], list[int]]] = []
+    for i, (key_path, dtype, shape, gshape, offsets) in enumerate(report):
+        if gshape is None:
+            leaves.append(len(slots))
+            slots.append((i, None, tuple(shape), dtype, 0))
+            continue
+        gshape, block = tuple(gshape), (tuple(offsets), tuple(shape))
+        problem = check_partition([block], gshape)
+        if problem is not None:
+            path = _path_text(key_path)
+            raise ShardingError(f"{path}: the ranks' shards of global shape {gshape} do not fit: {problem}")
+        leaves.append((gshape, [len(slots)]))
+        slots.append((i, block[0], block[1], dtype, 0))
+    return _Layout(slots, leaves), [[[slot, s[0]] for slot, s in enumerate(slots)]]
+
+
+def _check_visible(storage: Storage, staging: Staging, files: list[FileEntry], results: list[Any]) -> None:
+    """Every rank's files, as rank 0 sees them: a filesystem that the ranks do not share (memory://, a
+    node-local disk) must fail the save, not commit a manifest naming files that are not there."""
+    sizes = storage.sizes(staging.dir)
+    owner = {n: r for r, res in enumerate(results) for n, _ in res[1]}
+    for f in files:
+        if sizes.get(f.name) != f.size:
+            raise DistributedError(
+                f"rank {owner.get(f.name)}'s file {storage.url_of(staging.dir + '/' + f.name)} is not visible to "
+                f"rank 0 ({sizes.get(f.name)} bytes, {f.size} written): do all ranks share this filesystem?"
+            )
+
+
+def _itemsize(code: str) -> int:
+    return int(dtype_of(code).itemsize)
+
+
+def _plan(
+    storage: Storage, name: str, reports: list[Any], overwrite: bool, world: int
+) -> tuple[list[Any], _Layout | None, Staging | None, BaseException | None]:
+    """Rank 0: the orders for every rank, the layout, and the staging (or the failure for all)."""
+    failed = next((r for r in reports if r[0] != "ok"), None)
+    if failed is not None:
+        return [failed] * world, None, None, None
+    try:
+        names = [r[2] for r in reports]
+        if len(set(names)) > 1:
+            raise DistributedError(f"the ranks save different steps: {', '.join(sorted(set(names)))}")
+        layout, tasks = assign([r[1] for r in reports])
+        ensure_free(storage, name, overwrite)
+        layout.token = token = new_token()
+        staging = storage.begin(name, token)
+    except Exception as e:
+        return [failure(-1, e)] * world, None, None, e
+    return [["ok", token, t] for t in tasks], layout, staging, None
+
+
+def _write_share(
+    staging: Staging, prepared: Prepared, tasks: list[list[int]], token: str, rank: int
+) -> tuple[list[list[Any]], list[tuple[int, TensorEntry]]]:
+    """Write this rank's arrays into its own files; return their names and sizes, and each array's slot
+    with its tensor entry (``file``: the index among this rank's files)."""
+    leaves = [prepared.arrays[leaf] for _, leaf in tasks]
+    names = tensorio.tensor_names(leaves)
+    for k, a in enumerate(leaves):
+        if a.offsets is not None:  # blocks of one array are told apart by their offsets
+            names[k] += "@" + ",".join(map(str, a.offsets))
+    plans = tensorio.plan_files(leaves, f"tensors-{token}-r{rank:05d}", knobs.current.max_file_bytes)
+    files: list[list[Any]] = []
+    entries: list[tuple[int, TensorEntry]] = []
+    for k, plan in enumerate(plans):
+        write = functools.partial(_write_file, leaves, names, plan, k)
+        size, written = staging.write(plan.name, write)  # durable once it returns
+        files.append([plan.name, size])
+        entries.extend((tasks[i][0], e) for i, e in zip(plan.indices, written))
+    return files, entries
+
+
+def _write_file(
+    arrays: Sequence[ArrayLeaf], names: Sequence[str], plan: tensorio.FilePlan, k: int, f: BinaryIO
+) -> tuple[int, list[TensorEntry]]:
+    return tensorio.write_file(f, arrays, names, plan, k)
+
+
+def _commit(
+    storage: Storage,
+    staging: Staging,
+    name: str,
+    step: int,
+    prepared: Prepared,
+    layout: _Layout,
+    results: list[Any],
+    overwrite: bool,
+) -> tuple[list[Any], BaseException | None]:
+    """Rank 0: the manifest from every rank's files and entries, committed; the verdict for all ranks."""
+    failed = next((r for r in results if r[0] != "ok"), None)
+    if failed is not None:
+        staging.abort()
+        return failed, None
+    try:
+        files: list[FileEntry] = []
+        slots: list[TensorEntry | None] = [None] * len(layout.slots)
+        others: list[str] = []
+        for rank, (_, rank_files, rank_entries) in enumerate(results):
+            base = len(files)
+            files.extend(FileEntry(n, s) for n, s in rank_files)
+            if rank:
+                others.extend(n for n, _ in rank_files)
+            for slot, e in rank_entries:
+                slots[slot] = dataclasses.replace(e, file=base + e.file) if base else e
+        if any(s is None for s in slots):
+            raise DistributedError(f"{sum(s is None for s in slots)} arrays were written by no rank")
+        if len(results) > 1:
+            _check_visible(storage, staging, files, results)
+            staging.adopt(others)
+        m = Manifest(
+            step=step,
+            created=time.time(),
+            writer=layout.token,
+            metadata=prepared.metadata,
+            tree=_tree(prepared, layout),
+            files=tuple(files),
+            tensors=tuple(s for s in slots if s is not None),
+        )
+    except Exception as e:
+        staging.abort()
+        return failure(-1, e), e
+    try:
+        commit_manifest(storage, staging, name, m, overwrite=overwrite)
+    except Exception as e:
+        return failure(0, e), e
+    layout.manifest = m
+    return ["ok", m.created, sum(f.size for f in files), m.metadata], None
+
+
+def _tree(prepared: Prepared, layout: _Layout) -> Any:
+    """The skeleton with each leaf's reference pointing at its slot (or blocks) in the tensor list."""
+    if all(leaf == i for i, leaf in enumerate(layout.leaves)):
+        return prepared.skeleton  # every array replicated, in order: the references are right already
+
+    def ref(node: Any) -> Any:
+        leaf = layout.leaves[node.index]
+        if isinstance(leaf, int):
+            return TensorRef(leaf)
+        gshape, block_slots = leaf
+        dtype = layout.slots[block_slots[0]][3] if block_slots else prepared.arrays[node.index].dtype
+        return ShardedRef(gshape, dtype, tuple((s, layout.slots[s][1] or ()) for s in block_slots))
+
+    return map_refs(prepared.skeleton, ref)
+
+
+def commit_manifest(storage: Storage, staging: Staging, name: str, m: Manifest, *, overwrite: bool) -> None:
+    """Encode ``m`` and publish it as the commit of ``staging`` (the one place a manifest is written).
+
+    On failure the staging is aborted; a StorageError then says what the save left: the failure may
+    come after the checkpoint was published (a sync of the root, a lost response).
+    """
+    data = manifest.encode(m)
+    try:
+        staging.commit(data, overwrite=overwrite)
+    except StorageError as e:
+        staging.abort()
+        raise storage_error(e, f"saving {storage.url_of(name)} failed; {_outcome(storage, name)}") from e
+    except BaseException:
+        staging.abort()
+        raise
+
+
+def _outcome(storage: Storage, name: str) -> str:
+    """What a failed save left, in words."""
+    try:
+        committed = storage.is_committed(name)
+    except Exception:
+        return "it may or may not be committed (check with CheckpointStore.verify)"
+    if committed:
+        return "it is committed all the same (its data was complete before it was published)"
+    return "nothing was committed"

@@ -1,0 +1,130 @@
+"""The storage boundary: what the backends promise about paths and errors, beyond the behaviour suite.
+
+* a store given as an ``FsspecStorage`` with a relative root lists, restores and applies retention;
+* a checkpoint deleted while a reader lists its files is a missing file, never a raw ``FileNotFoundError``;
+* a data file whose writer fails part-way is discarded: an upload in parts is aborted, never completed;
+* every failure of a filesystem call comes out of the storage as a :class:`StorageError` naming the path,
+  with the errno kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+
+import ckptstore
+from ckptstore import knobs
+from ckptstore.errors import CkptStoreError, StorageError
+from ckptstore.storage import FsspecStorage, LocalOps, LocalStorage, new_token, open_storage
+from tests.conftest import Location
+from tests.s3proxy import FaultProxy
+
+
+def test_fsspec_storage_with_a_relative_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = FsspecStorage(fsspec.filesystem("file", auto_mkdir=True), "rel")
+    store = ckptstore.CheckpointStore(storage, max_to_keep=1)
+    store.save(1, {"w": np.arange(3)})
+    assert store.steps() == [1]
+    np.testing.assert_array_equal(store.restore()["w"], np.arange(3))
+    store.save(2, {"w": np.arange(4)})
+    assert store.steps() == [2]  # retention deleted step 1
+    step1 = [p for p in (tmp_path / "rel").rglob("*") if "step_00000001" in str(p) and p.is_file()]
+    assert step1 == []  # (a filesystem with real directories keeps the empty directory)
+
+
+def test_sizes_of_a_directory_emptied_while_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = LocalStorage(tmp_path)
+    (tmp_path / "d").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "d" / name).write_bytes(b"x" * 3)
+    real_scandir = os.scandir
+
+    def scandir_then_delete(path: Any) -> Any:
+        entries = list(real_scandir(path))
+        os.unlink(os.path.join(path, "b"))  # retention deleting under the reader, after the listing
+        return iter(entries)
+
+    monkeypatch.setattr("ckptstore.storage._local.os.scandir", scandir_then_delete)
+    assert storage.sizes("d") == {"a": 3, "c": 3}
+
+
+def test_a_failed_upload_in_parts_is_aborted_not_completed(s3_proxy: tuple[Location, FaultProxy]) -> None:
+    loc, proxy = s3_proxy
+    storage = open_storage(loc.url, loc.storage_options)
+    staging = storage.begin("step_00000001", new_token())
+
+    def fill(f: Any) -> None:
+        f.write(b"\0" * (12 << 20))  # two parts of 5 MiB go up, the rest waits in the buffer
+        raise RuntimeError("the writer fails")
+
+    with knobs.override(upload_part_bytes=5 << 20), pytest.raises(RuntimeError, match="the writer fails"):
+        staging.write("data.safetensors", fill)
+    methods = [(r.method, r.query) for r in proxy.requests]
+    assert any(m == "DELETE" and "uploadId=" in q for m, q in methods), methods  # AbortMultipartUpload
+    assert not any(m == "POST" and "uploadId=" in q for m, q in methods), methods  # no CompleteMultipartUpload
+    staging.abort()
+    assert storage.sizes("step_00000001") == {}
+
+
+class FailingOps(LocalOps):
+    """Every call of one kind fails with an errno."""
+
+    def __init__(self, kind: str, code: int) -> None:
+        self.kind, self.code = kind, code
+
+    def _maybe_fail(self, kind: str, path: str) -> None:
+        if kind == self.kind:
+            raise OSError(self.code, os.strerror(self.code), path)
+
+    def mkdir(self, path: str) -> None:
+        self._maybe_fail("mkdir", path)
+        super().mkdir(path)
+
+    def create(self, path: str) -> Any:
+        self._maybe_fail("create", path)
+        return super().create(path)
+
+    def fsync(self, f: Any) -> None:
+        self._maybe_fail("fsync", f.name)
+        super().fsync(f)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._maybe_fail("rename", src)
+        super().rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        self._maybe_fail("unlink", path)
+        super().unlink(path)
+
+
+@pytest.mark.parametrize("kind", ["mkdir", "create", "fsync", "rename", "unlink"])
+def test_filesystem_failures_are_storage_errors_with_their_errno(tmp_path: Path, kind: str) -> None:
+    good = ckptstore.CheckpointStore(tmp_path / "run", max_to_keep=1)
+    good.save(1, {"w": np.arange(3)})
+    store = ckptstore.CheckpointStore(LocalStorage(tmp_path / "run", FailingOps(kind, errno.EIO)), max_to_keep=1)
+    with pytest.raises(StorageError) as info:
+        store.save(2, {"w": np.arange(4)})
+    err = info.value
+    assert err.errno == errno.EIO and str(tmp_path / "run") in str(err), err
+    steps = good.steps()  # a failed deletion (unlink) comes after the commit: step 2 is there, step 1 too
+    assert steps in ([1], [1, 2]), steps
+    assert ("step 2 is committed" in str(err)) == (2 in steps), err
+    np.testing.assert_array_equal(good.restore()["w"], np.arange(4 if 2 in steps else 3))
+
+
+def test_reads_of_a_missing_store_are_named(tmp_path: Path) -> None:
+    file_not_dir = tmp_path / "f"
+    file_not_dir.write_bytes(b"")
+    with pytest.raises(StorageError, match="is a file"):
+        ckptstore.CheckpointStore(file_not_dir).steps()
+    storage = LocalStorage(tmp_path / "nothing")
+    assert storage.committed_steps() == [] and storage.sizes("x") == {} and storage.listdir(".leases") == []
+    with pytest.raises(CkptStoreError):
+        storage.open_read("step_00000001/a.safetensors")
