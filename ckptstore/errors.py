@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 __all__ = [
+    "AccessDeniedError",
     "AsyncSaveError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -18,6 +19,8 @@ __all__ = [
     "CorruptCheckpointError",
     "CorruptCheckpointWarning",
     "DistributedError",
+    "EndpointUnreachableError",
+    "MissingCredentialsError",
     "ShardingError",
     "StorageError",
     "StructureMismatchError",
@@ -60,6 +63,30 @@ class UnsupportedFormatError(CorruptCheckpointError):
 
 class StorageError(CkptStoreError, OSError):
     """The filesystem failed (after retries, where the filesystem is remote)."""
+
+
+class MissingCredentialsError(StorageError, PermissionError):
+    """No usable credentials were found for a remote store (errno EACCES); nothing was sent."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """The server refused the request: unknown key, wrong secret, expired token or missing permission
+    (errno EACCES). A PermissionError as well, as the error it replaces was."""
+
+
+class EndpointUnreachableError(StorageError, ConnectionError):
+    """The endpoint could not be connected to at all (errno ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH or
+    ENETUNREACH)."""
+
+    def __init__(
+        self, message: str, *, code: int | None = None, endpoint: str | None = None, attempts: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.errno = code
+        #: ``scheme://host:port`` that could not be connected to, where known.
+        self.endpoint = endpoint
+        #: Connection attempts made (by the fail-fast session), where known.
+        self.attempts = attempts
 
 
 class AsyncSaveError(CkptStoreError):

@@ -46,6 +46,14 @@ class Knobs:
     retries: int = 3
     retry_base_s: float = 0.2
     retry_max_s: float = 10.0
+    #: S3: seconds to wait for a TCP connection to the endpoint (botocore's ``connect_timeout``, unless
+    #: ``storage_options["config_kwargs"]`` sets it), and how many times more a connection that never came up
+    #: is tried before the endpoint is reported unreachable: an endpoint nobody answers at fails after about
+    #: ``connect_timeout_s * (connect_retries + 1)`` seconds. Errors on a connection that did come up (HTTP
+    #: 5xx, SlowDown, a reset mid-request) keep the client's and ``retries``' retries. See
+    #: :mod:`ckptstore.storage._s3`.
+    connect_timeout_s: float = 5.0
+    connect_retries: int = 1
     #: Leftovers of a writer (temp directories, uncommitted objects) whose liveness cannot be checked
     #: are removed once they are older than this.
     stale_after_s: float = 3600.0

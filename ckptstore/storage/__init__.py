@@ -25,6 +25,7 @@ import fsspec
 import fsspec.implementations.local
 
 from ..errors import StorageError
+from . import _s3
 from ._base import (
     LOCK_NAME,
     STEP_RE,
@@ -97,9 +98,11 @@ def open_parent(path: str | os.PathLike[str], storage_options: dict[str, Any] | 
 
 
 def url_to_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of a URL and the path within it."""
+    """The fsspec filesystem of a URL and the path within it; S3 gets a bounded connect time
+    (``knobs.connect_timeout_s``, ``knobs.connect_retries``: see :mod:`._s3`)."""
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **_s3.client_options(protocol, storage_options))
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open {url}: {e}") from e
     return fs, str(path)

@@ -15,10 +15,12 @@ from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StorageError,
 )
 from ..manifest import MANIFEST_NAME
 from . import _multipart as multipart
 from . import _retry as retry
+from . import _s3
 from ._base import NamedReader, Readable, Staging, Storage, parse_step
 
 _FS_LOCKS: dict[str, threading.RLock] = {}
@@ -122,6 +124,9 @@ class FsspecStorage(Storage):
         key = f"{type(fs).__module__}.{type(fs).__qualname__}:{self.url}"
         with _FS_LOCKS_GUARD:
             self._lock = _FS_LOCKS.setdefault(key, threading.RLock())
+
+    def describe_failure(self, e: BaseException, what: str) -> StorageError | None:
+        return _s3.describe(e, self.url, what)
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root

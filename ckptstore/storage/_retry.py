@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from .. import knobs
 from ..errors import CkptStoreError, StorageError
+from . import _s3
 
 T = TypeVar("T")
 
@@ -153,7 +154,8 @@ def call(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            if not is_transient(e):
+            # An endpoint never connected to was tried knobs.connect_retries times already (storage/_s3.py).
+            if _s3.is_unreachable(e) or not is_transient(e):
                 raise
             if attempt == attempts:
                 raise StorageError(f"{what} failed after {attempts} attempts: {e!r}") from e
