@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +130,21 @@ def test_reads_of_a_missing_store_are_named(tmp_path: Path) -> None:
     assert storage.committed_steps() == [] and storage.sizes("x") == {} and storage.listdir(".leases") == []
     with pytest.raises(CkptStoreError):
         storage.open_read("step_00000001/a.safetensors")
+
+
+def test_import_works_without_fcntl() -> None:
+    """Windows has no fcntl: importing ckptstore (and using remote stores) must still work there; a local
+    store then refuses to write with a named error."""
+    code = (
+        "import sys; sys.modules['fcntl'] = None\n"
+        "import ckptstore, tempfile, numpy as np\n"
+        "from ckptstore.errors import StorageError\n"
+        "store = ckptstore.CheckpointStore(tempfile.mkdtemp())\n"
+        "try:\n"
+        "    store.save(1, {'w': np.arange(3)})\n"
+        "except StorageError as e:\n"
+        "    assert 'flock' in str(e), e\n"
+        "    print('refused')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "refused", out.stderr

@@ -86,12 +86,15 @@ class _ProcessLock:
     """A lock between threads of this process and, through a lock file, between processes."""
 
     def __init__(self, path: str) -> None:
+        self._path = path
         self._thread_lock = threading.RLock()
-        self._file_lock = filelock.FileLock(path, thread_local=False, preserve_lock_file=True)
+        self._file_lock: filelock.BaseFileLock | None = None  # made on first use: readers never lock
 
     def __enter__(self) -> None:
         self._thread_lock.acquire()
         try:
+            if self._file_lock is None:
+                self._file_lock = filelock.FileLock(self._path, thread_local=False, preserve_lock_file=True)
             self._file_lock.acquire()
         except BaseException:
             self._thread_lock.release()
@@ -99,6 +102,7 @@ class _ProcessLock:
 
     def __exit__(self, *exc: object) -> None:
         try:
+            assert self._file_lock is not None
             self._file_lock.release()
         finally:
             self._thread_lock.release()
