@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: venv demo workflow test lint typecheck unit bench bench-quick clean
+.PHONY: venv demo workflow test test-fast lint typecheck imports unit bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -32,10 +32,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy ckptstore
 
+# The import contracts in pyproject.toml ([tool.importlinter]).
+imports: $(STAMP)
+	$(BIN)/lint-imports
+
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck unit
+test: lint typecheck imports unit
+
+# A quick check while editing (under a minute): `ruff check` and the tests without S3 servers, process
+# kills or crash harnesses, multi-process jobs, or slow ones (markers assigned in tests/conftest.py).
+# No `ruff format --check`, mypy or lint-imports: `make test` runs everything.
+FAST_MARKERS := not server and not crash and not multiprocess and not slow
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check ckptstore tests benchmarks examples
+	$(BIN)/python -m pytest -q -m "$(FAST_MARKERS)"
 
 # The benchmarks' extra peers (Orbax), on top of the test environment.
 $(BENCH_STAMP): $(STAMP)

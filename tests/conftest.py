@@ -161,3 +161,107 @@ def local_url(tmp_path: Path) -> Location:
 def store_url(request: pytest.FixtureRequest) -> Location:
     """The same test on local disk, memory:// and S3 (moto over HTTP)."""
     return request.getfixturevalue(f"{request.param}_url")  # type: ignore[no-any-return]
+
+
+# --- markers for `make test-fast` -------------------------------------------------------------------------
+#
+# Assigned here at collection, not in the test files, so that a new test is classified by what it uses:
+#
+#   server        needs an S3 server subprocess (moto or SeaweedFS): the test's fixture closure holds
+#                 one of SERVER_FIXTURES (s3_url, weed_url and store_url's "s3" case included), or one of
+#                 its parameters names a server-backed location (SERVER_PARAMS), for fixtures and tests
+#                 that call ``request.getfixturevalue(f"{param}_url")``. A test that reaches a server
+#                 without this marker fails (pytest_runtest_makereport below), so the rule cannot drift.
+#   crash         kills processes or simulates crashes: the SIGKILL and power-loss harnesses, the
+#                 kill-and-resume training runs, a lease holder killed with SIGKILL.
+#   multiprocess  runs several processes at once: concurrent writers and readers, multi-rank
+#                 torch.distributed jobs, a trainer with an evaluator or a watcher in another process.
+#   slow          long-running: set by hand in test files, and here for the heaviest of the rest.
+#
+# `make test-fast` deselects all four; `make test` runs everything.
+
+SERVER_FIXTURES = frozenset({"s3_server", "weed_server", "s3_proxy"})
+SERVER_PARAMS = frozenset({"s3", "seaweedfs"})
+
+# Whole modules, by module name.
+MODULE_MARKERS: dict[str, tuple[str, ...]] = {
+    "test_crash_kill": ("crash", "multiprocess"),
+    "test_crash_powerloss": ("crash",),
+    "test_exact_resume_torch": ("crash",),
+    "test_exact_resume_jax": ("crash",),
+    "test_exact_resume_keras": ("crash",),
+    "test_distributed": ("multiprocess", "crash"),
+    "test_examples": ("multiprocess", "crash"),
+}
+
+# Single tests of otherwise in-process modules: (module, function name).
+TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("test_concurrency", "test_two_writers_different_steps"): ("multiprocess",),
+    ("test_concurrency", "test_two_writers_same_step_exactly_one_wins"): ("multiprocess",),
+    ("test_concurrency", "test_writer_retention_and_readers_together"): ("multiprocess",),
+    ("test_leases", "test_a_dead_readers_lease_expires"): ("crash",),
+    ("test_leases", "test_trainer_deleting_rapidly_never_breaks_an_evaluators_restore"): ("multiprocess",),
+    ("test_watch", "test_cli_watch_follows_a_trainer_in_another_process"): ("multiprocess",),
+    ("test_s3_commit", "test_concurrent_writers_of_one_step_exactly_one_commits"): ("multiprocess",),
+    # The heaviest of the rest (0.7 s or more each on a 2-core machine, `pytest -m "not slow" --durations=30`),
+    # marked slow to keep `make test-fast` under a minute: fresh interpreters importing torch or jax,
+    # timing tests that wait out their timeouts (connect timeouts included), hypothesis searches.
+    ("test_async_save", "test_interpreter_exit_waits_for_the_save"): ("slow",),
+    ("test_async_save", "test_large_snapshot_copied_on_several_threads_is_exact_and_isolated"): ("slow",),
+    ("test_backends", "test_other_process_sees_checkpoints"): ("slow",),
+    ("test_frameworks_optional", "test_a_jax_state_imports_neither_torch_nor_tensorflow"): ("slow",),
+    ("test_fuzz", "test_mutated_checkpoints_raise_only_named_errors"): ("slow",),
+    ("test_fuzz", "test_random_trees_round_trip"): ("slow",),
+    ("test_rng", "test_restore_in_a_fresh_process_continues_every_generator"): ("slow",),
+    ("test_s3_errors", "test_connect_that_never_completes_fails_within_the_knobs_bound"): ("slow",),
+    ("test_s3_errors", "test_store_on_an_unanswered_endpoint_fails_within_the_knobs_bound"): ("slow",),
+    ("test_watch", "test_poll_interval_is_shortened_to_fit_the_timeout"): ("slow",),
+    ("test_watch", "test_min_interval_between_yields_counts_the_callers_time"): ("slow",),
+    ("test_watch", "test_timeout_fn_false_after_a_yield_keeps_waiting"): ("slow",),
+    ("test_watch", "test_wait_for_new_checkpoint"): ("slow",),
+    ("test_watch", "test_every_checkpoint_respects_min_interval"): ("slow",),
+}
+
+
+def _uses_server(item: pytest.Item) -> bool:
+    if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and any(isinstance(v, str) and v in SERVER_PARAMS for v in callspec.params.values())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
+        name = getattr(item, "originalname", item.name)
+        markers = set(MODULE_MARKERS.get(module, ())) | set(TEST_MARKERS.get((module, name), ()))
+        if _uses_server(item):
+            markers.add("server")
+        for marker in sorted(markers):
+            item.add_marker(marker)
+
+
+# The fixture a test reached a server through, for a test that the rule above did not mark `server`.
+_UNMARKED_SERVER = pytest.StashKey[str]()
+
+
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:
+    """Notes a server fixture set up for a test not marked `server` (its report fails at teardown)."""
+    if fixturedef.argname in SERVER_FIXTURES | {"s3_url", "weed_url"}:
+        item = getattr(request, "_pyfuncitem", None)
+        if item is not None and item.get_closest_marker("server") is None:
+            item.stash[_UNMARKED_SERVER] = fixturedef.argname
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A test that reached an S3 server without the `server` marker fails: the rule cannot drift."""
+    report: pytest.TestReport = yield
+    name = item.stash.get(_UNMARKED_SERVER, None)
+    if call.when == "teardown" and name is not None:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} reached the S3 server fixture {name!r} but is not marked `server`: extend the rule "
+            "in tests/conftest.py (SERVER_FIXTURES / SERVER_PARAMS) so that `make test-fast` leaves it out"
+        )
+    return report
