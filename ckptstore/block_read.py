@@ -24,8 +24,7 @@ from . import blocks, dtypes, remote_read, shard, tensorio, tree
 from .errors import CorruptCheckpointError, StructureMismatchError
 from .manifest import Manifest, TensorEntry
 from .skeleton import ShardedRef, Stateful, TensorRef, children, iter_refs
-from .storage import Storage
-from .tensorio import Readable
+from .storage import Readable, Storage
 
 #: Bytes between two wanted runs that are read rather than skipped by a second request.
 GAP_BYTES = 1 << 20

@@ -173,11 +173,11 @@ def save(
         if c.rank == 0:
             assert results is not None and layout is not None and staging is not None
             verdict, own0 = _commit(storage, staging, name, step, prepared, layout, results, overwrite)
-            may_abort = verdict[0] != "ok"
+            may_abort = False  # committed, or aborted by _commit
             own = own or own0
         verdict = collective(c.broadcast, verdict, "committing")
         if verdict[0] != "ok":
-            may_abort = True
+            may_abort = c.rank != 0
             raise_failure(verdict, own, c.rank)
         _, created, nbytes, meta = verdict
         return Committed(created, nbytes, meta, layout.manifest if layout is not None else None)

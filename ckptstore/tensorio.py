@@ -18,7 +18,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import numpy as np
 import xxhash
@@ -27,17 +27,9 @@ from . import dtypes, knobs
 from .errors import CorruptCheckpointError
 from .manifest import TensorEntry
 from .skeleton import ArrayLeaf
+from .storage import Readable
 
 HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
-
-
-class Readable(Protocol):
-    """A file opened for ranged reads (what ``Storage.open_read`` returns)."""
-
-    def seek(self, offset: int, whence: int = 0, /) -> int: ...
-    def read(self, size: int = -1, /) -> bytes: ...
-    def readinto(self, buffer: Any, /) -> int | None: ...
-    def close(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
