@@ -136,7 +136,8 @@ def save(
     prepared: Prepared | None = None
     try:
         prepared = source()
-        report: list[Any] = ["ok", _describe(prepared), name]
+        # A world of one hands its arrays over as they are: nothing crosses a process boundary.
+        report: list[Any] = ["ok", _describe(prepared) if c.world_size > 1 else prepared.arrays, name]
     except Exception as e:
         own, report = e, failure(c.rank, e)
 
@@ -192,30 +193,33 @@ def _with_cause(e: BaseException, cause: BaseException) -> BaseException:
     return e
 
 
-def _describe(prepared: Prepared) -> list[list[Any]]:
-    """This rank's arrays as plain values: ``[key path, dtype, shape, global shape | None, offsets | None]``."""
-    return [
-        [
-            a.path,
-            a.dtype,
-            a.array.shape,
-            a.global_shape,
-            a.offsets,
-        ]
-        for a in prepared.arrays
-    ]
+def _describe(prepared: Prepared) -> list[tuple[Any, ...]]:
+    """This rank's arrays as plain values: ``(key path, dtype, shape, global shape | None, offsets | None)``."""
+    return [(a.path, a.dtype, a.array.shape, a.global_shape, a.offsets) for a in prepared.arrays]
+
+
+#: A slot of the manifest's tensor list: (leaf index, offsets of the block or None for a replicated array,
+#: shape, dtype, writer rank).
+_Slot = tuple[int, tuple[int, ...] | None, tuple[int, ...], str, int]
 
 
 @dataclasses.dataclass
 class _Layout:
     """Rank 0's plan: the manifest's tensor list, slot by slot, and what each leaf became."""
 
-    #: Per slot: (leaf index, offsets of the block or None for a replicated array, shape, dtype, writer).
-    slots: list[tuple[int, tuple[int, ...] | None, tuple[int, ...], str, int]]
+    #: Per slot: see :data:`_Slot`.
+    slots: list[_Slot]
     #: Per leaf: a slot (replicated) or the global shape and its blocks' slots (sharded).
     leaves: list[int | tuple[tuple[int, ...], list[int]]]
+    #: Every leaf is a replicated array written by rank 0, slot = leaf index: ``slots`` is left empty
+    #: and rank 0's tasks are None (a world of one without Shards: nothing to plan).
+    in_order: bool = False
     #: The writer token of this save (in the manifest and the data file names).
     token: str = ""
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.leaves) if self.in_order else len(self.slots)
     manifest: Manifest | None = None
 
 
@@ -223,18 +227,17 @@ def _path_text(path: Any) -> str:
     return path if isinstance(path, str) else render_path(path)
 
 
-def assign(reports: list[list[list[Any]]]) -> tuple[_Layout, list[list[list[int]]]]:
+def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | None]]:
     """Check the ranks' arrays against each other and give every distinct block, and every replicated
     array, to one rank: blocks held by one rank to it, the rest largest first to the least loaded rank
-    that holds them. Returns the layout and each rank's tasks ``[slot, leaf index]``.
+    that holds them. Returns the layout and each rank's tasks ``[slot, leaf index]`` (None: every leaf, in
+    order, slot = leaf index).
 
     Raises:
         ShardingError: the ranks disagree, or an array's blocks overlap, leave a gap or reach outside it.
     """
     world = len(reports)
     first = reports[0]
-    if world == 1:
-        return _assign_one(first)
     for r, rep in enumerate(reports[1:], 1):
         if len(rep) != len(first) or any(a[0] != b[0] for a, b in zip(rep, first)):
             paths0, paths_r = [a[0] for a in first], [a[0] for a in rep]
@@ -290,28 +293,31 @@ def assign(reports: list[list[list[Any]]]) -> tuple[_Layout, list[list[list[int]
         load[writer] += nbytes
         leaf, where, shape, dtype, _ = slots[slot]
         slots[slot] = (leaf, where, shape, dtype, writer)
-    tasks: list[list[list[int]]] = [[] for _ in range(world)]
+    per_rank: list[list[list[int]]] = [[] for _ in range(world)]
     for slot, (leaf, _, _, _, writer) in enumerate(slots):
-        tasks[writer].append([slot, leaf])
+        per_rank[writer].append([slot, leaf])
+    tasks: list[list[list[int]] | None] = list(per_rank)
     return _Layout(slots, leaves), tasks
 
 
-def _assign_one(report: list[list[Any]]) -> tuple[_Layout, list[list[list[int]]]]:
-    """:func:`assign` for a world of one: everything to rank 0; a Shard must cover its whole array."""
-    slots: list[tuple[int, tuple[int, ...] | None, tuple[int, ...], str, int]] = []
+def _assign_one(arrays: list[ArrayLeaf]) -> tuple[_Layout, list[list[list[int]] | None]]:
+    """:func:`assign` for a world of one: everything to rank 0, in order; a Shard must cover its array."""
+    if all(a.global_shape is None for a in arrays):  # the common case, kept cheap for 100,000 small arrays
+        return _Layout([], list(range(len(arrays))), in_order=True), [None]
+    slots: list[_Slot] = []
     leaves: list[int | tuple[tuple[int, ...], list[int]]] = []
-    for i, (key_path, dtype, shape, gshape, offsets) in enumerate(report):
-        if gshape is None:
+    for i, a in enumerate(arrays):
+        shape = tuple(a.array.shape)
+        if a.global_shape is None or a.offsets is None:
             leaves.append(len(slots))
-            slots.append((i, None, tuple(shape), dtype, 0))
+            slots.append((i, None, shape, a.dtype, 0))
             continue
-        gshape, block = tuple(gshape), (tuple(offsets), tuple(shape))
+        gshape, block = tuple(a.global_shape), (tuple(a.offsets), shape)
         problem = check_partition([block], gshape)
         if problem is not None:
-            path = _path_text(key_path)
-            raise ShardingError(f"{path}: the ranks' shards of global shape {gshape} do not fit: {problem}")
+            raise ShardingError(f"{render_path(a.path)}: the shards of global shape {gshape} do not fit: {problem}")
         leaves.append((gshape, [len(slots)]))
-        slots.append((i, block[0], block[1], dtype, 0))
+        slots.append((i, block[0], block[1], a.dtype, 0))
     return _Layout(slots, leaves), [[[slot, s[0]] for slot, s in enumerate(slots)]]
 
 
@@ -343,7 +349,7 @@ def _plan(
         names = [r[2] for r in reports]
         if len(set(names)) > 1:
             raise DistributedError(f"the ranks save different steps: {', '.join(sorted(set(names)))}")
-        layout, tasks = assign([r[1] for r in reports])
+        layout, tasks = assign([r[1] for r in reports]) if world > 1 else _assign_one(reports[0][1])
         ensure_free(storage, name, overwrite)
         layout.token = token = new_token()
         staging = storage.begin(name, token)
@@ -353,11 +359,11 @@ def _plan(
 
 
 def _write_share(
-    staging: Staging, prepared: Prepared, tasks: list[list[int]], token: str, rank: int
+    staging: Staging, prepared: Prepared, tasks: list[list[int]] | None, token: str, rank: int
 ) -> tuple[list[list[Any]], list[tuple[int, TensorEntry]]]:
     """Write this rank's arrays into its own files; return their names and sizes, and each array's slot
     with its tensor entry (``file``: the index among this rank's files)."""
-    leaves = [prepared.arrays[leaf] for _, leaf in tasks]
+    leaves = prepared.arrays if tasks is None else [prepared.arrays[leaf] for _, leaf in tasks]
     names = tensorio.tensor_names(leaves)
     for k, a in enumerate(leaves):
         if a.offsets is not None:  # blocks of one array are told apart by their offsets
@@ -369,7 +375,8 @@ def _write_share(
         write = functools.partial(_write_file, leaves, names, plan, k)
         size, written = staging.write(plan.name, write)  # durable once it returns
         files.append([plan.name, size])
-        entries.extend((tasks[i][0], e) for i, e in zip(plan.indices, written))
+        slot_of = plan.indices if tasks is None else [tasks[i][0] for i in plan.indices]
+        entries.extend(zip(slot_of, written))
     return files, entries
 
 
@@ -396,7 +403,7 @@ def _commit(
         return failed, None
     try:
         files: list[FileEntry] = []
-        slots: list[TensorEntry | None] = [None] * len(layout.slots)
+        slots: list[TensorEntry | None] = [None] * layout.n_slots
         others: list[str] = []
         for rank, (_, rank_files, rank_entries) in enumerate(results):
             base = len(files)
@@ -432,7 +439,7 @@ def _commit(
 
 def _tree(prepared: Prepared, layout: _Layout) -> Any:
     """The skeleton with each leaf's reference pointing at its slot (or blocks) in the tensor list."""
-    if all(leaf == i for i, leaf in enumerate(layout.leaves)):
+    if layout.in_order:
         return prepared.skeleton  # every array replicated, in order: the references are right already
 
     def ref(node: Any) -> Any:
