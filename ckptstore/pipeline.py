@@ -217,10 +217,11 @@ class _Layout:
     #: The writer token of this save (in the manifest and the data file names).
     token: str = ""
 
+    manifest: Manifest | None = None
+
     @property
     def n_slots(self) -> int:
         return len(self.leaves) if self.in_order else len(self.slots)
-    manifest: Manifest | None = None
 
 
 def _path_text(path: Any) -> str:

@@ -176,7 +176,8 @@ class Staging(ABC):
         upload completed); return what ``fill`` returned.
 
         If ``fill`` raises, the file is discarded (an upload in parts is aborted, not completed) and the
-        error passes on. Failures of the filesystem, ``fill``'s writes included, are StorageErrors.
+        error passes on, except that failures of the filesystem (an OSError out of ``fill``: its writes to
+        ``f``) become StorageErrors naming the file, errno kept.
         """
         what = f"writing {self.storage.url_of(f'{self.dir}/{name}')}"
         with self.storage.named_errors(what):

@@ -174,7 +174,7 @@ class FsspecStorage(Storage):
             try:
                 # A plain GET (no cached size or ETag: fs.open would check them, and a manifest replaced by
                 # another process since our last listing would fail as "expired").
-                data = retry.call(self.fs.cat_file, path, start=0, end=limit + 1, what=f"reading {self.url_of(rel)}")
+                data = self._get(path, 0, limit + 1, f"reading {self.url_of(rel)}")
             except FileNotFoundError:
                 raise CheckpointNotFoundError(f"{self.url_of(rel)} does not exist") from None
         if len(data) > limit:
@@ -191,14 +191,22 @@ class FsspecStorage(Storage):
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file, in one ranged GET (retried when it fails transiently)."""
+        if end <= start:
+            return b""  # (an empty range asked of S3 would return the whole object)
         with self.named_errors(f"reading {self.url_of(rel)}"):
             try:
-                data = retry.call(
-                    self.fs.cat_file, self._path(rel), start=start, end=end, what=f"reading {self.url_of(rel)}"
-                )
+                return self._get(self._path(rel), start, end, f"reading {self.url_of(rel)}")
             except FileNotFoundError:
                 raise CorruptCheckpointError(f"{self.url_of(rel)} is missing") from None
-        return bytes(data)
+
+    def _get(self, path: str, start: int, end: int, what: str) -> bytes:
+        """Bytes ``[start, end)`` of an object (fewer at its end, none past it), in one ranged GET."""
+        try:
+            return bytes(retry.call(self.fs.cat_file, path, start=start, end=end, what=what))
+        except Exception as e:
+            if retry.is_invalid_range(e):  # S3: a range at or past the end (of an empty object too)
+                return b""
+            raise
 
     def _open_write(self, path: str) -> BinaryIO:
         if multipart.supported(self.fs):
@@ -218,10 +226,11 @@ class FsspecStorage(Storage):
                 entries = retry.call(self.fs.ls, path, detail=True, what=f"listing {self.url_of(rel_dir)}")
             except FileNotFoundError:
                 return {}
+        # Some servers (SeaweedFS) list an emptied prefix as a file named like the prefix itself: not a file.
         return {
             e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
             for e in entries
-            if e.get("type") == "file"
+            if e.get("type") == "file" and e["name"].rstrip("/") != path
         }
 
     def is_committed(self, name: str) -> bool:
@@ -299,7 +308,7 @@ class FsspecStorage(Storage):
                 found = retry.call(self.fs.ls, path, detail=False, what=f"listing {self.url_of(rel_dir)}")
             except FileNotFoundError:
                 return []
-        return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in found]
+        return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in found if str(p).rstrip("/") != path]
 
     def remove(self, rel: str) -> None:
         with self.named_errors(f"removing {self.url_of(rel)}"), contextlib.suppress(FileNotFoundError):

@@ -121,6 +121,19 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
+def is_invalid_range(e: BaseException) -> bool:
+    """Whether ``e`` (or its cause) is an HTTP 416 / ``InvalidRange`` answer: a ranged GET that starts at or
+    past the end of the object (an empty object included), which a file read answers with no bytes."""
+    for err in _chain(e):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code == "InvalidRange" or status == 416:
+                return True
+    return False
+
+
 def is_precondition_failed(e: BaseException) -> bool:
     """Whether ``e`` (or its cause) is an HTTP 412 / ``PreconditionFailed`` answer: an exclusive create
     that found the object there. s3fs turns it into FileExistsError only when the server names the
