@@ -1,19 +1,23 @@
-"""Shared fixtures: where a store lives (local disk, memory://, S3 on a real moto server over HTTP).
+"""Shared fixtures: where a store lives (local disk, memory://, S3 on real moto and SeaweedFS servers over HTTP).
 
-A location is a :class:`Location` ``(url, storage_options)``; unpack it or call ``.store(**kw)``::
+A location is a :class:`Location` ``(url, storage_options)``; unpack it or call ``.store(**kw)``. One fixture,
+``location``, says where a test's store lives; the test chooses the kinds (:data:`LOCATIONS`)::
 
-    def test_something(store_url):          # runs three times: local, memory, s3
-        store = store_url.store(max_to_keep=2)
-        url, opts = store_url               # for ckptstore.save(url + "/x", ..., storage_options=opts)
+    @pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+    def test_something(location):           # runs three times, ids "local", "memory", "s3"
+        store = location.store(max_to_keep=2)
+        url, opts = location                # for ckptstore.save(url + "/x", ..., storage_options=opts)
 
 Fixtures:
+    location    parametrised (indirectly) over LOCATIONS: "local" (LocalStorage), "fsspec-local" (the
+                manifest-last protocol on a local directory), "memory", "s3" (moto), "seaweedfs";
+                "local" and "memory" where the test does not say. Built on the four below.
+    local_url   a directory under tmp_path
+    memory_url  ``memory://<unique>/run`` in fsspec's (global) memory filesystem, cleared first
     s3_server   (session) a moto S3 server subprocess on 127.0.0.1; ``.endpoint`` is its URL
     s3_url      a fresh, empty bucket on it: ``s3://<bucket>/run``
-    memory_url  ``memory://<unique>/run`` in fsspec's (global) memory filesystem, cleared first
-    local_url   a directory under tmp_path
-    store_url   parametrised over the three above, ids "local", "memory", "s3"
-    s3_proxy    (Location, FaultProxy): a fresh bucket on moto through a proxy that records and fails requests
     weed_server, weed_url   the same on SeaweedFS (a production S3 server), where its binary is installed
+    s3_proxy    (Location, FaultProxy): a fresh bucket on moto through a proxy that records and fails requests
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import fsspec
 import pytest
 
 import ckptstore
+from ckptstore.storage import FsspecStorage
 from tests import s3proxy, s3server
 
 
@@ -37,19 +43,36 @@ class Location(NamedTuple):
     url: str
     storage_options: dict[str, Any]
 
+    @property
+    def kind(self) -> str:
+        """The kind of location: "local" for a path, else the URL's protocol ("memory"; "s3" for every S3
+        server); "fsspec-local" for a :class:`ManifestLastLocal`."""
+        return self.url.split("://", 1)[0] if "://" in self.url else "local"
+
     def store(self, **kwargs: Any) -> ckptstore.CheckpointStore:
         """A new CheckpointStore object on this location (its own filesystem instance for S3)."""
-        return make_store(self, **kwargs)
+        return ckptstore.CheckpointStore(self.url, storage_options=dict(self.storage_options) or None, **kwargs)
 
     def join(self, name: str) -> str:
         """The URL of ``name`` under this location (a checkpoint directory for ``ckptstore.save``)."""
         return f"{self.url.rstrip('/')}/{name}" if "://" in self.url else os.path.join(self.url, name)
 
 
+class ManifestLastLocal(Location):
+    """A local directory written through :class:`FsspecStorage`, the manifest-last protocol of object stores
+    (a path or a file:// URL alone gets LocalStorage): ``store()`` builds it; the URL still reads it."""
+
+    @property
+    def kind(self) -> str:
+        return "fsspec-local"
+
+    def store(self, **kwargs: Any) -> ckptstore.CheckpointStore:
+        return ckptstore.CheckpointStore(FsspecStorage(fsspec.filesystem("file", auto_mkdir=True), self.url), **kwargs)
+
+
 def make_store(location: Location | tuple[str, dict[str, Any]], **kwargs: Any) -> ckptstore.CheckpointStore:
     """A CheckpointStore on ``location`` (a :class:`Location` or a plain ``(url, storage_options)`` tuple)."""
-    url, opts = location
-    return ckptstore.CheckpointStore(url, storage_options=dict(opts) or None, **kwargs)
+    return (location if isinstance(location, Location) else Location(*location)).store(**kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -157,10 +180,27 @@ def local_url(tmp_path: Path) -> Location:
     return Location(str(tmp_path / "run"), {})
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
-def store_url(request: pytest.FixtureRequest) -> Location:
-    """The same test on local disk, memory:// and S3 (moto over HTTP)."""
-    return request.getfixturevalue(f"{request.param}_url")  # type: ignore[no-any-return]
+#: The kinds of location the ``location`` fixture takes (its parameter values, and so the test ids), each with
+#: the fixture it is built on.
+LOCATIONS = {
+    "local": "local_url",
+    "fsspec-local": "local_url",
+    "memory": "memory_url",
+    "s3": "s3_url",
+    "seaweedfs": "weed_url",
+}
+
+
+@pytest.fixture(params=["local", "memory"])
+def location(request: pytest.FixtureRequest) -> Location:
+    """Where the test's store lives: one kind of :data:`LOCATIONS` per run, chosen by
+    ``@pytest.mark.parametrize("location", [kinds...], indirect=True)``; "local" and "memory" (in process,
+    fast) where the test does not say."""
+    kind = request.param
+    if kind not in LOCATIONS:
+        raise ValueError(f"location {kind!r}: not one of {sorted(LOCATIONS)}")
+    loc: Location = request.getfixturevalue(LOCATIONS[kind])
+    return ManifestLastLocal(*loc) if kind == "fsspec-local" else loc
 
 
 # --- markers for `make test-fast` -------------------------------------------------------------------------
@@ -168,7 +208,7 @@ def store_url(request: pytest.FixtureRequest) -> Location:
 # Assigned here at collection, not in the test files, so that a new test is classified by what it uses:
 #
 #   server        needs an S3 server subprocess (moto or SeaweedFS): the test's fixture closure holds
-#                 one of SERVER_FIXTURES (s3_url, weed_url and store_url's "s3" case included), or one of
+#                 one of SERVER_FIXTURES (s3_url and weed_url need them), or one of
 #                 its parameters names a server-backed location (SERVER_PARAMS), for fixtures and tests
 #                 that call ``request.getfixturevalue(f"{param}_url")``. A test that reaches a server
 #                 without this marker fails (pytest_runtest_makereport below), so the rule cannot drift.

@@ -3,54 +3,29 @@ local directory, memory://, S3 on moto and S3 on SeaweedFS (both real servers ov
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from typing import Any
 
-import fsspec
 import numpy as np
 import pytest
 
 import ckptstore
 from ckptstore import knobs
 from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError
-from ckptstore.storage import FsspecStorage, LocalStorage, Storage
-from tests.conftest import Location
+from ckptstore.storage import FsspecStorage, LocalStorage
+from tests.conftest import LOCATIONS, Location
+
+#: Every kind of location (tests/conftest.py): the suite runs on each.
+EVERYWHERE = pytest.mark.parametrize("location", list(LOCATIONS), indirect=True)
 
 
-@dataclasses.dataclass
-class Backend:
-    """A store location plus, where the URL alone does not choose it, the Storage to use."""
-
-    name: str
-    location: Location
-    #: Builds the storage explicitly (the manifest-last protocol on a local directory).
-    make_storage: Callable[[], Storage] | None = None
-
-    def store(self, **kwargs: Any) -> ckptstore.CheckpointStore:
-        if self.make_storage is not None:
-            return ckptstore.CheckpointStore(self.make_storage(), **kwargs)
-        return self.location.store(**kwargs)
-
-    @property
-    def spec(self) -> str:
-        """How a subprocess opens the same store (see _CHILD)."""
-        url, opts = self.location
-        return json.dumps({"url": url, "opts": opts, "fsspec_file": self.make_storage is not None})
-
-
-@pytest.fixture(params=["local", "fsspec-local", "memory", "s3", "seaweedfs"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    kind = request.param
-    if kind == "fsspec-local":
-        loc: Location = request.getfixturevalue("local_url")
-        return Backend(kind, loc, lambda: FsspecStorage(fsspec.filesystem("file", auto_mkdir=True), loc.url))
-    fixture = {"local": "local_url", "memory": "memory_url", "s3": "s3_url", "seaweedfs": "weed_url"}[kind]
-    return Backend(kind, request.getfixturevalue(fixture))
+def spec(location: Location) -> str:
+    """How a subprocess opens the same store (see _CHILD)."""
+    url, opts = location
+    return json.dumps({"url": url, "opts": opts, "fsspec_file": location.kind == "fsspec-local"})
 
 
 # A second process on the same store. It opens the store from a JSON spec, runs one command and prints a
@@ -77,9 +52,9 @@ print(json.dumps({"steps": store.steps(), "latest": store.latest_step(),
 """
 
 
-def run_child(b: Backend, cmd: str, step: int = 0, expect_rc: int = 0) -> dict[str, Any]:
+def run_child(location: Location, cmd: str, step: int = 0, expect_rc: int = 0) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, b.spec, cmd, str(step)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _CHILD, spec(location), cmd, str(step)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == expect_rc, proc.stderr[-3000:]
     return json.loads(proc.stdout) if expect_rc == 0 else {}
@@ -118,20 +93,22 @@ def assert_state(got: Any, step: int) -> None:
     assert got["empty"].shape == (0, 4)
 
 
-def test_round_trip(backend: Backend) -> None:
-    store = backend.store()
+@EVERYWHERE
+def test_round_trip(location: Location) -> None:
+    store = location.store()
     # Small files, so that one checkpoint spans several tensor files.
     with knobs.override(max_file_bytes=256):
         info = store.save(3, state(3), metadata={"loss": 1.5})
     assert info.step == 3 and info.metadata == {"loss": 1.5}
     assert_state(store.restore(), 3)
     assert_state(store.restore(3, verify=True), 3)
-    assert_state(ckptstore.restore(info.path, storage_options=backend.location.storage_options or None), 3)
+    assert_state(ckptstore.restore(info.path, storage_options=location.storage_options or None), 3)
     assert len([f for f in raw_files(store) if f.endswith(".safetensors")]) >= 2
 
 
-def test_steps_latest_info_delete(backend: Backend) -> None:
-    store = backend.store()
+@EVERYWHERE
+def test_steps_latest_info_delete(location: Location) -> None:
+    store = location.store()
     assert store.steps() == [] and store.latest_step() is None
     for step in (1, 10, 5):
         store.save(step, state(step), metadata={"step": step})
@@ -148,8 +125,9 @@ def test_steps_latest_info_delete(backend: Backend) -> None:
     assert raw_files(store) == []
 
 
-def test_retention(backend: Backend) -> None:
-    store = backend.store(max_to_keep=2, keep_every_n_steps=3)
+@EVERYWHERE
+def test_retention(location: Location) -> None:
+    store = location.store(max_to_keep=2, keep_every_n_steps=3)
     for step in range(8):
         store.save(step, {"x": np.full(4, step)})
     assert store.steps() == [0, 3, 6, 7]
@@ -157,13 +135,14 @@ def test_retention(backend: Backend) -> None:
     dirs = {f.split("/")[0] for f in raw_files(store) if not f.startswith(".")}
     assert dirs == {f"step_{s:08d}" for s in (0, 3, 6, 7)}
     # A new store object on the same root applies its policy to what it finds.
-    again = backend.store(max_to_keep=1)
+    again = location.store(max_to_keep=1)
     again.save(8, {"x": np.full(4, 8)})
     assert again.steps() == [8]
 
 
-def test_overwrite(backend: Backend) -> None:
-    store = backend.store()
+@EVERYWHERE
+def test_overwrite(location: Location) -> None:
+    store = location.store()
     store.save(4, state(4))
     store.save(4, state(40), overwrite=True)
     assert store.steps() == [4]
@@ -174,8 +153,9 @@ def test_overwrite(backend: Backend) -> None:
     assert len({f.split("tensors-")[1].split("-")[0] for f in files if "tensors-" in f}) == 1
 
 
-def test_exists_error_keeps_the_committed_checkpoint(backend: Backend) -> None:
-    store = backend.store()
+@EVERYWHERE
+def test_exists_error_keeps_the_committed_checkpoint(location: Location) -> None:
+    store = location.store()
     store.save(2, state(2))
     before = raw_files(store)
     with pytest.raises(CheckpointExistsError, match="step_00000002"):
@@ -184,8 +164,9 @@ def test_exists_error_keeps_the_committed_checkpoint(backend: Backend) -> None:
     assert_state(store.restore(2), 2)
 
 
-def test_not_found(backend: Backend) -> None:
-    store = backend.store()
+@EVERYWHERE
+def test_not_found(location: Location) -> None:
+    store = location.store()
     with pytest.raises(CheckpointNotFoundError):
         store.restore()
     store.save(1, state(1))
@@ -198,8 +179,9 @@ def test_not_found(backend: Backend) -> None:
     assert store.steps() == [1]
 
 
-def test_second_store_object_sees_fresh_listings(backend: Backend) -> None:
-    writer, reader = backend.store(), backend.store()
+@EVERYWHERE
+def test_second_store_object_sees_fresh_listings(location: Location) -> None:
+    writer, reader = location.store(), location.store()
     assert reader.steps() == []  # a listing that a cache would keep
     writer.save(1, state(1))
     assert reader.steps() == [1]
@@ -211,31 +193,31 @@ def test_second_store_object_sees_fresh_listings(backend: Backend) -> None:
     writer.save(1, state(11), overwrite=True)
     assert_state(reader.restore(1), 11)
     # Retention through a store object that has listed before never works from a stale listing.
-    reader_with_policy = backend.store(max_to_keep=1)
+    reader_with_policy = location.store(max_to_keep=1)
     assert reader_with_policy.steps() == [1]
     writer.save(3, state(3))
     reader_with_policy.save(4, state(4))
     assert writer.steps() == [4]
 
 
-@pytest.mark.parametrize("backend", ["local", "s3", "seaweedfs"], indirect=True)
-def test_other_process_sees_checkpoints(backend: Backend) -> None:
-    store = backend.store()
+@pytest.mark.parametrize("location", ["local", "s3", "seaweedfs"], indirect=True)
+def test_other_process_sees_checkpoints(location: Location) -> None:
+    store = location.store()
     assert store.steps() == []  # listed (and cacheable) before the other process writes
     store.save(6, state(6))
-    got = run_child(backend, "save", 7)
+    got = run_child(location, "save", 7)
     assert got == {"steps": [6, 7], "latest": 7, "restored": 7}
     assert store.steps() == [6, 7]
     assert store.restore()["step"] == 7
     store.delete(7)
     store.save(8, state(8))
-    assert run_child(backend, "list") == {"steps": [6, 8], "latest": 8, "restored": 8}
+    assert run_child(location, "list") == {"steps": [6, 8], "latest": 8, "restored": 8}
 
 
-def _crash_mid_save(backend: Backend, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def _crash_mid_save(location: Location, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer that dies after its data files are written, before its manifest."""
-    if backend.name != "memory":
-        run_child(backend, "crash", step, expect_rc=17)
+    if location.kind != "memory":
+        run_child(location, "crash", step, expect_rc=17)
         return
     # memory:// lives in this process: crash the same way, without the clean-up of a live writer.
     from ckptstore import storage as st
@@ -250,21 +232,22 @@ def _crash_mid_save(backend: Backend, step: int, monkeypatch: pytest.MonkeyPatch
         m.setattr(st._fsspec._FsspecStaging, "commit", die)
         m.setattr(st._fsspec._FsspecStaging, "abort", lambda self: None)
         with pytest.raises(Crash):
-            backend.store().save(step, state(step))
+            location.store().save(step, state(step))
 
 
-def test_half_written_step_is_never_listed_and_is_cleaned(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = backend.store()
+@EVERYWHERE
+def test_half_written_step_is_never_listed_and_is_cleaned(location: Location, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = location.store()
     store.save(1, state(1))
-    _crash_mid_save(backend, 2, monkeypatch)
+    _crash_mid_save(location, 2, monkeypatch)
     leftovers = [f for f in raw_files(store) if "step_00000001" not in f]
     assert any(f.endswith(".safetensors") for f in leftovers), "the crashed writer wrote no data"
     assert store.steps() == [1] and store.latest_step() == 1
     assert_state(store.restore(), 1)
     with pytest.raises(CheckpointNotFoundError):
         store.restore(2)
-    assert backend.store().steps() == [1]
-    if backend.name != "local":  # the manifest-last protocol
+    assert location.store().steps() == [1]
+    if location.kind != "local":  # the manifest-last protocol
         # No liveness check on an object store: objects younger than the grace period are left alone
         # (their writer may still be uploading).
         store.save(3, state(3))

@@ -23,11 +23,8 @@ from ckptstore.errors import CheckpointExistsError, CkptStoreError
 from tests.conftest import Location
 from tests.faults import barrier, check_state, check_store, drain, pipe, spawn, state_of
 
-
-@pytest.fixture(params=["local", "s3"])
-def shared(request: pytest.FixtureRequest) -> Location:
-    """A store location several processes can reach (memory:// lives inside one process)."""
-    return request.getfixturevalue(f"{request.param}_url")  # type: ignore[no-any-return]
+#: Store locations several processes can reach (memory:// lives inside one process).
+SHARED = pytest.mark.parametrize("location", ["local", "s3"], indirect=True)
 
 
 def _store(loc: tuple[str, dict[str, Any]], **kw: Any) -> ckptstore.CheckpointStore:
@@ -42,18 +39,19 @@ def saver(loc: tuple[str, dict[str, Any]], steps: list[int], keep: int | None, t
     out.send(tag)
 
 
-def test_two_writers_different_steps(shared: Location) -> None:
+@SHARED
+def test_two_writers_different_steps(location: Location) -> None:
     reader, sender = pipe()
-    n = 12 if "://" in shared.url else 40
+    n = 12 if "://" in location.url else 40
     procs = [
-        spawn(saver, tuple(shared), list(range(parity, 2 * n, 2)), 4, tag, sender)
+        spawn(saver, tuple(location), list(range(parity, 2 * n, 2)), 4, tag, sender)
         for parity, tag in ((0, "even"), (1, "odd"))
     ]
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
     assert sorted(drain(reader)) == ["even", "odd"]
-    store = shared.store(max_to_keep=4)
+    store = location.store(max_to_keep=4)
     steps = check_store(store)
     assert 2 <= len(steps) <= 4 and max(steps) >= 2 * n - 2, steps  # retention ran; the newest are there
     with knobs.override(stale_after_s=0):
@@ -72,16 +70,17 @@ def racer(loc: tuple[str, dict[str, Any]], steps: list[int], tag: str, start: An
             out.send((s, tag, "lost"))
 
 
-def test_two_writers_same_step_exactly_one_wins(shared: Location, record_property) -> None:
-    steps = list(range(1, 9 if "://" in shared.url else 25))
+@SHARED
+def test_two_writers_same_step_exactly_one_wins(location: Location, record_property) -> None:
+    steps = list(range(1, 9 if "://" in location.url else 25))
     reader, sender = pipe()
     start = barrier(2)
-    procs = [spawn(racer, tuple(shared), steps, tag, start, sender) for tag in ("A", "B")]
+    procs = [spawn(racer, tuple(location), steps, tag, start, sender) for tag in ("A", "B")]
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
     results = drain(reader)
-    store = shared.store()
+    store = location.store()
     assert check_store(store) == steps
     for s in steps:
         outcomes = sorted((r[2], r[1]) for r in results if r[0] == s)
@@ -146,11 +145,12 @@ def evaluator(loc: tuple[str, dict[str, Any]], seconds: float, mode: str, out: A
     out.send((mode, dict(counts)))
 
 
-def test_writer_retention_and_readers_together(shared: Location, record_property) -> None:
+@SHARED
+def test_writer_retention_and_readers_together(location: Location, record_property) -> None:
     seconds = 4.0
     reader, sender = pipe()
-    loc = tuple(shared)
-    store = shared.store(max_to_keep=2)
+    loc = tuple(location)
+    store = location.store(max_to_keep=2)
     store.save(0, state_of(0))
     procs = [spawn(trainer, loc, seconds, sender)]
     procs += [spawn(evaluator, loc, seconds, mode, sender) for mode in ("pinned", "watch", "unpinned")]
@@ -170,16 +170,13 @@ def test_writer_retention_and_readers_together(shared: Location, record_property
     assert check_store(store)[-1] == 10**6
 
 
-@pytest.mark.parametrize("where", ["local", "memory", "s3"])
-def test_reader_whose_checkpoint_is_deleted_under_it_gets_a_named_error(
-    request: pytest.FixtureRequest, where: str
-) -> None:
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_reader_whose_checkpoint_is_deleted_under_it_gets_a_named_error(location: Location) -> None:
     """Without a pin, retention may delete what a reader has started on: the reader holds the manifest,
     the data goes; it must get a CkptStoreError naming the file, never bytes of something else."""
     from ckptstore import load
     from ckptstore.storage import step_name
 
-    location: Location = request.getfixturevalue(f"{where}_url")
     store = location.store()
     for s in (1, 2):
         store.save(s, state_of(s))

@@ -34,18 +34,16 @@ Make = Callable[[str, FaultPlan], Storage]
 CASES = [(b, m) for b in ("local", "memory") for m in MODES] + [("s3", "eio-after")]
 
 
-def backend(request: pytest.FixtureRequest, name: str) -> tuple[str, Make]:
-    """(name, make): ``make(sub, plan)`` is a fresh store location ``sub`` whose calls go through ``plan``."""
-    if name == "local":
-        tmp = request.getfixturevalue("tmp_path")
-        return "local", lambda sub, plan: LocalStorage(tmp / sub, ops=FaultyOps(plan, sync=False))
-    location: Location = request.getfixturevalue(f"{name}_url")
+def faulty(location: Location) -> Make:
+    """``make(sub, plan)``: a fresh store location ``sub`` under ``location``, whose calls go through ``plan``."""
+    if location.kind == "local":
+        return lambda sub, plan: LocalStorage(location.join(sub), ops=FaultyOps(plan, sync=False))
 
     def make(sub: str, plan: FaultPlan) -> Storage:
-        fs, root = fsspec.core.url_to_fs(f"{location.url}/{sub}", **location.storage_options)
+        fs, root = fsspec.core.url_to_fs(location.join(sub), **location.storage_options)
         return FsspecStorage(FaultyFS(fs, plan), root)  # type: ignore[arg-type]
 
-    return name, make
+    return make
 
 
 def uncommitted(storage: Storage) -> list[str]:
@@ -103,11 +101,11 @@ def one_fault(make: Make, sub: str, k: int, mode: dict[str, Any]) -> FaultPlan |
     return plan
 
 
-@pytest.mark.parametrize(("where", "mode"), CASES)
+@pytest.mark.parametrize(("location", "mode"), CASES, indirect=["location"])
 def test_fault_at_every_call_of_a_save_and_its_retention(
-    request: pytest.FixtureRequest, where: str, mode: str, record_property: Callable[[str, object], None]
+    location: Location, mode: str, record_property: Callable[[str, object], None]
 ) -> None:
-    name, make = backend(request, where)
+    make = faulty(location)
     injected, kinds = 0, set()
     for k in itertools.count(1):
         plan = one_fault(make, f"{mode}-{k}", k, MODES[mode])
@@ -122,5 +120,5 @@ def test_fault_at_every_call_of_a_save_and_its_retention(
         "memory": {"open", "write", "put", "delete"},
         "s3": {"put", "delete"},  # s3fs: each upload is a PUT (or multipart calls), each delete a call
     }
-    assert kinds >= expected[name], kinds
+    assert kinds >= expected[location.kind], kinds
     assert k > 5

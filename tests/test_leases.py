@@ -44,9 +44,10 @@ def lease_files(store: ckptstore.CheckpointStore) -> list[str]:
 # --- retention honours pins ---------------------------------------------------------------------------
 
 
-def test_retention_keeps_a_pinned_checkpoint_until_released(store_url: Location) -> None:
-    trainer = store_url.store(max_to_keep=1)
-    reader = store_url.store()
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_retention_keeps_a_pinned_checkpoint_until_released(location: Location) -> None:
+    trainer = location.store(max_to_keep=1)
+    reader = location.store()
     trainer.save(1, state(1))
     with reader.pin(1) as lease:
         assert lease.step == 1 and lease.path == reader.info(1).path
@@ -59,9 +60,10 @@ def test_retention_keeps_a_pinned_checkpoint_until_released(store_url: Location)
     assert trainer.steps() == [4]
 
 
-def test_the_iterator_pins_what_it_yielded_until_the_next(store_url: Location) -> None:
-    trainer = store_url.store(max_to_keep=1)
-    url, opts = store_url
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_the_iterator_pins_what_it_yielded_until_the_next(location: Location) -> None:
+    trainer = location.store(max_to_keep=1)
+    url, opts = location
     trainer.save(1, state(1))
     it = ckptstore.checkpoints_iterator(url, timeout=1, storage_options=opts or None)
     first = next(it)
@@ -103,8 +105,9 @@ def test_store_iter_new_pins_too(tmp_path: Path) -> None:
 # --- the protocol: whoever writes first wins, the other backs off ---------------------------------------
 
 
-def test_a_reader_that_pinned_first_makes_retention_back_off(store_url: Location) -> None:
-    store = store_url.store()
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_a_reader_that_pinned_first_makes_retention_back_off(location: Location) -> None:
+    store = location.store()
     store.save(1, state(1))
     lease = leases.acquire(store.storage, step_name(1))
     assert lease is not None
@@ -117,8 +120,9 @@ def test_a_reader_that_pinned_first_makes_retention_back_off(store_url: Location
     assert store.steps() == []
 
 
-def test_a_checkpoint_marked_for_deletion_is_not_pinned_nor_yielded(store_url: Location) -> None:
-    store = store_url.store()
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_a_checkpoint_marked_for_deletion_is_not_pinned_nor_yielded(location: Location) -> None:
+    store = location.store()
     store.save(1, state(1))
     store.save(2, state(2))
     files = leases.LeaseDir(store.storage)
@@ -126,7 +130,7 @@ def test_a_checkpoint_marked_for_deletion_is_not_pinned_nor_yielded(store_url: L
     assert leases.acquire(store.storage, step_name(1)) is None
     with pytest.raises(CheckpointNotFoundError, match="being deleted"):
         store.pin(1)
-    url, opts = store_url
+    url, opts = location
     got = list(ckptstore.checkpoints_iterator(url, timeout=0.1, storage_options=opts or None, every_checkpoint=True))
     assert got == [store.info(2).path]
     assert files.names() == [f"{step_name(1)}.abc.deleting"]  # the failed pins left no lease behind
@@ -180,13 +184,12 @@ def hold_pin(url: str, opts: dict[str, Any] | None, step: int, ttl: float) -> No
     time.sleep(3600)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_dead_readers_lease_expires(where: str, request: pytest.FixtureRequest) -> None:
-    loc: Location = request.getfixturevalue(f"{where}_url")
+@pytest.mark.parametrize("location", ["local", "s3"], indirect=True)
+def test_a_dead_readers_lease_expires(location: Location) -> None:
     ttl = 2.5
-    trainer = loc.store(max_to_keep=1)
+    trainer = location.store(max_to_keep=1)
     trainer.save(1, state(1))
-    reader = _spawn("hold_pin", loc.url, _opts(loc), 1, ttl)
+    reader = _spawn("hold_pin", location.url, _opts(location), 1, ttl)
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "pinned"
         time.sleep(ttl * 1.2)  # longer than the lease lives unless renewed: the live reader renews it
@@ -234,14 +237,15 @@ def race_evaluator(url: str, opts: dict[str, Any] | None, work: float) -> None:
     print(json.dumps({"restored": restored, "failures": failures}), flush=True)
 
 
-@pytest.mark.parametrize(("where", "n", "pause", "work"), [("local", 60, 0.01, 0.05), ("s3", 15, 0.0, 0.1)])
+@pytest.mark.parametrize(
+    ("location", "n", "pause", "work"), [("local", 60, 0.01, 0.05), ("s3", 15, 0.0, 0.1)], indirect=["location"]
+)
 def test_trainer_deleting_rapidly_never_breaks_an_evaluators_restore(
-    where: str, n: int, pause: float, work: float, request: pytest.FixtureRequest
+    location: Location, n: int, pause: float, work: float
 ) -> None:
-    loc: Location = request.getfixturevalue(f"{where}_url")
-    evaluator = _spawn("race_evaluator", loc.url, _opts(loc), work)
+    evaluator = _spawn("race_evaluator", location.url, _opts(location), work)
     assert evaluator.stdout is not None and evaluator.stdout.readline().strip() == "ready"
-    trainer = _spawn("race_trainer", loc.url, _opts(loc), n, pause)
+    trainer = _spawn("race_trainer", location.url, _opts(location), n, pause)
     out, _ = trainer.communicate(timeout=120)
     assert trainer.returncode == 0
     left = json.loads(out)

@@ -122,12 +122,7 @@ def test_valid_arguments() -> None:
     RetentionPolicy(keep_every_n_hours=2)
 
 
-# --- end to end ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["local", "memory"])
-def location(request: pytest.FixtureRequest) -> Location:
-    return request.getfixturevalue(f"{request.param}_url")  # type: ignore[no-any-return]
+# --- end to end (`location`, tests/conftest.py: local disk, then memory://) ---------------------------
 
 
 def test_issue_example_end_to_end(location: Location) -> None:

@@ -21,10 +21,10 @@ from tests.conftest import Location
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["local", "memory"])
-def store(request: pytest.FixtureRequest) -> ckptstore.CheckpointStore:
-    """A fresh store on local disk, then on memory:// (S3 runs the shared backend suite)."""
-    location: Location = request.getfixturevalue(f"{request.param}_url")
+@pytest.fixture
+def store(location: Location) -> ckptstore.CheckpointStore:
+    """A fresh store on local disk, then on memory:// (the location fixture's default; S3 runs the shared
+    backend suite)."""
     return location.store()
 
 

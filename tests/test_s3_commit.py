@@ -17,20 +17,19 @@ from ckptstore.storage import FsspecStorage
 from tests.conftest import Location
 from tests.s3proxy import FaultProxy
 
-
-@pytest.fixture(params=["s3", "seaweedfs"])
-def s3_like(request: pytest.FixtureRequest) -> Location:
-    return request.getfixturevalue("s3_url" if request.param == "s3" else "weed_url")  # type: ignore[no-any-return]
+#: Real S3 servers: moto, then SeaweedFS.
+S3_LIKE = pytest.mark.parametrize("location", ["s3", "seaweedfs"], indirect=True)
 
 
 def objects(storage: FsspecStorage) -> list[str]:
     return sorted(storage._find())
 
 
+@S3_LIKE
 def test_second_writer_of_a_step_gets_exists_error_and_leaves_nothing(
-    s3_like: Location, monkeypatch: pytest.MonkeyPatch
+    location: Location, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b = s3_like.store(), s3_like.store()
+    a, b = location.store(), location.store()
     a.save(5, {"w": np.full(64, 1.0)})
     assert isinstance(b.storage, FsspecStorage)
     before = objects(b.storage)
@@ -65,8 +64,9 @@ except ckptstore.errors.CheckpointExistsError:
 """
 
 
-def test_concurrent_writers_of_one_step_exactly_one_commits(s3_like: Location) -> None:
-    url, opts = s3_like
+@S3_LIKE
+def test_concurrent_writers_of_one_step_exactly_one_commits(location: Location) -> None:
+    url, opts = location
     start_at = time.time() + 4  # all processes are up and importing is done by then
     procs = [
         subprocess.Popen(
@@ -82,7 +82,7 @@ def test_concurrent_writers_of_one_step_exactly_one_commits(s3_like: Location) -
     answers = [o.strip() for o, _ in outs]
     assert sorted(answers) == ["committed", "exists", "exists", "exists"], answers
     winner = answers.index("committed")
-    store = s3_like.store()
+    store = location.store()
     got = store.restore(9)
     assert got["me"] == winner
     np.testing.assert_array_equal(got["who"], np.full(1000, winner, dtype=np.int32))

@@ -60,8 +60,9 @@ def test_restore_keys_reads_only_those_byte_ranges(s3_proxy: tuple[Location, Fau
         store.restore(keys=["model/nope"])
 
 
-def test_restore_keys_everywhere(store_url: Location) -> None:
-    store = store_url.store()
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_restore_keys_everywhere(location: Location) -> None:
+    store = location.store()
     store.save(1, state())
     got = store.restore(keys=["opt/m", "step"])
     assert got == {"opt": {"m": got["opt"]["m"]}, "step": 7}

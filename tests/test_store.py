@@ -17,11 +17,7 @@ import ckptstore
 from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from tests.conftest import Location
 
-
-@pytest.fixture(params=["local", "memory"])
-def location(request: pytest.FixtureRequest) -> Location:
-    """Local disk, then memory:// (cleared before and after by the conftest fixture)."""
-    return request.getfixturevalue(f"{request.param}_url")  # type: ignore[no-any-return]
+# Tests that take `location` (tests/conftest.py) run on local disk, then on memory://.
 
 
 def state_of(step: int) -> dict[str, object]:

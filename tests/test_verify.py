@@ -40,14 +40,19 @@ def damage(location: Location, step: int, how: str, at: int = -40) -> str:
     return path.rsplit("/", 1)[-1]
 
 
+#: Local disk, memory:// and S3 (moto over HTTP).
+LOCAL_MEMORY_S3 = pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+
+
 @pytest.fixture
-def store(store_url: Location) -> ckptstore.CheckpointStore:
-    s = store_url.store()
+def store(location: Location) -> ckptstore.CheckpointStore:
+    s = location.store()
     for step in (1, 2, 3):
         s.save(step, state_of(step))
     return s
 
 
+@LOCAL_MEMORY_S3
 def test_verify_intact(store: ckptstore.CheckpointStore) -> None:
     assert store.verify() == [1, 2, 3]
     assert store.verify(2) == [2]
@@ -56,8 +61,9 @@ def test_verify_intact(store: ckptstore.CheckpointStore) -> None:
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "remove"])
-def test_damage_is_named(store_url: Location, store: ckptstore.CheckpointStore, how: str, record_property) -> None:
-    name = damage(store_url, 3, how)
+@LOCAL_MEMORY_S3
+def test_damage_is_named(location: Location, store: ckptstore.CheckpointStore, how: str, record_property) -> None:
+    name = damage(location, 3, how)
     expected = {"flip": "tensor 'model/b' fails its checksum", "truncate": "truncated", "remove": "missing"}[how]
     for read in (lambda: store.verify(3), store.verify, lambda: store.restore(3)):
         with pytest.raises(CorruptCheckpointError, match=f"{name}.*{expected}"):
@@ -66,39 +72,43 @@ def test_damage_is_named(store_url: Location, store: ckptstore.CheckpointStore, 
     assert store.verify(2) == [2]
 
 
-def test_verify_names_every_damaged_step(store_url: Location, store: ckptstore.CheckpointStore) -> None:
-    a = damage(store_url, 1, "flip")
-    b = damage(store_url, 3, "truncate")
+@LOCAL_MEMORY_S3
+def test_verify_names_every_damaged_step(location: Location, store: ckptstore.CheckpointStore) -> None:
+    a = damage(location, 1, "flip")
+    b = damage(location, 3, "truncate")
     with pytest.raises(CorruptCheckpointError, match=f"2 damaged checkpoint.*{a}.*{b}"):
         store.verify()
 
 
-def test_checksums_are_checked_on_restore_by_default(store_url: Location, store: ckptstore.CheckpointStore) -> None:
-    damage(store_url, 3, "flip")
+@LOCAL_MEMORY_S3
+def test_checksums_are_checked_on_restore_by_default(location: Location, store: ckptstore.CheckpointStore) -> None:
+    damage(location, 3, "flip")
     with pytest.raises(CorruptCheckpointError, match="checksum"):
         store.restore()
     with pytest.raises(CorruptCheckpointError, match="checksum"):
-        ckptstore.restore(store.info(3).path, storage_options=store_url.storage_options or None)
+        ckptstore.restore(store.info(3).path, storage_options=location.storage_options or None)
     state = store.restore(verify=False)  # skipping the check: the flipped bit comes back, silently
     assert not np.array_equal(state["model"]["b"], np.arange(16, dtype=np.float32) + 3)
 
 
-def test_fallback_restores_the_newest_intact(store_url: Location, store: ckptstore.CheckpointStore) -> None:
-    damage(store_url, 3, "flip")
-    damage(store_url, 2, "remove")
+@LOCAL_MEMORY_S3
+def test_fallback_restores_the_newest_intact(location: Location, store: ckptstore.CheckpointStore) -> None:
+    damage(location, 3, "flip")
+    damage(location, 2, "remove")
     with pytest.warns(CorruptCheckpointWarning, match=r"restored step 1 .*step 3: .*checksum.*step 2: .*missing"):
         state = store.restore(fallback=True)
     check_state(1, state)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_state(1, store.restore(1, fallback=True))  # intact: no warning
-    damage(store_url, 1, "truncate")
+    damage(location, 1, "truncate")
     with pytest.raises(CorruptCheckpointError, match="no intact checkpoint at or before step 3"):
         store.restore(fallback=True)
 
 
+@LOCAL_MEMORY_S3
 def test_fallback_leaves_like_untouched_by_damaged_checkpoints(
-    store_url: Location, store: ckptstore.CheckpointStore
+    location: Location, store: ckptstore.CheckpointStore
 ) -> None:
     torch = pytest.importorskip("torch")
 
@@ -116,27 +126,28 @@ def test_fallback_leaves_like_untouched_by_damaged_checkpoints(
 
     for step in (4, 5):
         store.save(step, {"h": {"step": step, "t": np.full(2, step, np.float32)}, "x": np.arange(3)})
-    damage(store_url, 5, "flip", at=-1)
+    damage(location, 5, "flip", at=-1)
     holder = Holder()
     with pytest.warns(CorruptCheckpointWarning):
         out = store.restore(like={"h": holder, "x": np.zeros(3)}, fallback=True)
     assert holder.loaded == [4] and out["h"] is holder  # loaded once, from the intact checkpoint
 
 
-def test_cli_verify(store_url: Location, store: ckptstore.CheckpointStore, capsys: pytest.CaptureFixture[str]) -> None:
-    opts = [a for k, v in store_url.storage_options.items() for a in ("-o", f"{k}={_json(v)}")]
-    assert main(["verify", store_url.url, *opts]) == 0
+@LOCAL_MEMORY_S3
+def test_cli_verify(location: Location, store: ckptstore.CheckpointStore, capsys: pytest.CaptureFixture[str]) -> None:
+    opts = [a for k, v in location.storage_options.items() for a in ("-o", f"{k}={_json(v)}")]
+    assert main(["verify", location.url, *opts]) == 0
     assert capsys.readouterr().out.count(" ok ") == 3
-    name = damage(store_url, 2, "flip")
-    assert main(["verify", store_url.url, *opts]) == 1
+    name = damage(location, 2, "flip")
+    assert main(["verify", location.url, *opts]) == 1
     out = capsys.readouterr()
     assert "step_00000002  DAMAGED" in out.out and name in out.out and "1 of 3" in out.err
-    assert main(["verify", store_url.url, "--step", "3", *opts]) == 0
-    assert main(["verify", store_url.url, "--step", "2", *opts]) == 1
+    assert main(["verify", location.url, "--step", "3", *opts]) == 0
+    assert main(["verify", location.url, "--step", "2", *opts]) == 1
     assert main(["verify", store.info(2).path, *opts]) == 1  # one checkpoint directory
     assert main(["verify", store.info(1).path, *opts]) == 0
     capsys.readouterr()
-    assert main(["verify", store_url.url, "--step", "9", *opts]) == 1
+    assert main(["verify", location.url, "--step", "9", *opts]) == 1
     assert "step_00000009" in capsys.readouterr().out
 
 

@@ -57,11 +57,12 @@ def step_of(path: str) -> int:
 # --- on every backend -------------------------------------------------------------------------------
 
 
-def test_first_yield_is_latest_then_new_ones(store_url: Location) -> None:
-    trainer = store_url.store()
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_first_yield_is_latest_then_new_ones(location: Location) -> None:
+    trainer = location.store()
     for s in (1, 2, 3):
         trainer.save(s, state(s))
-    url, opts = store_url
+    url, opts = location
     it = ckptstore.checkpoints_iterator(url, timeout=30, storage_options=opts or None)
     first = next(it)
     assert step_of(first) == 3
@@ -73,11 +74,12 @@ def test_first_yield_is_latest_then_new_ones(store_url: Location) -> None:
     it.close()
 
 
-def test_every_checkpoint_in_step_order(store_url: Location) -> None:
-    trainer = store_url.store()
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_every_checkpoint_in_step_order(location: Location) -> None:
+    trainer = location.store()
     for s in (5, 2, 9):
         trainer.save(s, state(s))
-    url, opts = store_url
+    url, opts = location
     seen = []
     for path in ckptstore.checkpoints_iterator(url, timeout=0.3, storage_options=opts or None, every_checkpoint=True):
         seen.append(step_of(path))
@@ -87,10 +89,11 @@ def test_every_checkpoint_in_step_order(store_url: Location) -> None:
     assert seen == [2, 5, 9, 10, 11]
 
 
-def test_partial_checkpoints_are_never_yielded(store_url: Location) -> None:
-    trainer = store_url.store()
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_partial_checkpoints_are_never_yielded(location: Location) -> None:
+    trainer = location.store()
     trainer.save(1, state(1))
-    url, opts = store_url
+    url, opts = location
     # What a writer leaves mid-save (or a crash): data without a manifest, on each kind of backend.
     if "://" in url:
         fs = trainer.storage.fs  # type: ignore[attr-defined]
@@ -106,10 +109,11 @@ def test_partial_checkpoints_are_never_yielded(store_url: Location) -> None:
     assert ckptstore.wait_for_new_checkpoint(url, got[0], timeout=0.2, storage_options=opts or None) is None
 
 
-def test_store_iter_new_yields_infos(store_url: Location) -> None:
-    trainer = store_url.store()
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_store_iter_new_yields_infos(location: Location) -> None:
+    trainer = location.store()
     trainer.save(3, state(3), metadata={"loss": 0.5})
-    reader = store_url.store()
+    reader = location.store()
     later(0.1, lambda: trainer.save(4, state(4), metadata={"loss": 0.25}))
     infos: list[ckptstore.CheckpointInfo] = []
     for info in reader.iter_new(timeout=30, timeout_fn=lambda: infos[-1].step == 4, every_checkpoint=True):
@@ -273,13 +277,14 @@ def test_bad_arguments_are_named_errors_at_once(tmp_path: Path, kwargs: dict[str
 # --- the command line -------------------------------------------------------------------------------
 
 
-def test_cli_watch_prints_each_new_checkpoint(store_url: Location, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("location", ["local", "memory", "s3"], indirect=True)
+def test_cli_watch_prints_each_new_checkpoint(location: Location, capsys: pytest.CaptureFixture[str]) -> None:
     from ckptstore.cli import main
 
-    trainer = store_url.store()
+    trainer = location.store()
     for s in (1, 2):
         trainer.save(s, state(s))
-    url, opts = store_url
+    url, opts = location
     options = [f"-o{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in opts.items()]
     assert main(["watch", url, "--timeout", "0.3", "--every", *options]) == 0
     assert [step_of(line) for line in capsys.readouterr().out.split()] == [1, 2]
