@@ -121,12 +121,13 @@ class FaultProxy:
                 f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{_ERROR_CODES[status]}</Code>"
                 f"<Message>injected by the test proxy</Message></Error>"
             ).encode()
+            # Recorded before the answer goes out: once a client has its answer, the request is in the log.
+            self._record(dataclasses.replace(req, status=status, fault=action))
             h.send_response(status)
             h.send_header("Content-Type", "application/xml")
             h.send_header("Content-Length", str(len(xml)))
             h.end_headers()
             h.wfile.write(xml)
-            self._record(dataclasses.replace(req, status=status, fault=action))
             return
         if action == "reset":
             self._record(dataclasses.replace(req, fault=action))
@@ -137,6 +138,7 @@ class FaultProxy:
             self._record(dataclasses.replace(req, status=status, fault=action))
             _reset(h)
             return
+        self._record(dataclasses.replace(req, status=status, nbytes=len(data)))  # before the answer, as above
         h.send_response(status)
         for k, v in headers:
             if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
@@ -145,7 +147,6 @@ class FaultProxy:
         h.end_headers()
         if h.command != "HEAD":
             h.wfile.write(data)
-        self._record(dataclasses.replace(req, status=status, nbytes=len(data)))
 
     def _forward(self, h: BaseHTTPRequestHandler, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         conn = http.client.HTTPConnection(*self.upstream, timeout=60)
