@@ -81,3 +81,26 @@ def test_mmap_is_ignored_where_there_is_no_local_file(memory_url) -> None:  # ty
     store.save(1, state())
     out = store.restore(1, mmap=True)
     assert out["w"].tobytes() == state()["w"].tobytes()  # type: ignore[union-attr]
+
+
+def test_a_mapped_file_truncated_in_place_kills_its_reader_with_sigbus(tmp_path: pathlib.Path) -> None:
+    """What the README says of restore(mmap=True): unlinking the file (retention) is safe, truncating it in
+    place is not. Shown in a child process, which dies of SIGBUS when it touches the lost pages."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import glob, os, numpy as np, ckptstore
+        store = ckptstore.CheckpointStore({str(tmp_path)!r})
+        store.save(1, {{"w": np.ones(1 << 20, np.float32)}})
+        state = store.restore(mmap=True, verify=False)
+        for f in glob.glob(os.path.join({str(tmp_path)!r}, "step_*", "*.safetensors")):
+            os.truncate(f, 4096)
+        print(float(state["w"].sum()))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGBUS, (out.returncode, out.stderr[-500:])
