@@ -13,7 +13,8 @@ state their adapter gives (:class:`ckptstore.frameworks.ObjectAdapter`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,17 +25,23 @@ from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named,
 from .skeleton import ArrayLeaf, KeyPath, NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path
 
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+#: Most decimal digits of an int outside 64 bits: the manifest stores such an int as its decimal text and
+#: reads back at most this many digits (Python's default ``sys.get_int_max_str_digits()``).
+MAX_INT_DIGITS = 4300
+_INT_TOO_BIG = 10**MAX_INT_DIGITS
 
 
 # --- flatten ----------------------------------------------------------------------------------------
 
 _PLAIN_TYPES = frozenset({str, bytes, float, bool, int, complex, type(None)})
-_PLAIN_BASES: tuple[type, ...] = (bool, int, float, str, bytes)
+_PLAIN_BASES: tuple[type, ...] = (bool, int, float, complex, str, bytes)
 
 
 def type_name(x: Any) -> str:
     t = type(x)
-    return f"{t.__module__}.{t.__qualname__}"
+    name = f"{t.__module__}.{t.__qualname__}"
+    # For people only, but written into the manifest: a name UTF-8 cannot hold (a lone surrogate) is escaped.
+    return name if name.isascii() else name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def is_stateful(x: Any) -> bool:
@@ -56,9 +63,14 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
     def walk(x: Any, path: KeyPath) -> Any:
         t = type(x)
         if t in _PLAIN_TYPES:
+            if t is str:
+                if not x.isascii():  # O(1): CPython keeps the flag
+                    _check_text(x, path)
+            elif t is int and not _INT64_MIN <= x <= _UINT64_MAX:
+                _check_int(x, path)
             return x
         if t is dict:
-            return {_key(k, path): walk(v, (*path, k)) for k, v in x.items()}
+            return walk_items(x.items(), path)
         if t is list:
             return [walk(v, (*path, i)) for i, v in enumerate(x)]
         if t is tuple:
@@ -70,15 +82,17 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
             return TensorRef(add_array(adapter, x, path))
         if isinstance(x, np.generic):
             code = dtypes.code_of(x.dtype)
-            if code is None:
-                raise UnsupportedTypeError(f"{render_path(path)} is a numpy scalar of dtype {x.dtype}")
-            return Scalar(code, x.tobytes())
+            if code is not None:
+                return Scalar(code, x.tobytes())
+            if isinstance(x, str | bytes):  # np.str_, np.bytes_: saved as the plain str or bytes they are
+                return walk(str.__str__(x) if isinstance(x, str) else bytes(x), path)
+            raise UnsupportedTypeError(f"{render_path(path)} is a numpy scalar of dtype {x.dtype}")
         if is_stateful(x):
-            return Stateful(type_name(x), walk(x.state_dict(), path))
+            return Stateful(type_name(x), walk(_call(x.state_dict, path, f"{type_name(x)}.state_dict()"), path))
         if isinstance(x, Mapping):
-            return {_key(k, path): walk(v, (*path, k)) for k, v in x.items()}
+            return walk_items(_call(lambda: list(x.items()), path, "items()"), path)
         if isinstance(x, tuple) and isinstance(getattr(x, "_fields", None), tuple):
-            fields = tuple(str(f) for f in x._fields)  # type: ignore[attr-defined]
+            fields = _fields(x, path)
             return NamedTuple(type_name(x), fields, tuple(walk(v, (*path, f)) for f, v in zip(fields, x)))
         if isinstance(x, list):
             return walk(list(x), path)
@@ -87,8 +101,8 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
         for base in _PLAIN_BASES:  # subclasses (IntEnum, StrEnum, ...) are saved as their base type
             if isinstance(x, base):
                 # str() of a (str, Enum) member is "Cls.NAME"; str.__str__ gives the string's own value.
-                return str.__str__(x) if base is str else base(x)
-        found = object_adapter_for(x)  # a JAX pytree node, a Keras layer, a NumPy generator, ...
+                return walk(str.__str__(x) if base is str else base(x), path)
+        found = _call(lambda: object_adapter_for(x), path, "reading its state")  # a JAX pytree node, a Keras layer...
         if found is not None:
             return Stateful(type_name(x), walk(found[1], path))
         raise UnsupportedTypeError(
@@ -96,11 +110,28 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
             "(arrays, containers, plain Python values and objects with state_dict() are supported)"
         )
 
+    def walk_items(items: Collection[tuple[Any, Any]], path: KeyPath) -> dict[Any, Any]:
+        out = {}
+        for k, v in items:
+            t = type(k)
+            if not ((t is str and k.isascii()) or (t is int and _INT64_MIN <= k <= _UINT64_MAX)):
+                k = _key(k, path)
+            out[k] = walk(v, (*path, k))
+        if len(out) != len(items):  # two keys saved as one (str subclasses whose instances differ, ...)
+            _duplicate_key(items, path)
+        return out
+
     def add_array(adapter: Adapter, x: Any, path: KeyPath) -> int:
         try:
             host = adapter.to_numpy(x, copy=snapshot)
         except UnsupportedTypeError as e:
             raise UnsupportedTypeError(f"{render_path(path)}: {e}") from None
+        except CkptStoreError:
+            raise
+        except Exception as e:  # the framework refuses to give its bytes (a tf.resource tensor, a fake tensor...)
+            raise UnsupportedTypeError(
+                f"{render_path(path)}: a {type_name(x)} whose values cannot be read ({type(e).__name__}: {e})"
+            ) from e
         code = dtypes.code_of(host.dtype)
         if code is None:
             raise UnsupportedTypeError(f"{render_path(path)} has dtype {host.dtype}, which safetensors cannot hold")
@@ -131,13 +162,100 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
 
 
 def _key(k: Any, path: KeyPath) -> Any:
-    if type(k) is str or type(k) is int:
+    """A dict key as saved: a str or an int (an Enum member or other subclass as its plain value)."""
+    t = type(k)
+    if t is str:
+        if not k.isascii():
+            _check_text(k, path, key=True)
         return k
-    if isinstance(k, str | int) and not isinstance(k, bool):
-        return int(k) if isinstance(k, int) else str(k)
+    if t is int:
+        if not _INT64_MIN <= k <= _UINT64_MAX:
+            _check_int(k, path, key=True)
+        return k
+    if isinstance(k, str):  # str() of a (str, Enum) member is "Cls.NAME": str.__str__ gives its value
+        return _key(str.__str__(k), path)
+    if isinstance(k, int) and not isinstance(k, bool):
+        return _key(int(k), path)
     raise UnsupportedTypeError(
-        f"{render_path(path)} has a key of type {type(k).__name__} ({k!r}); dict keys must be str or int"
+        f"{render_path(path)} has a key of type {type(k).__name__} ({_short_repr(k)}); dict keys must be str or int"
     )
+
+
+def _duplicate_key(items: Iterable[tuple[Any, Any]], path: KeyPath) -> None:
+    seen: dict[Any, Any] = {}
+    for k, _ in items:
+        key = _key(k, path)
+        if key in seen:
+            raise UnsupportedTypeError(
+                f"{render_path(path)} has two keys that are saved as the same key {key!r}: "
+                f"{_short_repr(seen[key])} and {_short_repr(k)} (a str or int subclass is saved as its plain value)"
+            )
+        seen[key] = k
+    raise UnsupportedTypeError(f"{render_path(path)}: the mapping changed while it was saved")
+
+
+def _check_text(s: str, path: KeyPath, *, key: bool = False) -> None:
+    """A str the manifest can hold: UTF-8, so no lone surrogate (``'\\ud800'``, from ``surrogateescape``)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        what = "has a key that holds" if key else "holds"
+        raise UnsupportedTypeError(
+            f"{render_path(path)} {what} a lone surrogate {s[e.start]!r} at index {e.start}, which UTF-8 (and so "
+            "a checkpoint) cannot hold; decode such text properly, or save it as bytes "
+            "(s.encode('utf-8', 'surrogateescape'))"
+        ) from None
+
+
+def _check_int(x: int, path: KeyPath, *, key: bool = False) -> None:
+    """An int outside 64 bits, which the manifest stores as decimal text: at most :data:`MAX_INT_DIGITS`
+    digits, and no more than this process may convert to text (``sys.get_int_max_str_digits()``)."""
+    limit = sys.get_int_max_str_digits()
+    digits = min(limit, MAX_INT_DIGITS) if limit else MAX_INT_DIGITS
+    if abs(x) < (_INT_TOO_BIG if digits == MAX_INT_DIGITS else 10**digits):
+        return
+    what = "has a key that is" if key else "is"
+    why = (
+        f"a checkpoint holds ints of at most {MAX_INT_DIGITS} digits"
+        if digits == MAX_INT_DIGITS
+        else f"this process converts ints of at most {digits} digits to text (sys.set_int_max_str_digits)"
+    )
+    raise UnsupportedTypeError(
+        f"{render_path(path)} {what} an int of more than {digits} decimal digits (about "
+        f"{int(x.bit_length() * 0.30103) + 1}); {why}: save it as bytes (x.to_bytes(...))"
+    )
+
+
+def _fields(x: Any, path: KeyPath) -> tuple[str, ...]:
+    """A NamedTuple's field names, which restoring needs as they are: distinct str, one per value."""
+    fields = x._fields
+    if len(fields) != len(x) or not all(type(f) is str for f in fields) or len(set(fields)) != len(fields):
+        raise UnsupportedTypeError(
+            f"{render_path(path)} is a {type_name(x)} whose _fields {_short_repr(fields)} do not name its "
+            f"{len(x)} values one to one (distinct str names); make it a plain tuple or a NamedTuple"
+        )
+    for f in fields:
+        if not f.isascii():
+            _check_text(f, path)
+    return tuple(fields)
+
+
+def _call(fn: Callable[[], Any], path: KeyPath, what: str) -> Any:
+    """``fn()`` of a user's object (``state_dict()``, ``items()``); what it raises is named with the path."""
+    try:
+        return fn()
+    except CkptStoreError:
+        raise
+    except Exception as e:
+        raise UnsupportedTypeError(f"{render_path(path)}: {what} raised {type(e).__name__}: {e}") from e
+
+
+def _short_repr(x: Any, limit: int = 80) -> str:
+    try:
+        text = repr(x)
+    except Exception:  # an int past the digits limit, a broken __repr__
+        text = f"<a {type(x).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- rebuild ----------------------------------------------------------------------------------------
@@ -202,12 +320,18 @@ def rebuild(
                         f"{render_path(path)}: the checkpoint holds an array, `like` a {type_name(tmpl)}"
                     )
                 return _untemplated(fallback, arr, path)
-            shape = tuple(getattr(tmpl, "shape", arr.shape))
+            try:
+                shape = tuple(getattr(tmpl, "shape", arr.shape))
+            except Exception as e:  # a nested torch tensor has no shape
+                raise StructureMismatchError(
+                    f"{render_path(path)}: `like`'s {type_name(tmpl)} has no shape to hold the checkpoint's array "
+                    f"({type(e).__name__}: {e})"
+                ) from e
             if shape != arr.shape:
                 raise StructureMismatchError(
                     f"{render_path(path)}: the checkpoint's array has shape {arr.shape}, `like`'s {shape}"
                 )
-            return adapter.from_numpy(arr, tmpl)
+            return _convert(adapter, arr, tmpl, path)
         if type(node) is dict:
             if tmpl is MISSING or not isinstance(tmpl, Mapping):
                 if tmpl is not MISSING and (is_stateful(tmpl) or object_adapter_for(tmpl) is not None):
@@ -216,6 +340,12 @@ def rebuild(
                 _mismatch(strict, tmpl, path, "a dict")
                 return {k: walk(v, MISSING, (*path, k), fallback, strict) for k, v in node.items()}
             if strict and tmpl.keys() != node.keys():
+                renamed = _legacy_enum_keys(tmpl, node)
+                if renamed is not None:  # written before Enum keys were saved as their values
+                    return {
+                        renamed.get(k, k): walk(v, tmpl[renamed.get(k, k)], (*path, k), fallback, strict)
+                        for k, v in node.items()
+                    }
                 missing = [k for k in tmpl if k not in node]
                 extra = [k for k in node if k not in tmpl]
                 raise StructureMismatchError(
@@ -233,13 +363,25 @@ def rebuild(
         if type(node) is NamedTuple:
             if tmpl is not MISSING and isinstance(tmpl, tuple) and getattr(tmpl, "_fields", None) == node.fields:
                 values = [walk(v, t, (*path, f), fallback, strict) for f, v, t in zip(node.fields, node.values, tmpl)]
-                return type(tmpl)(*values)
+                try:
+                    return type(tmpl)(*values)
+                except Exception as e:  # a NamedTuple subclass whose __new__ checks its values
+                    raise StructureMismatchError(
+                        f"{render_path(path)}: {type_name(tmpl)}(...) rejects the checkpoint's values "
+                        f"({type(e).__name__}: {e})"
+                    ) from e
             _mismatch(strict, tmpl, path, f"a NamedTuple {node.type_name}")
             return {f: walk(v, MISSING, (*path, f), fallback, strict) for f, v in zip(node.fields, node.values)}
         if type(node) is Stateful:
             if tmpl is not MISSING and is_stateful(tmpl):
                 hint = adapter_for_stateful(tmpl) or fallback
-                state = walk(node.state, tmpl.state_dict(), path, hint, False)
+                try:
+                    template = tmpl.state_dict()
+                except Exception as e:
+                    raise StructureMismatchError(
+                        f"{render_path(path)}: {type_name(tmpl)}.state_dict() of `like` raised {type(e).__name__}: {e}"
+                    ) from e
+                state = walk(node.state, template, path, hint, False)
                 try:
                     tmpl.load_state_dict(state)
                 except CkptStoreError:
@@ -253,13 +395,21 @@ def rebuild(
             found = None if tmpl is MISSING else object_adapter_for(tmpl)
             if found is not None:
                 adapter, template = found
-                return adapter.restore_object(
-                    tmpl,
-                    node.state,
-                    template,
-                    lambda n, t, k: walk(n, t, (*path, *k), adapter, strict),
-                    render_path(path),
-                )
+                try:
+                    return adapter.restore_object(
+                        tmpl,
+                        node.state,
+                        template,
+                        lambda n, t, k: walk(n, t, (*path, *k), adapter, strict),
+                        render_path(path),
+                    )
+                except CkptStoreError:
+                    raise
+                except Exception as e:  # the framework refuses the saved state
+                    raise StructureMismatchError(
+                        f"{render_path(path)}: the checkpoint's state does not fit `like`'s {type_name(tmpl)} "
+                        f"({type(e).__name__}: {e})"
+                    ) from e
             if isinstance(tmpl, Mapping | list | tuple):  # an object's state into plain containers (of arrays)
                 return walk(node.state, tmpl, path, fallback, strict)
             _mismatch(strict, tmpl, path, f"the state of a {node.type_name}")
@@ -279,10 +429,44 @@ def rebuild(
 
 def _untemplated(adapter: Adapter, arr: np.ndarray, path: KeyPath) -> Any:
     """``arr`` as an array of the ``framework=`` adapter; one it cannot hold is an error naming its path."""
+    return _convert(adapter, arr, None, path)
+
+
+def _convert(adapter: Adapter, arr: np.ndarray, tmpl: Any, path: KeyPath) -> Any:
+    """``adapter.from_numpy(arr, tmpl)``; whatever the framework raises is a named error with the key path
+    (a ``like`` that cannot hold numbers: a tf.string tensor, a quantized torch tensor, ...)."""
     try:
-        return adapter.from_numpy(arr, None)
-    except UnsupportedTypeError as e:
-        raise UnsupportedTypeError(f"{render_path(path)}: {e}") from None
+        return adapter.from_numpy(arr, tmpl)
+    except (UnsupportedTypeError, StructureMismatchError) as e:
+        raise type(e)(f"{render_path(path)}: {e}") from None
+    except CkptStoreError:
+        raise
+    except Exception as e:
+        code = dtypes.code_of(arr.dtype) or arr.dtype
+        if tmpl is None:
+            raise UnsupportedTypeError(
+                f"{render_path(path)}: the checkpoint's {code} array of shape {arr.shape} cannot become a "
+                f"{adapter.name} array ({type(e).__name__}: {e})"
+            ) from e
+        raise StructureMismatchError(
+            f"{render_path(path)}: the checkpoint's {code} array of shape {arr.shape} cannot become an array like "
+            f"`like`'s {type_name(tmpl)} of dtype {getattr(tmpl, 'dtype', '?')} ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _legacy_enum_keys(tmpl: Mapping[Any, Any], node: dict[Any, Any]) -> dict[Any, Any] | None:
+    """For a checkpoint whose (str, Enum) keys were saved as ``str(member)`` ("Color.RED") rather than their
+    values: the checkpoint's keys that name ``tmpl``'s members so, mapped to the members; None when the
+    keys do not then agree."""
+    renamed = {}
+    for k in tmpl:
+        if isinstance(k, str) and type(k) is not str and k not in node:
+            legacy = str(k)
+            if legacy in node and legacy not in tmpl:
+                renamed[legacy] = k
+    if not renamed or len(tmpl) != len(node) or any(k not in tmpl and k not in renamed for k in node):
+        return None
+    return renamed
 
 
 def is_plain(x: Any) -> bool:
@@ -346,7 +530,7 @@ def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: 
             f"{render_path(path)}: the checkpoint's array has shape {gshape}, `like`'s global shape is {want}"
         )
     arr = source.read(node, offsets, shape)
-    local = (adapter_for(local_tmpl) or adapter_named("numpy")).from_numpy(arr, local_tmpl)
+    local = _convert(adapter_for(local_tmpl) or adapter_named("numpy"), arr, local_tmpl, path)
     if type(tmpl) is shard.Shard:
         return shard.Shard(local, gshape, offsets)
     return shard.dtensor_like(tmpl, local)

@@ -102,7 +102,10 @@ _loaded: dict[str, Adapter] = {}
 def _load(module: str) -> Adapter:
     adapter = _loaded.get(module)
     if adapter is None:
-        adapter = importlib.import_module(f"{__name__}.{module}").ADAPTER
+        try:
+            adapter = importlib.import_module(f"{__name__}.{module}").ADAPTER
+        except ImportError as e:  # framework="jax" where JAX is not installed (or fails to import)
+            raise CkptStoreError(f"framework {module!r} cannot be used: {type(e).__name__}: {e}") from e
         _loaded[module] = adapter
     return adapter
 
@@ -153,10 +156,22 @@ def _object_candidates(cls: type) -> Iterator[str]:
 
 def adapter_named(name: str) -> Adapter:
     """The adapter for ``framework=name`` (numpy, torch, jax, tf, keras)."""
-    module = _NAMES.get(name)
+    module = _NAMES.get(name) if isinstance(name, str) else None
     if module is None:
-        raise CkptStoreError(f"unknown framework {name!r}; known: {', '.join(sorted(_NAMES))}")
+        raise CkptStoreError(
+            f"framework must be one of {', '.join(sorted(_NAMES))} (or None for numpy), got {_short(name)}"
+            if not isinstance(name, str)
+            else f"unknown framework {name!r}; known: {', '.join(sorted(_NAMES))}"
+        )
     return _load(module)
+
+
+def _short(x: Any) -> str:
+    try:
+        text = repr(x)
+    except Exception:
+        text = f"<a {type(x).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def known_frameworks() -> list[str]:

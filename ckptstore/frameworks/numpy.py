@@ -31,10 +31,19 @@ class NumpyAdapter:
     def to_numpy(self, x: Any, *, copy: bool) -> np.ndarray:
         if isinstance(x, np.ma.MaskedArray):  # asarray would drop the mask without a word
             raise UnsupportedTypeError("a numpy masked array (save its .data and .mask as two arrays)")
-        return np.array(x, copy=True) if copy else np.asarray(x)
+        arr = np.asarray(x)
+        if not arr.dtype.isnative:  # big-endian data (from a file format): saved as the same values, native
+            return arr.astype(arr.dtype.newbyteorder("="))
+        return np.array(arr, copy=True) if copy else arr
 
     def from_numpy(self, arr: np.ndarray, like: Any | None) -> Any:
         if isinstance(like, np.ndarray) and like.dtype != arr.dtype:
+            if like.dtype.kind in "US" or like.dtype.type is np.void:  # (bfloat16 & co. are kind V too)
+                # astype would give text or records that are not the saved numbers (or truncate them)
+                raise StructureMismatchError(
+                    f"`like` is a numpy array of dtype {like.dtype}, which cannot hold the checkpoint's "
+                    f"{arr.dtype} array as numbers"
+                )
             return arr.astype(like.dtype)
         return arr
 

@@ -20,6 +20,9 @@ from ..errors import StructureMismatchError, UnsupportedTypeError
 from . import Walk
 from ._variables import restore_in_order, variables_by_path
 
+# Dtypes whose values are no array of numbers: strings, resource handles, variants (datasets, lists...).
+_NOT_NUMBERS = frozenset({tf.string, tf.resource, tf.variant})
+
 
 class TfAdapter:
     name = "tf"
@@ -28,16 +31,25 @@ class TfAdapter:
         return isinstance(x, tf.Tensor | tf.Variable)
 
     def to_numpy(self, x: Any, *, copy: bool) -> np.ndarray:
+        if x.dtype in _NOT_NUMBERS:
+            raise UnsupportedTypeError(f"a tf.{x.dtype.name} tensor, which holds no numbers an array file can store")
         try:
             arr = x.numpy()
         except (AttributeError, NotImplementedError, TypeError) as e:  # a symbolic tensor inside tf.function
             raise UnsupportedTypeError(f"a {type(x).__name__} without a value ({e})") from None
+        except tf.errors.OpError as e:
+            raise UnsupportedTypeError(f"a {type(x).__name__} whose value cannot be read ({e.message})") from None
         if not isinstance(arr, np.ndarray):  # 0-d tensors give NumPy scalars
             arr = np.asarray(arr)
         # An eager tensor's numpy() may alias the tensor's buffer; a snapshot must not.
         return np.array(arr, copy=True) if copy else arr
 
     def from_numpy(self, arr: np.ndarray, like: Any | None) -> Any:
+        if isinstance(like, tf.Tensor | tf.Variable) and like.dtype in _NOT_NUMBERS:
+            raise StructureMismatchError(
+                f"`like` is a tf.{like.dtype.name} {type(like).__name__}, which cannot hold the checkpoint's "
+                f"{arr.dtype} array"
+            )
         if isinstance(like, tf.Variable):
             like.assign(arr.astype(like.dtype.as_numpy_dtype, copy=False))
             return like

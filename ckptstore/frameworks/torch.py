@@ -75,6 +75,16 @@ class TorchAdapter:
         via = _INT_OF.get(arr.dtype)
         t = torch.from_numpy(arr) if via is None else torch.from_numpy(arr.view(via[0])).view(via[1])
         if isinstance(like, torch.Tensor):
+            if like.is_nested or like.layout is not torch.strided or like.is_quantized:
+                raise StructureMismatchError(
+                    f"`like` is a torch tensor of layout {like.layout} (nested={like.is_nested}, "
+                    f"quantized={like.is_quantized}); the checkpoint holds a plain {arr.dtype} array"
+                )
+            if like.device.type == "meta":  # the bytes would be dropped without a word
+                raise StructureMismatchError(
+                    "`like` is a torch tensor on the meta device, which holds no data; create it on a real device "
+                    "first (module.to_empty(device=...)), or pass None there to get the saved array"
+                )
             t = t.to(device=like.device, dtype=like.dtype)
             if isinstance(like, torch.nn.Parameter):  # a Parameter in, a Parameter out (an optimizer can take it)
                 return torch.nn.Parameter(t, requires_grad=like.requires_grad)
