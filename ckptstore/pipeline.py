@@ -461,6 +461,12 @@ def commit_manifest(storage: Storage, staging: Staging, name: str, m: Manifest, 
     come after the checkpoint was published (a sync of the root, a lost response).
     """
     data = manifest.encode(m)
+    if len(data) > knobs.current.max_manifest_bytes:  # published, it could never be read back
+        staging.abort()
+        raise UnsupportedTypeError(
+            f"the manifest of {storage.url_of(name)} would take {len(data)} bytes, more than a reader accepts "
+            f"(knobs.max_manifest_bytes = {knobs.current.max_manifest_bytes}); nothing was committed"
+        )
     try:
         staging.commit(data, overwrite=overwrite)
     except StorageError as e:

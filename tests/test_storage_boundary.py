@@ -148,3 +148,18 @@ def test_import_works_without_fcntl() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "refused", out.stderr
+
+
+def test_a_manifest_too_large_to_read_back_is_refused_before_it_is_published(tmp_path: Path) -> None:
+    store = ckptstore.CheckpointStore(tmp_path / "run")
+    store.save(1, {"w": np.arange(3)})
+    big = {f"k{i}": np.full(2, i) for i in range(200)}
+    with (
+        knobs.override(max_manifest_bytes=4000),
+        pytest.raises(ckptstore.errors.UnsupportedTypeError, match="max_manifest"),
+    ):
+        store.save(2, big)
+    assert store.steps() == [1]
+    assert [p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".ckptstore")] == ["step_00000001"]
+    store.save(2, big)  # under the default limit it is fine
+    assert sorted(store.restore(2)) == sorted(big)
