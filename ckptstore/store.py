@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, overload
@@ -13,6 +14,7 @@ from typing import Any, Literal, overload
 from . import distributed, leases, load, pipeline, tree, watch
 from .asyncsave import SaveHandle, Saver
 from .errors import (
+    AccessDeniedError,
     CheckpointNotFoundError,
     CkptStoreError,
     CorruptCheckpointError,
@@ -44,6 +46,15 @@ class CheckpointInfo:
 
 def _info(storage: Storage, name: str, m: Manifest) -> CheckpointInfo:
     return CheckpointInfo(m.step, storage.url_of(name), m.created, sum(f.size for f in m.files), m.metadata)
+
+
+#: The newest step each store root (by URL) was seen to hold by this process: a listing that runs before
+#: a commit, or one torn by a deletion, must not make the latest step go backwards (see CheckpointStore.steps).
+_newest_seen: dict[str, int] = {}
+_newest_lock = threading.Lock()
+
+#: What restore(fallback=True) skips: a checkpoint that is damaged, gone, or that this reader may not read.
+_SKIPPABLE = (CorruptCheckpointError, CheckpointNotFoundError, AccessDeniedError)
 
 
 def _check_step(step: Any) -> int:
@@ -196,12 +207,17 @@ class CheckpointStore:
         """Every rank writes its share, rank 0 commits (:func:`ckptstore.pipeline.save`); then rank 0 alone
         applies retention (after the commit it depends on)."""
         name = step_name(step)
+        if coord.rank == 0:
+            # A pass left undone (cut short, or failed) first: a disk it left full fails the save before its
+            # commit, and so before the pass after it. Never raises.
+            self._retention.catch_up(self.storage)
         done = pipeline.save(self.storage, name, step, source, overwrite=overwrite, coordinator=coord)
         if coord.rank == 0:
+            _remember(self.url, step)
             self._retention.saved(step, done.created)
             try:
                 self._retention.apply(self.storage)
-            except StorageError as e:  # the message must say the checkpoint is safe
+            except CkptStoreError as e:  # the message must say the checkpoint is safe
                 raise storage_error(
                     e, f"step {step} is committed, but retention failed (it runs again on the next save)"
                 ) from e
@@ -220,15 +236,37 @@ class CheckpointStore:
                 raise CheckpointNotFoundError(f"no committed checkpoint at {self.storage.url_of(name)}")
             self.storage.delete(name)
         self._retention.forget(step)
+        with _newest_lock:
+            if _newest_seen.get(self.url) == step:
+                del _newest_seen[self.url]
 
     # --- reading ------------------------------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Committed steps, ascending (listed fresh from the filesystem)."""
-        return self.storage.committed_steps()
+        """Committed steps, ascending (listed fresh from the filesystem).
+
+        Within a process the newest step never goes backwards unless it was deleted: a listing whose newest
+        step is older than one this process saw in this store (a listing made just before that step was
+        committed, or one that raced with retention) gets it back if a lookup by name finds it committed.
+        """
+        steps = self.storage.committed_steps()
+        key = self.url
+        with _newest_lock:
+            known = _newest_seen.get(key)
+        if known is not None and (not steps or steps[-1] < known):
+            # One lookup by name (atomic against renames), only when the listing is behind.
+            if self.storage.is_committed(step_name(known)):
+                return [*steps, known]
+            with _newest_lock:  # deleted (explicitly, or by another process): forget it
+                if _newest_seen.get(key) == known:
+                    del _newest_seen[key]
+        if steps:
+            _remember(key, steps[-1])
+        return steps
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None if there is none."""
+        """The newest committed step, or None if there is none. It never goes backwards within a process
+        unless a checkpoint is deleted (:meth:`steps`)."""
         steps = self.steps()
         return steps[-1] if steps else None
 
@@ -300,8 +338,11 @@ class CheckpointStore:
             verify: check every tensor's checksum (xxh3-64) while reading, before anything is rebuilt or
                 loaded into ``like`` (file sizes are always checked). It costs about 15% of a restore from
                 the page cache, less from disk or network; pass False to skip it.
-            fallback: if the checkpoint is damaged (or deleted while being read), restore the newest
-                intact older one instead, with a warning naming each one skipped. Implies ``verify``.
+            fallback: if the checkpoint is damaged, unreadable (permission denied) or deleted while being
+                read, restore the newest intact older one instead, with a warning naming each one skipped.
+                When the ones tried vanished under the reader (a trainer's retention), the store is listed
+                again and what is new is tried, pinned where the reader may write leases: it fails only if
+                no intact checkpoint is left. Implies ``verify``.
             keys: restore only these subtrees: paths of dict keys joined by '/' (``["model"]``,
                 ``"model/encoder"``). The result keeps only what they select, and only their tensors'
                 bytes are read (ranged reads on object stores). ``like`` then matches that subset.
@@ -330,27 +371,51 @@ class CheckpointStore:
         self, step: int | None, like: Any, framework: str | None, keys: Sequence[str] | str | None = None
     ) -> Any:
         newest = self._resolve(step)
+        # Asked for the latest, a checkpoint committed meanwhile is fair game when the ones tried vanished.
+        bound = newest if step is not None else None
         skipped: list[str] = []
-        for s in reversed([s for s in self.steps() if s <= newest] or [newest]):
-            name = step_name(s)
-            try:
-                m = _manifest(self.storage, name)
-                # Every tensor is read and checked before the tree is rebuilt, so a damaged checkpoint
-                # fails before any object in ``like`` is touched.
-                state = load.read(self.storage, name, like=like, framework=framework, verify=True, m=m, keys=keys)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                skipped.append(f"step {s}: {e}")
-                continue
-            if skipped:
-                warnings.warn(
-                    f"restored step {s} of {self.url}; skipped newer damaged checkpoints: " + "; ".join(skipped),
-                    CorruptCheckpointWarning,
-                    stacklevel=3,
-                )
-            return state
+        tried: set[int] = set()
+        candidates = [s for s in self.steps() if s <= newest] or [newest]
+        relisted = False
+        while candidates:
+            for s in reversed(candidates):
+                tried.add(s)
+                name = step_name(s)
+                # After a re-listing, pin what is tried (where this reader may write leases): retention,
+                # which deleted the ones tried before under this reader, then leaves it alone.
+                lease = self._try_pin(name) if relisted else None
+                try:
+                    m = _manifest(self.storage, name)
+                    # Every tensor is read and checked before the tree is rebuilt, so a damaged checkpoint
+                    # fails before any object in ``like`` is touched.
+                    state = load.read(self.storage, name, like=like, framework=framework, verify=True, m=m, keys=keys)
+                except _SKIPPABLE as e:
+                    skipped.append(f"step {s}: {e}")
+                    continue
+                finally:
+                    if lease is not None:
+                        lease.release()
+                if skipped:
+                    warnings.warn(
+                        f"restored step {s} of {self.url}; skipped newer damaged checkpoints: " + "; ".join(skipped),
+                        CorruptCheckpointWarning,
+                        stacklevel=3,
+                    )
+                return state
+            # Every candidate failed. Some may have vanished under this reader (retention deleting them as a
+            # newer one was committed): list again, and try what was not tried yet.
+            candidates = [s for s in self.steps() if (bound is None or s <= bound) and s not in tried]
+            relisted = True
         raise CorruptCheckpointError(
             f"no intact checkpoint at or before step {newest} in {self.url}: " + "; ".join(skipped)
         )
+
+    def _try_pin(self, name: str) -> leases.Lease | None:
+        """A lease on checkpoint ``name`` if this reader can write one (None otherwise: it reads unpinned)."""
+        try:
+            return leases.acquire(self.storage, name)
+        except StorageError:
+            return None
 
     def verify(self, step: int | None = None) -> list[int]:
         """Check every byte of checkpoint ``step``, or of every committed checkpoint when ``step`` is None:
@@ -375,14 +440,20 @@ class CheckpointStore:
             name = step_name(s)
             try:
                 verify_checkpoint(self.storage, name, _manifest(self.storage, name))
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                if self.storage.is_committed(name):
+            except _SKIPPABLE as e:  # one this reader may not read is reported with the damaged ones
+                if isinstance(e, AccessDeniedError) or self.storage.is_committed(name):
                     damaged.append(str(e))
                 continue
             done.append(s)
         if damaged:
             raise CorruptCheckpointError(f"{len(damaged)} damaged checkpoint(s) in {self.url}: " + "; ".join(damaged))
         return done
+
+
+def _remember(url: str, step: int) -> None:
+    with _newest_lock:
+        if step > _newest_seen.get(url, -1):
+            _newest_seen[url] = step
 
 
 def _manifest(storage: Storage, name: str) -> Manifest:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from . import knobs, leases
 from .errors import CkptStoreError
-from .storage import Storage, open_storage, step_name
+from .storage import Storage, open_storage, parse_step, step_name
 
 __all__ = ["checkpoints_iterator", "wait_for_new_checkpoint", "watch"]
 
@@ -62,11 +62,23 @@ def _sleep_until(t: float) -> None:
         time.sleep(left)
 
 
+def _listing(storage: Storage, last: int | None) -> list[int]:
+    """The committed steps, listed again at once when the listing looks torn: empty, or behind the step
+    last yielded (a listing that raced with a commit and retention's deletion). A torn listing must not
+    cost a poll interval."""
+    steps = storage.committed_steps()
+    if not steps or (last is not None and steps[-1] < last):
+        steps = storage.committed_steps()
+    return steps
+
+
 def _pending(storage: Storage, last: int | None, every: bool, skip: set[int]) -> list[int]:
     """The steps to yield next: all committed steps after ``last`` (every), or the newest if not ``last``."""
-    steps = [s for s in storage.committed_steps() if s not in skip]
+    steps = [s for s in _listing(storage, last) if s not in skip]
     if every:
         return [s for s in steps if last is None or s > last]
+    if steps and last is not None and steps[-1] < last and storage.is_committed(step_name(last)):
+        return []  # a listing behind the step last yielded, which is still there: nothing new
     return steps[-1:] if steps and steps[-1] != last else []
 
 
@@ -223,10 +235,22 @@ def wait_for_new_checkpoint(
     storage = open_storage(checkpoint_dir, storage_options)
     last = _normalize(last_checkpoint)
 
+    # The step of ``last_checkpoint`` when it is a checkpoint of this store (a listing behind it is no news).
+    last_step = None
+    if last is not None:
+        base = last.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
+        step = parse_step(base)
+        if step is not None and _normalize(storage.url_of(step_name(step))) == last:
+            last_step = step
+
     def newest() -> str | None:
-        steps = storage.committed_steps()
-        path = storage.url_of(step_name(steps[-1])) if steps else None
-        return path if path is not None and _normalize(path) != last else None
+        steps = _listing(storage, last_step)
+        if not steps:
+            return None
+        if last_step is not None and steps[-1] < last_step and storage.is_committed(step_name(last_step)):
+            return None
+        path = storage.url_of(step_name(steps[-1]))
+        return path if _normalize(path) != last else None
 
     log.info("waiting for a new checkpoint in %s", storage.url)
     return _poll(newest, seconds_to_sleep, timeout)

@@ -8,6 +8,11 @@ by its capability flags (:attr:`Storage.ranged_reads`, :attr:`Storage.supports_m
 those, never on a backend's class.
 
 Paths given to a backend are relative to the store root, with '/' separators.
+
+Nothing outside the root is ever deleted or written: a backend never follows a symlink found in the store
+when it deletes, renames, creates or writes (deleting a link removes the link), and never lists a symlinked
+step directory as a checkpoint. The root itself, and a checkpoint path the user names (their own link to a
+checkpoint directory), are theirs: those are followed for reading.
 """
 
 from __future__ import annotations
@@ -103,7 +108,8 @@ class Storage(ABC):
     @abstractmethod
     def delete(self, name: str) -> None:
         """Delete a committed checkpoint directory: its manifest first, then its data. Call under
-        :meth:`lock`. Deleting what does not exist does nothing."""
+        :meth:`lock`. Deleting what does not exist does nothing; deleting a symlink removes the link, never
+        what it points to."""
 
     @abstractmethod
     def clean_leftovers(self) -> list[str]:
@@ -114,7 +120,9 @@ class Storage(ABC):
 
     @abstractmethod
     def committed_steps(self) -> list[int]:
-        """Steps whose manifest exists, ascending, listed fresh (no cached listing)."""
+        """Steps whose manifest exists, ascending, listed fresh (no cached listing). While any checkpoint
+        is committed, the listing shows at least one, even when a commit and a deletion run during it (a
+        directory read is no snapshot: see ``LocalStorage.committed_steps``)."""
 
     @abstractmethod
     def is_committed(self, name: str) -> bool:
@@ -153,15 +161,17 @@ class Storage(ABC):
 
     @abstractmethod
     def put(self, rel: str, data: bytes = b"") -> None:
-        """Write a small file (creating its directory); never follows a symlink."""
+        """Write a small file (creating its directory); never follows a symlink, the file's or its
+        directory's (StorageError)."""
 
     @abstractmethod
     def listdir(self, rel_dir: str) -> list[str]:
-        """Names in a directory, listed fresh ([] if it does not exist)."""
+        """Names in a directory, listed fresh ([] if it does not exist); a directory that is a symlink is
+        refused (StorageError)."""
 
     @abstractmethod
     def remove(self, rel: str) -> None:
-        """Remove a small file; a missing one is no error."""
+        """Remove a small file; a missing one is no error; never through a symlinked directory."""
 
 
 class Staging(ABC):

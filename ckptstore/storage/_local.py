@@ -12,9 +12,8 @@ import stat
 import threading
 from typing import Any, BinaryIO
 
-import filelock
-
 from ..errors import (
+    AccessDeniedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CkptStoreError,
@@ -28,6 +27,24 @@ try:
     import fcntl
 except ImportError:  # not POSIX (Windows): importing works, writing a local store is refused
     fcntl = None  # type: ignore[assignment]
+
+
+#: The most scans one listing makes while it finds no checkpoint and the root keeps changing
+#: (LocalStorage.committed_steps).
+_MAX_SCANS = 8
+
+
+def _has_manifest(path: str) -> bool:
+    """Whether the directory ``path`` holds a manifest. One that cannot be looked at (permission denied)
+    counts as there: a checkpoint the reader cannot read is reported as such, never silently skipped, and
+    nothing is written over it."""
+    try:
+        os.stat(os.path.join(path, MANIFEST_NAME))
+    except PermissionError:
+        return True
+    except OSError:  # missing, a file in place of the directory, a symlink loop, ...
+        return False
+    return True
 
 
 def _flock(fd: int, flags: int) -> None:
@@ -78,32 +95,59 @@ class LocalOps:
         os.unlink(path)
 
     def rmtree(self, path: str) -> None:
-        """Remove a directory tree, best effort (a later clean-up finishes what is left)."""
+        """Remove a directory tree, best effort (a later clean-up finishes what is left). Never follows a
+        symlink: a link at ``path`` is removed itself (shutil.rmtree refuses one, and it would stay forever),
+        and links inside the tree are removed, not their targets."""
+        if os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return
         shutil.rmtree(path, ignore_errors=True)
 
 
 class _ProcessLock:
-    """A lock between threads of this process and, through a lock file, between processes."""
+    """A lock between threads of this process and, through an ``flock`` on a lock file, between processes.
+
+    The lock file is opened with ``O_NOFOLLOW`` and never truncated: a symlink planted at its name (to a
+    file anywhere) is refused, not written through. filelock, used before, did that only from the fix of
+    CVE-2025-68146 (December 2025) on; older releases, which ``filelock>=3.12`` allows, opened the file with
+    ``O_TRUNC`` through the link.
+    """
 
     def __init__(self, path: str) -> None:
         self._path = path
         self._thread_lock = threading.RLock()
-        self._file_lock: filelock.BaseFileLock | None = None  # made on first use: readers never lock
+        self._fd = -1  # opened on first use and closed on the last release: readers never lock
+        self._depth = 0  # re-entrant within a thread (the thread lock is)
 
     def __enter__(self) -> None:
         self._thread_lock.acquire()
         try:
-            if self._file_lock is None:
-                self._file_lock = filelock.FileLock(self._path, thread_local=False, preserve_lock_file=True)
-            self._file_lock.acquire()
+            if self._depth == 0:
+                flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+                try:
+                    fd = os.open(self._path, flags, 0o644)
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        raise StorageError(errno.ELOOP, f"{self._path} is a symlink; refused") from None
+                    raise
+                try:
+                    _flock(fd, fcntl.LOCK_EX if fcntl else 0)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fd = fd
+            self._depth += 1
         except BaseException:
             self._thread_lock.release()
             raise
 
     def __exit__(self, *exc: object) -> None:
         try:
-            assert self._file_lock is not None
-            self._file_lock.release()
+            self._depth -= 1
+            if self._depth == 0:
+                fd, self._fd = self._fd, -1
+                os.close(fd)  # closing the last descriptor of the open file releases the flock
         finally:
             self._thread_lock.release()
 
@@ -216,6 +260,12 @@ class LocalStorage(Storage):
     def url_of(self, rel: str) -> str:
         return os.path.join(self.root, *rel.split("/")) if rel else self.root
 
+    def describe_failure(self, e: BaseException, what: str) -> StorageError | None:
+        if isinstance(e, PermissionError):  # named, and still a PermissionError for those who catch that
+            where = f" ({e.filename})" if e.filename else ""
+            return AccessDeniedError(e.errno, f"{what}: permission denied{where}")
+        return None
+
     def _path(self, rel: str) -> str:
         return self.url_of(rel)
 
@@ -233,19 +283,48 @@ class LocalStorage(Storage):
         return _NamedLock(self._lock, self)
 
     def committed_steps(self) -> list[int]:
-        steps = []
+        """Committed steps, ascending: step directories of this root (never a symlink, which may point at
+        another store's checkpoint) whose manifest exists, or cannot be looked at (permission denied: listed,
+        so that reading it names the problem and a fallback names what it skipped).
+
+        A scan is no snapshot: the directory is read first, each manifest looked at after, and a save's
+        commit (renamed into the root) and retention's deletion of the step before it (manifest unlinked,
+        directory renamed away) can fall in between. One scan can then find no checkpoint at a moment when
+        one was committed throughout: it read the root before the new step arrived and looked at the old
+        step's manifest after it had gone. So an empty result is only returned once two scans in a row read
+        the same entries (names and inode numbers): each commit and each deletion changes the entries, so a
+        scan torn by one is followed by another that differs from it, and is repeated (at most
+        ``_MAX_SCANS`` times, for a root that never stops changing). A non-empty result is returned at once:
+        each step in it was committed when it was looked at (a step committed meanwhile may be missing, as
+        from any listing that a save follows). An empty store costs two scans, any other store one.
+        """
         with self.named_errors(f"listing {self.root}"):
-            try:
-                entries = list(os.scandir(self.root))
-            except FileNotFoundError:
-                return []
-            except NotADirectoryError:
-                raise StorageError(f"{self.root} is a file, not a store directory") from None
-            for entry in entries:
-                step = parse_step(entry.name)
-                if step is not None and os.path.exists(os.path.join(entry.path, MANIFEST_NAME)):
-                    steps.append(step)
-        return sorted(steps)
+            seen: frozenset[tuple[str, int]] | None = None
+            steps: list[int] = []
+            for _ in range(_MAX_SCANS):
+                entries, steps = self._scan()
+                if steps or entries is None or entries == seen:
+                    break
+                seen = entries
+            return steps
+
+    def _scan(self) -> tuple[frozenset[tuple[str, int]] | None, list[int]]:
+        """One scan of the root: its entries (name, inode), None if the root does not exist; the committed
+        steps found."""
+        try:
+            with os.scandir(self.root) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            return None, []
+        except NotADirectoryError:
+            raise StorageError(f"{self.root} is a file, not a store directory") from None
+        steps = []
+        for entry in entries:
+            step = parse_step(entry.name)
+            # entry.is_symlink() comes with the directory read (d_type): no system call in the usual case.
+            if step is not None and not entry.is_symlink() and _has_manifest(entry.path):
+                steps.append(step)
+        return frozenset((e.name, e.inode()) for e in entries), sorted(steps)
 
     def read_bytes(self, rel: str, limit: int) -> bytes:
         with self.named_errors(f"reading {self.url_of(rel)}"):
@@ -285,6 +364,8 @@ class LocalStorage(Storage):
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise
+        except PermissionError as e:
+            raise AccessDeniedError(e.errno, f"{path} cannot be read: permission denied") from None
         except OSError as e:
             why = "is a symlink" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
             raise CorruptCheckpointError(f"{path} {why}; refused") from None
@@ -309,13 +390,18 @@ class LocalStorage(Storage):
         return out
 
     def is_committed(self, name: str) -> bool:
+        # Follows a symlink at ``name``: a path the user names (their own link to a checkpoint) reads as
+        # what it points to. Listing, deleting and committing never follow one.
         with self.named_errors(f"looking up {self.url_of(name)}"):
-            return os.path.exists(os.path.join(self.root, name, MANIFEST_NAME))
+            return _has_manifest(os.path.join(self.root, name))
 
     def is_occupied(self, name: str) -> bool:
         path = os.path.join(self.root, name)
         with self.named_errors(f"looking up {path}"):
-            if not os.path.lexists(path):
+            try:
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    return True  # a commit would replace the link (never what it points to)
+            except FileNotFoundError:
                 return False
             try:
                 with os.scandir(path) as entries:
@@ -327,6 +413,15 @@ class LocalStorage(Storage):
         path = os.path.join(self.root, name)
         with self.named_errors(f"deleting {path}"):
             try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                # Not a directory of this store (a symlink to another store's checkpoint, a file): the entry
+                # itself goes, never what a link points to.
+                self.ops.unlink(path)
+                return
+            try:
                 self.ops.unlink(os.path.join(path, MANIFEST_NAME))
             except FileNotFoundError:
                 return
@@ -334,67 +429,190 @@ class LocalStorage(Storage):
             self._remove_tree(path)
 
     def _remove_tree(self, path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):  # a symlink (or a file) in the root: the entry goes, not its target
+            self.ops.unlink(path)
+            return
         # Rename first, so a crash half-way leaves a .trash- directory, never a step name with half its files.
         trash = os.path.join(self.root, f"{TRASH_PREFIX}{os.path.basename(path)}-{new_token()}")
         self.ops.rename(path, trash)
         self.ops.rmtree(trash)
 
     def clean_leftovers(self) -> list[str]:
-        removed = []
+        """Remove what writers that died left: ``.trash-`` directories, ``.tmp-`` directories whose writer is
+        dead (its ``.alive`` file is gone or can be locked), and step directories without a manifest (a
+        deletion cut short).
+
+        Anything else under those names (a symlink, a file where a directory belongs, a liveness file that is
+        not a regular file, an entry that cannot be looked at or removed) is left alone and reported once
+        (logged): a foreign entry never makes a save or retention fail. Only a root that cannot be listed
+        raises.
+        """
+        import logging  # (imported here: the only logging of this module)
+
+        reported: set[str] = vars(self).setdefault("_reported_leftovers", set())
+
+        def foreign(path: str, why: str) -> None:
+            if path not in reported:  # once per entry
+                reported.add(path)
+                logging.getLogger(__name__).warning("%s %s; left alone", path, why)
+
         with self.named_errors(f"cleaning {self.root}"):
-            for entry in list(os.scandir(self.root)):
-                name = entry.name
+            entries = list(os.scandir(self.root))
+        removed = []
+        for entry in entries:
+            name, path = entry.name, entry.path
+            is_step = parse_step(name) is not None
+            if not (is_step or name.startswith((TRASH_PREFIX, TMP_PREFIX))):
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:  # removed with its pair (a temp directory and its liveness file)
+                continue
+            except OSError as e:
+                foreign(path, f"cannot be looked at ({e.strerror})")
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                foreign(path, "is a symlink")
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            try:
                 if name.startswith(TRASH_PREFIX):
-                    self.ops.rmtree(entry.path)
-                elif name.startswith(TMP_PREFIX):
-                    tmp = entry.path.removesuffix(".alive")
-                    if not self._writer_dead(tmp):
+                    if not is_dir:
+                        foreign(path, "is not a directory")
                         continue
-                    self.ops.rmtree(tmp)
+                    self.ops.rmtree(path)
+                    if os.path.lexists(path):
+                        foreign(path, "could not be removed entirely (unreadable, or in use?)")
+                        continue
+                elif name.startswith(TMP_PREFIX):
+                    alive = name.endswith(".alive")
+                    if alive != (not is_dir) or (alive and not stat.S_ISREG(st.st_mode)):
+                        foreign(path, "is not a writer's liveness file" if alive else "is not a directory")
+                        continue
+                    tmp = path.removesuffix(".alive")
+                    dead = self._writer_dead(tmp)
+                    if dead is None:
+                        foreign(tmp + ".alive", "is not a liveness file this writer can lock")
+                        continue
+                    if not dead:
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if stat.S_ISDIR(os.lstat(tmp).st_mode):  # (anything else is reported as its own entry)
+                            self.ops.rmtree(tmp)
+                            if os.path.lexists(tmp):  # its liveness file stays: it is tried again
+                                foreign(tmp, "could not be removed entirely (unreadable, or in use?)")
+                                continue
                     with contextlib.suppress(FileNotFoundError):
                         self.ops.unlink(tmp + ".alive")
-                elif parse_step(name) is not None and entry.is_dir() and not self.is_committed(name):
-                    # Never a save in progress (those live in .tmp- directories): a deletion cut short.
-                    self._remove_tree(entry.path)
                 else:
-                    continue
-                removed.append(name)
+                    if not is_dir:
+                        foreign(path, "is not a directory")
+                        continue
+                    if self.is_committed(name):  # (one that cannot be looked at counts as committed)
+                        continue
+                    # Never a save in progress (those live in .tmp- directories): a deletion cut short.
+                    self._remove_tree(path)
+            except (OSError, StorageError) as e:  # best effort: the next clean-up tries again
+                foreign(path, f"could not be removed ({e})")
+                continue
+            removed.append(name)
         return removed
 
     @staticmethod
-    def _writer_dead(tmp_path: str) -> bool:
+    def _writer_dead(tmp_path: str) -> bool | None:
+        """Whether the writer of the temp directory ``tmp_path`` is dead: its liveness file is gone, or can
+        be locked. None if the liveness file is not one (not a regular file, a symlink, unreadable)."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(tmp_path + ".alive", os.O_RDWR)
+            fd = os.open(tmp_path + ".alive", flags)
         except FileNotFoundError:
             return True
+        except OSError:  # a directory, a symlink, a FIFO without a reader, no permission: not ours
+            return None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if fcntl else 0)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False
-            raise
+            return None
         finally:
             os.close(fd)
         return True
 
     def put(self, rel: str, data: bytes = b"") -> None:
-        path = self._path(rel)
-        with self.named_errors(f"writing {path}"):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        parent, _, name = rel.rpartition("/")
+        with self.named_errors(f"writing {self._path(rel)}"):
+            dir_fd = self._open_dir(parent, create=True)
+            assert dir_fd is not None
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
             with open(fd, "wb") as f:
                 f.write(data)
 
     def listdir(self, rel_dir: str) -> list[str]:
         with self.named_errors(f"listing {self.url_of(rel_dir)}"):
-            try:
-                return os.listdir(self._path(rel_dir))
-            except FileNotFoundError:
+            dir_fd = self._open_dir(rel_dir, create=False)
+            if dir_fd is None:
                 return []
+            try:
+                return os.listdir(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def remove(self, rel: str) -> None:
+        parent, _, name = rel.rpartition("/")
         with self.named_errors(f"removing {self.url_of(rel)}"), contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(rel))
+            dir_fd = self._open_dir(parent, create=False)
+            if dir_fd is None:
+                return
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def _open_dir(self, rel_dir: str, *, create: bool) -> int | None:
+        """A descriptor of the directory ``rel_dir`` under the root (created with ``create``), or None if
+        it does not exist. Each component below the root is opened relative to the one before it, without
+        following a symlink: small files (leases, deletion marks) are never written, listed or removed
+        through a link planted in the store (``.leases`` pointing at a directory anywhere), and a link
+        swapped in meanwhile is refused all the same."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.root, flags)  # the root is the user's: a link to it is theirs to make
+        except FileNotFoundError:
+            if not create:
+                return None
+            os.makedirs(self.root, exist_ok=True)
+            fd = os.open(self.root, flags)
+        done = ""
+        for part in [p for p in rel_dir.split("/") if p]:
+            done = f"{done}/{part}" if done else part
+            try:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                child = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if create:
+                    raise
+                return None
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    raise
+                what = "a symlink" if os.path.islink(self._path(done)) else "not a directory"
+                raise StorageError(e.errno, f"{self.url_of(done)} is {what}; refused") from None
+            finally:
+                os.close(fd)
+            fd = child
+        return fd
 
 
 class _NamedLock:
