@@ -264,26 +264,66 @@ class FsspecStorage(Storage):
 
     def clean_leftovers(self) -> list[str]:
         """Remove step prefixes without a manifest whose objects are all older than the grace period
-        (a writer may still be uploading into a younger one)."""
+        (a writer may still be uploading into a younger one), and abort the multipart uploads into step
+        prefixes begun longer ago than that (a writer killed in the middle of one leaves it open: invisible,
+        but its parts are stored and billed until it is aborted).
+
+        An object named like a step prefix itself, a prefix that cannot be removed, or uploads that cannot be
+        listed (a policy without ``s3:ListBucketMultipartUploads``) are reported once (logged) and left: they
+        never make a save or retention fail. Only a root that cannot be listed raises.
+        """
         with self.named_errors(f"cleaning {self.url}"):
-            return self._clean_leftovers()
+            removed = self._clean_leftovers()
+        if multipart.supported(self.fs):
+            removed += self._abort_stale_uploads()
+        return removed
 
     def _clean_leftovers(self) -> list[str]:
         removed = []
         by_step: dict[str, list[str]] = {}
         for rel in self._find():
             parent, _, name = rel.partition("/")
-            if parse_step(parent) is not None:
+            if parse_step(parent) is None:
+                continue
+            if name:
                 by_step.setdefault(parent, []).append(name)
+            else:
+                self._report_leftover(parent, "is an object named like a step directory")
         now = time.time()
         for parent, names in by_step.items():
             if MANIFEST_NAME in names:
                 continue
             paths = [self._path(f"{parent}/{n}") for n in names]
-            if all(now - self._modified(p) > knobs.current.stale_after_s for p in paths):
-                retry.call(self.fs.rm, paths, what=f"removing leftovers of {self.url_of(parent)}")
-                removed.append(parent)
+            try:
+                if all(now - self._modified(p) > knobs.current.stale_after_s for p in paths):
+                    retry.call(self.fs.rm, paths, what=f"removing leftovers of {self.url_of(parent)}")
+                    removed.append(parent)
+            except Exception as e:  # best effort: the next clean-up tries again
+                self._report_leftover(parent, f"could not be removed ({e})")
         return removed
+
+    def _abort_stale_uploads(self) -> list[str]:
+        """Abort the multipart uploads into step prefixes begun more than ``knobs.stale_after_s`` ago."""
+
+        def ours(rel: str) -> bool:
+            parent, _, name = rel.partition("/")
+            return bool(name) and parse_step(parent) is not None
+
+        try:
+            aborted = multipart.abort_stale(self.fs, self.root, knobs.current.stale_after_s, ours)
+        except Exception as e:
+            self._report_leftover("", f"multipart uploads could not be listed or aborted ({e})")
+            return []
+        return [f"{rel} (an upload that was never completed)" for rel in aborted]
+
+    def _report_leftover(self, rel: str, why: str) -> None:
+        """Log a warning about an entry that clean-up leaves alone, once per entry."""
+        import logging  # (the only logging of this module)
+
+        reported: set[str] = vars(self).setdefault("_reported_leftovers", set())
+        if rel not in reported:  # once per entry
+            reported.add(rel)
+            logging.getLogger(__name__).warning("%s %s; left alone", self.url_of(rel), why)
 
     def _modified(self, path: str) -> float:
         try:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +29,60 @@ _CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumS
 def supported(fs: Any) -> bool:
     """Whether ``fs`` speaks the S3 API through s3fs (has ``call_s3`` and ``split_path``)."""
     return callable(getattr(fs, "call_s3", None)) and callable(getattr(fs, "split_path", None))
+
+
+def abort_stale(fs: Any, root: str, older_than_s: float, ours: Callable[[str], bool]) -> list[str]:
+    """Abort the incomplete multipart uploads under the prefix ``root`` (``bucket/key``, s3fs's form) whose
+    key below it ``ours(rel)`` accepts and which nothing happened to for ``older_than_s`` seconds (neither
+    begun nor given a part since); return their keys, relative to ``root``.
+
+    A writer killed in the middle of a :class:`ParallelUpload` leaves its upload open: no object appears,
+    but its parts are stored (and billed) until the upload is aborted. One more recent may be a live
+    writer's, and is left alone.
+    """
+    bucket, key, _ = fs.split_path(root)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    where = f"s3://{bucket}/{prefix}"
+    now = time.time()
+    aborted: list[str] = []
+    for upload in _pages(fs, "list_multipart_uploads", "Uploads", where, Bucket=bucket, Prefix=prefix):
+        rel = str(upload.get("Key", ""))[len(prefix) :]
+        if not ours(rel) or now - _seconds(upload.get("Initiated")) < older_than_s:
+            continue
+        ids = {"Bucket": bucket, "Key": upload["Key"], "UploadId": upload["UploadId"]}
+        try:
+            # Its last part, not only its start, says whether a writer still works on it (a large file takes
+            # long; moto reports a fixed start time).
+            parts = _pages(fs, "list_parts", "Parts", f"{where}{rel}", **ids)
+            if any(now - _seconds(part.get("LastModified")) < older_than_s for part in parts):
+                continue
+            retry.call(fs.call_s3, "abort_multipart_upload", what=f"aborting the upload of {where}{rel}", **ids)
+        except FileNotFoundError:  # NoSuchUpload: completed or aborted meanwhile
+            continue
+        aborted.append(rel)
+    return aborted
+
+
+def _seconds(when: Any) -> float:
+    """A datetime of an S3 listing as seconds since the epoch (0 if there is none: as old as can be)."""
+    return float(when.timestamp()) if hasattr(when, "timestamp") else 0.0
+
+
+def _pages(fs: Any, method: str, field: str, where: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Every entry of a paginated S3 listing (``list_multipart_uploads``, ``list_parts``)."""
+    markers = {
+        "list_multipart_uploads": (("KeyMarker", "NextKeyMarker"), ("UploadIdMarker", "NextUploadIdMarker")),
+        "list_parts": (("PartNumberMarker", "NextPartNumberMarker"),),
+    }[method]
+    out: list[dict[str, Any]] = []
+    page_kwargs = dict(kwargs)
+    while True:
+        page = retry.call(fs.call_s3, method, what=f"{method} of {where}", **page_kwargs)
+        out.extend(page.get(field) or ())
+        following = {marker: page.get(nxt, "") for marker, nxt in markers}
+        if not page.get("IsTruncated") or all(page_kwargs.get(k) == v for k, v in following.items()):
+            return out  # (a server that says truncated without moving its markers on would loop forever)
+        page_kwargs.update(following)
 
 
 class ParallelUpload:
