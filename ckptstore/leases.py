@@ -24,6 +24,7 @@ The deleting side of the protocol is :func:`ckptstore.retention.delete_unpinned`
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -31,7 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import knobs
-from .errors import CheckpointNotFoundError, StorageError, storage_error
+from .errors import CheckpointNotFoundError, CkptStoreError, StorageError, storage_error
 from .storage import Storage, new_token, open_parent, parse_step
 
 __all__ = [
@@ -158,6 +159,8 @@ class Lease:
 
 def acquire(storage: Storage, name: str, *, ttl: float | None = None) -> Lease | None:
     """Pin the checkpoint directory ``name`` of ``storage``; None if it is gone or being deleted."""
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf):
+        raise CkptStoreError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
     files = LeaseDir(storage)
     lease = Lease(files, name, storage.url_of(name), knobs.current.lease_ttl_s if ttl is None else ttl)
     try:

@@ -204,6 +204,8 @@ def checkpoints_iterator(
 def _normalize(path: str | os.PathLike[str] | None) -> str | None:
     if path is None:
         return None
+    if not isinstance(path, str | os.PathLike):
+        raise CkptStoreError(f"last_checkpoint must be a path or URL (str) or None, got {path!r}")
     text = os.fspath(path)
     if "://" in text:
         return text.rstrip("/")

@@ -20,6 +20,7 @@ import pathlib
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import ml_dtypes
@@ -851,3 +852,41 @@ def test_cli_watch_marks_a_damaged_checkpoint_that_appears(
     empty = three.parent / "empty"
     code, out, err = run(capsys, "watch", str(empty), "--timeout", "0")
     assert code == 0 and out == "" and err == "" and not empty.exists()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda tmp: ckptstore.CheckpointStore(5),
+        lambda tmp: ckptstore.CheckpointStore(None),
+        lambda tmp: ckptstore.CheckpointStore(b"run"),
+        lambda tmp: ckptstore.CheckpointStore("memory://x/run", storage_options=5),
+        lambda tmp: ckptstore.restore(None),
+        lambda tmp: ckptstore.save(None, {"w": 1}),
+        lambda tmp: ckptstore.wait_for_new_checkpoint(str(tmp), timeout=0, last_checkpoint=5),
+        lambda tmp: _saved(tmp).pin(1, ttl="x"),
+        lambda tmp: _saved(tmp).pin(1, ttl=float("nan")),
+        lambda tmp: _saved(tmp).pin(1, ttl=0),
+    ],
+    ids=[
+        "store-int",
+        "store-none",
+        "store-bytes",
+        "options-int",
+        "restore-none",
+        "save-none",
+        "last-int",
+        "ttl-str",
+        "ttl-nan",
+        "ttl-zero",
+    ],
+)
+def test_wrong_argument_types_at_the_edges_are_named(tmp_path: Path, call: Any) -> None:
+    with pytest.raises(ckptstore.errors.CkptStoreError):
+        call(tmp_path)
+
+
+def _saved(root: Path) -> ckptstore.CheckpointStore:
+    store = ckptstore.CheckpointStore(root / "run")
+    store.save(1, {"w": 1})
+    return store

@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 import fsspec.implementations.local
 
-from ..errors import StorageError
+from ..errors import CkptStoreError, StorageError
 from . import _s3
 from ._base import (
     LOCK_NAME,
@@ -62,7 +62,12 @@ __all__ = [
 ]
 
 
-def _is_local(url_or_path: str | os.PathLike[str]) -> bool:
+def _is_local(url_or_path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> bool:
+    """Whether a path or URL names a local directory; a value of the wrong type is a named error."""
+    if not isinstance(url_or_path, str | os.PathLike) or not os.fspath(url_or_path):
+        raise CkptStoreError(f"a store or checkpoint is a path or URL (str or os.PathLike), got {url_or_path!r}")
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise CkptStoreError(f"storage_options must be a dict or None, got {storage_options!r}")
     return isinstance(url_or_path, os.PathLike) or ("://" not in str(url_or_path) and "::" not in str(url_or_path))
 
 
@@ -74,7 +79,7 @@ def open_storage(
     faults)."""
     if isinstance(url_or_path, Storage):
         return url_or_path
-    if _is_local(url_or_path):
+    if _is_local(url_or_path, storage_options):
         return LocalStorage(url_or_path)
     fs, root = url_to_fs(str(url_or_path), storage_options)
     return storage_for(fs, root)
@@ -87,7 +92,7 @@ def open_parent(path: str | os.PathLike[str], storage_options: dict[str, Any] | 
     Raises:
         StorageError: ``path`` names no directory (a bucket's root, ``s3://b/``).
     """
-    if _is_local(path):
+    if _is_local(path, storage_options):
         parent, name = os.path.split(os.path.abspath(os.fspath(path)).rstrip(os.sep))
         return LocalStorage(parent), name
     fs, full = url_to_fs(str(path), storage_options)
