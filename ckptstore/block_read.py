@@ -140,13 +140,17 @@ class BlockReader:
 
     def _assemble(self, node: ShardedRef, offsets: Dims, shape: Dims) -> np.ndarray:
         dtype = dtypes.dtype_of(node.dtype)
-        out = tensorio.new_buffer(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+        parts = []
         for index, block_offsets in node.blocks:
             entry = self._entry(index)
             common = blocks.intersect(offsets, shape, block_offsets, entry.shape)
-            if common is None:
-                continue
-            lo, n = common
+            if common is not None:
+                # The file is there with the manifest's size before any memory is taken for its bytes: a
+                # manifest cannot make a reader allocate more than the files it reads hold.
+                self._rel(entry.file)
+                parts.append((index, block_offsets, entry, common))
+        out = tensorio.new_buffer(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+        for index, block_offsets, entry, (lo, n) in parts:
             src = tuple(a - c for a, c in zip(lo, block_offsets))
             dst = out[tuple(slice(a - o, a - o + k) for a, o, k in zip(lo, offsets, n))]
             if n == entry.shape and dst.flags.c_contiguous:  # the whole stored block, straight into place

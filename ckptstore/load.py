@@ -9,6 +9,7 @@ otherwise), blocks of sharded arrays only where wanted (:mod:`.block_read`); the
 from __future__ import annotations
 
 import functools
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,14 +21,28 @@ from .errors import (
     CorruptCheckpointError,
 )
 from .manifest import MANIFEST_NAME, Manifest
-from .storage import Storage
+from .storage import Storage, parse_step
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
-    """Read and validate the manifest of checkpoint directory ``name``."""
+    """Read and validate the manifest of checkpoint directory ``name``.
+
+    A directory named like a store's step (``step_00000009``) must hold that step's manifest: one copied or
+    moved from another step would be listed as a step it is not (``info(9).step == 1``), and restored as it.
+
+    Raises:
+        CorruptCheckpointError: the manifest is damaged, crafted, or of another step than its directory's.
+    """
     rel = f"{name}/{MANIFEST_NAME}"
     data = storage.read_bytes(rel, knobs.current.max_manifest_bytes)
-    return manifest.decode(data, source=storage.url_of(rel))
+    m = manifest.decode(data, source=storage.url_of(rel))
+    step = parse_step(posixpath.basename(name))
+    if step is not None and m.step != step:
+        raise CorruptCheckpointError(
+            f"{storage.url_of(rel)} is the manifest of step {m.step}, in the directory of step {step} "
+            "(copied or moved there?)"
+        )
+    return m
 
 
 def checked_file(storage: Storage, name: str, fe: manifest.FileEntry, sizes: dict[str, int]) -> tuple[str, str]:
