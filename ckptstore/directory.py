@@ -8,7 +8,7 @@ from typing import Any
 
 from . import distributed, load, pipeline, tree
 from .errors import CheckpointExistsError, CheckpointNotFoundError
-from .storage import open_parent
+from .storage import open_parent, parse_step
 
 
 def save(
@@ -34,6 +34,8 @@ def save(
         raise CheckpointExistsError(f"{storage.url_of(name)} exists and is not a checkpoint; not replacing it")
     step = metadata.get("step", 0) if isinstance(metadata, dict) else 0
     step = step if type(step) is int and 0 <= step < 1 << 63 else 0  # bool is an int, but not a step
+    named = parse_step(name)  # a directory named like a step: its manifest must say that step (load.py checks)
+    step = named if named is not None else step
     pipeline.save(storage, name, step, lambda: prepared, overwrite=overwrite, coordinator=distributed.SINGLE)
 
 

@@ -163,3 +163,9 @@ def test_a_manifest_too_large_to_read_back_is_refused_before_it_is_published(tmp
     assert [p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".ckptstore")] == ["step_00000001"]
     store.save(2, big)  # under the default limit it is fine
     assert sorted(store.restore(2)) == sorted(big)
+
+
+def test_a_directory_saved_under_a_step_name_restores(tmp_path: Path) -> None:
+    ckptstore.save(tmp_path / "step_00000005", {"w": np.arange(3)})
+    np.testing.assert_array_equal(ckptstore.restore(tmp_path / "step_00000005")["w"], np.arange(3))
+    assert ckptstore.CheckpointStore(tmp_path).info(5).step == 5
