@@ -22,6 +22,11 @@ FILES = [
     "tests/test_verify.py",
     "tests/test_hostile.py",
     "tests/test_fuzz.py",
+    "tests/test_reliability_paths.py",
+    "tests/test_reliability_retention.py",
+    "tests/test_reliability_manifest.py",
+    "tests/test_reliability_values.py",
+    "tests/test_storage_contract.py",
 ]
 
 
