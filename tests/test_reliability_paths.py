@@ -536,7 +536,10 @@ def _as_reader(root: Path) -> dict[str, Any]:
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv: cannot drop root's override of file modes")
-        cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable]
+        # Root without the capabilities that override file modes (as `capsh --drop=...` would): the modes
+        # apply to it as to any owner, and the checkout stays importable wherever CI cloned it (a directory
+        # of mode 0700 is out of reach for another user).
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable]
     else:
         cmd = [sys.executable]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -304,6 +305,11 @@ def test_a_foreign_entry_where_leftovers_live_never_blocks_saves(
 def _as_nobody_save(url: str, steps: list[int], out: Any) -> None:
     """Child: drop root (uid/gid 65534) and save ``steps`` with max_to_keep=3; report each outcome and the
     warnings logged."""
+    # Everything a save imports lazily, imported while still root: the checkout (and .venv) may lie in a
+    # directory another user cannot enter (CI clones into a fresh 0700 directory).
+    warm = tempfile.mkdtemp()
+    ckptstore.CheckpointStore(warm, max_to_keep=1).save(0, state_of(0, 256))
+    shutil.rmtree(warm, ignore_errors=True)
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
