@@ -121,33 +121,30 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
-def is_invalid_range(e: BaseException) -> bool:
-    """Whether ``e`` (or its cause) is an HTTP 416 / ``InvalidRange`` answer: a ranged GET that starts at or
-    past the end of the object (an empty object included), which a file read answers with no bytes."""
+def _answered(e: BaseException, code: str, status: int) -> bool:
+    """Whether ``e`` (or its cause) carries an HTTP answer (botocore's ClientError) with this error code or
+    status."""
     for err in _chain(e):
         response = getattr(err, "response", None)
         if isinstance(response, dict):
-            code = (response.get("Error") or {}).get("Code")
-            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            if code == "InvalidRange" or status == 416:
+            if (response.get("Error") or {}).get("Code") == code:
+                return True
+            if (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == status:
                 return True
     return False
+
+
+def is_invalid_range(e: BaseException) -> bool:
+    """Whether ``e`` is an HTTP 416 / ``InvalidRange`` answer: a ranged GET that starts at or past the end of
+    the object (an empty object included), which a file read answers with no bytes."""
+    return _answered(e, "InvalidRange", 416)
 
 
 def is_precondition_failed(e: BaseException) -> bool:
     """Whether ``e`` (or its cause) is an HTTP 412 / ``PreconditionFailed`` answer: an exclusive create
     that found the object there. s3fs turns it into FileExistsError only when the server names the
     condition (AWS, moto); SeaweedFS does not, and s3fs raises a plain OSError then."""
-    for err in _chain(e):
-        if isinstance(err, FileExistsError):
-            return True
-        response = getattr(err, "response", None)
-        if isinstance(response, dict):
-            code = (response.get("Error") or {}).get("Code")
-            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            if code == "PreconditionFailed" or status == 412:
-                return True
-    return False
+    return any(isinstance(err, FileExistsError) for err in _chain(e)) or _answered(e, "PreconditionFailed", 412)
 
 
 def backoff_s(attempt: int) -> float:
