@@ -232,6 +232,8 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_exact_resume_keras": ("crash",),
     "test_distributed": ("multiprocess", "crash"),
     "test_examples": ("multiprocess", "crash"),
+    # Hostile manifests built and decoded at full size (timing and memory bounds): 25 s in all.
+    "test_reliability_manifest": ("slow",),
 }
 
 # Single tests of otherwise in-process modules: (module, function name).
