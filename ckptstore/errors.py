@@ -104,6 +104,15 @@ class DistributedError(CkptStoreError, RuntimeError):
     committed); the message names the rank where it is known."""
 
 
+def short_repr(x: object) -> str:
+    """``repr(x)`` for an error message: at most 80 characters, and never raising."""
+    try:
+        text = repr(x)
+    except Exception:
+        text = f"<a {type(x).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 # --- the storage boundary ---------------------------------------------------------------------------
 
 

@@ -285,6 +285,15 @@ def _check_whole(data: bytes) -> None:
         raise CorruptCheckpointError(f"{len(data) - reader.tell()} bytes after a value")
 
 
+def _limits(n: int) -> dict[str, Any]:
+    """msgpack's options for an input of ``n`` bytes: no string, array, map or extension can declare more
+    than the bytes there are."""
+    return {"raw": False, "use_list": True, **dict.fromkeys(_LIMIT_NAMES, n)}
+
+
+_LIMIT_NAMES = ("max_str_len", "max_bin_len", "max_array_len", "max_map_len", "max_ext_len")
+
+
 class _Decoder:
     """One decode of a manifest: what its containers may still take in memory, the nesting of extension
     types, what the tree's tensor references may point at, and the sharded arrays met in the tree.
@@ -427,14 +436,8 @@ class _Decoder:
             ext_hook=self.records_ext_hook,
             object_hook=self.object_hook,
             list_hook=self.list_hook,
-            raw=False,
             strict_map_key=True,
-            use_list=True,
-            max_str_len=n,
-            max_bin_len=n,
-            max_array_len=n,
-            max_map_len=n,
-            max_ext_len=n,
+            **_limits(n),
         )
 
     def value(self, data: memoryview | bytes) -> Any:
@@ -445,14 +448,8 @@ class _Decoder:
             ext_hook=self.ext_hook,
             object_pairs_hook=self.pairs_hook,
             list_hook=self.list_hook,
-            raw=False,
             strict_map_key=False,
-            use_list=True,
-            max_str_len=n,
-            max_bin_len=n,
-            max_array_len=n,
-            max_map_len=n,
-            max_ext_len=n,
+            **_limits(n),
         )
 
     def payload(self, data: bytes) -> Any:

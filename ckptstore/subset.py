@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .errors import StructureMismatchError
+from .errors import StructureMismatchError, short_repr
 from .skeleton import TensorRef, iter_refs, render_path
 
 
@@ -21,22 +21,16 @@ def _parse(keys: Sequence[str] | str) -> list[tuple[str, ...]]:
     elif isinstance(keys, bytes | bytearray) or not isinstance(keys, Iterable):
         raise StructureMismatchError(
             f"keys must be a string like 'model' or 'model/w', or a list of them; got a {type(keys).__name__} "
-            f"({_short(keys)})"
+            f"({short_repr(keys)})"
         )
     out = []
     for k in keys:
         if not isinstance(k, str) or not k.strip("/"):
-            raise StructureMismatchError(f"keys must be non-empty strings like 'model' or 'model/w', got {_short(k)}")
+            raise StructureMismatchError(
+                f"keys must be non-empty strings like 'model' or 'model/w', got {short_repr(k)}"
+            )
         out.append(tuple(k.strip("/").split("/")))
     return out
-
-
-def _short(x: Any) -> str:
-    try:
-        text = repr(x)
-    except Exception:
-        text = f"<a {type(x).__name__}>"
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def select(skeleton: Any, keys: Sequence[str] | str) -> Any:

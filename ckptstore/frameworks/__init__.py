@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import CkptStoreError
+from ..errors import CkptStoreError, short_repr
 
 __all__ = [
     "Adapter",
@@ -159,19 +159,11 @@ def adapter_named(name: str) -> Adapter:
     module = _NAMES.get(name) if isinstance(name, str) else None
     if module is None:
         raise CkptStoreError(
-            f"framework must be one of {', '.join(sorted(_NAMES))} (or None for numpy), got {_short(name)}"
+            f"framework must be one of {', '.join(sorted(_NAMES))} (or None for numpy), got {short_repr(name)}"
             if not isinstance(name, str)
             else f"unknown framework {name!r}; known: {', '.join(sorted(_NAMES))}"
         )
     return _load(module)
-
-
-def _short(x: Any) -> str:
-    try:
-        text = repr(x)
-    except Exception:
-        text = f"<a {type(x).__name__}>"
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def known_frameworks() -> list[str]:
