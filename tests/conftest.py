@@ -114,6 +114,26 @@ def new_bucket(endpoint: str) -> str:
             time.sleep(0.2)
 
 
+def drop_bucket(endpoint: str, name: str) -> None:
+    """Abort the bucket's multipart uploads, delete its objects, then the bucket."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=s3server.ACCESS_KEY,
+        aws_secret_access_key=s3server.SECRET_KEY,
+        region_name=s3server.REGION,
+    )
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=name):
+        for upload in page.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=name, Key=obj["Key"])
+    client.delete_bucket(Bucket=name)
+
+
 @pytest.fixture
 def s3_url(s3_server: s3server.Server) -> Location:
     """A fresh bucket on the moto server: ``Location("s3://<bucket>/run", storage_options)``."""
@@ -139,10 +159,15 @@ def weed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S
 
 
 @pytest.fixture
-def weed_url(weed_server: s3server.Server) -> Location:
-    """A fresh bucket on the SeaweedFS server: ``Location("s3://<bucket>/run", storage_options)``."""
+def weed_url(weed_server: s3server.Server) -> Iterator[Location]:
+    """A fresh bucket on the SeaweedFS server: ``Location("s3://<bucket>/run", storage_options)``.
+
+    The bucket is emptied and deleted afterwards: SeaweedFS gives each bucket its own volumes, and a
+    server that keeps every test's bucket runs out of them ("No writable volumes and no free volumes
+    left") after a few dozen tests."""
     bucket = new_bucket(weed_server.endpoint)
-    return Location(f"s3://{bucket}/run", s3server.storage_options(weed_server.endpoint))
+    yield Location(f"s3://{bucket}/run", s3server.storage_options(weed_server.endpoint))
+    drop_bucket(weed_server.endpoint, bucket)
 
 
 @pytest.fixture

@@ -153,8 +153,10 @@ def seaweedfs(data_dir: Path) -> Iterator[Server]:
         *(f"-{flag}={port}" for flag, port in ports.items()),
         "-s3",
         f"-s3.config={config}",
-        "-volume.max=0",
-        "-master.volumeSizeLimitMB=256",
+        # A fixed number of small volumes, not one per 256 MB of free disk (volume.max=0): the
+        # tests then behave alike on any machine. Each bucket takes several; weed_url deletes its own.
+        "-volume.max=200",
+        "-master.volumeSizeLimitMB=32",
         "-master.telemetry=false",
         "-s3.port.iceberg=0",  # extra listeners on fixed ports: off, so that servers can run side by side
         "-s3.port.lance=0",
