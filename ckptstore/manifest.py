@@ -212,20 +212,66 @@ _REF_BYTES = sys.getsizeof(TensorRef(0))
 _END = object()
 
 
+#: What decoding one container, or one item of a container, may cost at most in memory, in the units
+#: :class:`_Decoder` charges (a dict of k small items is charged under 350 + 170 k bytes; tests check the
+#: bound). A tree whose containers and items, at this price, fit in the budget of its manifest less what its
+#: records may take (:data:`_RECORDS_PER_BYTE`) is decoded within budget for sure; another is checked by
+#: decoding it (:func:`within_budget`).
+DECODE_UNIT_BYTES = 1024
+_RECORDS_PER_BYTE = 12  # a file or tensor record (a dict of 7 items) is charged under 12 bytes per byte
+
+
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """What a save learns of a tree (the skeleton, or the metadata) before writing it."""
+
+    #: Why it nests too deeply to be read back safely, or None.
+    problem: str | None = None
+    #: Its containers and their items: each costs the decoder at most :data:`DECODE_UNIT_BYTES`.
+    units: int = 0
+    #: Whether a map has more than :data:`MAX_SHARED_HASH` keys other than str and 64-bit ints (keys whose
+    #: hashes the decoder checks for a flood).
+    odd_keys: bool = False
+
+    def __add__(self, other: Survey) -> Survey:
+        return Survey(self.problem or other.problem, self.units + other.units, self.odd_keys or other.odd_keys)
+
+    def within_budget(self, data: bytes) -> bool:
+        """Whether a manifest of ``data`` holding this tree surely decodes within :data:`MEMORY_PER_BYTE`
+        (False: perhaps not; decode it to know)."""
+        spare = (MEMORY_PER_BYTE - _RECORDS_PER_BYTE) * len(data) + _MEMORY_FLOOR
+        return not self.odd_keys and self.units * DECODE_UNIT_BYTES <= spare
+
+
+def survey(node: Any) -> Survey:
+    """Walk a tree once: how deeply it nests (:func:`nesting_problem`), its containers and items, and
+    whether a map has keys the decoder must check for hash floods."""
+    return _walk(node, count=True)
+
+
 def nesting_problem(node: Any) -> str | None:
     """Why a tree nests too deeply to be read back safely, or None. Iterative, and in memory proportional
     to the depth, not to the width: a wide container is walked through an iterator, never copied, and not
     at all when none of its children is a container (a dict of 100,000 arrays is one C-level scan)."""
+    return _walk(node, count=False).problem
+
+
+def _walk(node: Any, *, count: bool) -> Survey:
     stack: list[tuple[Iterator[Any], int, int]] = []
-    depth, ext = 1, 0
+    depth, ext, units, odd = 1, 0, 0, False
     while True:
+        t = type(node)
+        if count and t in _CONTAINERS:
+            n = 1 if t is Stateful else 2 * len(node.values) if t is NamedTuple else len(node)
+            units += 1 + n
+            odd = odd or (t is dict and n > MAX_SHARED_HASH and _odd_keys(node))
         kids = children(node)
         if kids:
             ext += is_extension(node)
             if depth > MAX_DEPTH:
-                return f"containers nest deeper than {MAX_DEPTH} levels"
+                return Survey(f"containers nest deeper than {MAX_DEPTH} levels", units, odd)
             if ext > MAX_EXT_DEPTH:
-                return f"tuples, NamedTuples and stateful objects nest deeper than {MAX_EXT_DEPTH} levels"
+                return Survey(f"tuples, NamedTuples and stateful objects nest deeper than {MAX_EXT_DEPTH} levels")
             if not _CONTAINERS.isdisjoint(map(type, map(_second, kids))):
                 stack.append((map(_second, children(node)), depth + 1, ext))
         while stack:
@@ -235,7 +281,16 @@ def nesting_problem(node: Any) -> str | None:
                 break
             stack.pop()
         else:
-            return None
+            return Survey(None, units, odd)
+
+
+def _odd_keys(d: dict[Any, Any]) -> bool:
+    """Whether a map holds keys other than str and 64-bit ints (the decoder checks those for hash floods)."""
+    kinds = set(map(type, d))
+    if not kinds <= _STR_INT:
+        return True
+    ints = [k for k in d if type(k) is int]
+    return bool(ints) and not (min(ints) >= _INT_LOW and max(ints) < _INT_HIGH)
 
 
 def fits_numpy(shape: Sequence[int], itemsize: int) -> bool:

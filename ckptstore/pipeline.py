@@ -33,6 +33,7 @@ from .distributed import Coordinator, collective, failure, raise_failure
 from .dtypes import dtype_of
 from .errors import (
     CheckpointExistsError,
+    CorruptCheckpointError,
     DistributedError,
     ShardingError,
     StorageError,
@@ -53,6 +54,8 @@ class Prepared:
     skeleton: Any
     arrays: list[ArrayLeaf]
     metadata: dict[str, Any]
+    #: The skeleton and the metadata surveyed (nesting, what decoding them may cost).
+    survey: manifest.Survey
 
     @property
     def nbytes(self) -> int:
@@ -63,10 +66,10 @@ def prepare(state: Any, metadata: dict[str, Any] | None, *, snapshot: bool = Fal
     """Walk the state and check the metadata; raise before anything is written if either is unsupported."""
     skeleton, arrays = tree.flatten(state, snapshot=snapshot)
     meta = _check_metadata(metadata)
-    problem = manifest.nesting_problem(skeleton) or manifest.nesting_problem(meta)
-    if problem:  # refused now, or saved and never restorable
-        raise UnsupportedTypeError(f"the state cannot be saved: {problem}")
-    return Prepared(skeleton, arrays, meta)
+    found = manifest.survey(skeleton) + manifest.survey(meta)
+    if found.problem:  # refused now, or saved and never restorable
+        raise UnsupportedTypeError(f"the state cannot be saved: {found.problem}")
+    return Prepared(skeleton, arrays, meta, found)
 
 
 def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -431,7 +434,7 @@ def _commit(
         staging.abort()
         return failure(-1, e), e
     try:
-        commit_manifest(storage, staging, name, m, overwrite=overwrite)
+        commit_manifest(storage, staging, name, m, overwrite=overwrite, survey=prepared.survey)
     except Exception as e:
         return failure(0, e), e
     layout.manifest = m
@@ -454,19 +457,30 @@ def _tree(prepared: Prepared, layout: _Layout) -> Any:
     return map_refs(prepared.skeleton, ref)
 
 
-def commit_manifest(storage: Storage, staging: Staging, name: str, m: Manifest, *, overwrite: bool) -> None:
+def commit_manifest(
+    storage: Storage, staging: Staging, name: str, m: Manifest, *, overwrite: bool, survey: manifest.Survey
+) -> None:
     """Encode ``m`` and publish it as the commit of ``staging`` (the one place a manifest is written).
+    ``survey`` is its tree's and metadata's: a manifest that a reader would refuse is never published.
 
     On failure the staging is aborted; a StorageError then says what the save left: the failure may
     come after the checkpoint was published (a sync of the root, a lost response).
     """
     data = manifest.encode(m)
+    refused = None
     if len(data) > knobs.current.max_manifest_bytes:  # published, it could never be read back
-        staging.abort()
-        raise UnsupportedTypeError(
-            f"the manifest of {storage.url_of(name)} would take {len(data)} bytes, more than a reader accepts "
-            f"(knobs.max_manifest_bytes = {knobs.current.max_manifest_bytes}); nothing was committed"
+        refused = (
+            f"would take {len(data)} bytes, more than a reader accepts "
+            f"(knobs.max_manifest_bytes = {knobs.current.max_manifest_bytes})"
         )
+    elif not survey.within_budget(data):  # (rare: a tree of many tiny containers) decoded to know for sure
+        try:
+            manifest.decode(data)
+        except CorruptCheckpointError as e:
+            refused = f"would be refused by every reader ({str(e).removeprefix('manifest: ')})"
+    if refused:
+        staging.abort()
+        raise UnsupportedTypeError(f"the manifest of {storage.url_of(name)} {refused}; nothing was committed")
     try:
         staging.commit(data, overwrite=overwrite)
     except StorageError as e:

@@ -23,7 +23,7 @@ import tracemalloc
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -712,3 +712,95 @@ def test_a_normal_manifest_decodes_the_same(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         restored = ckptstore.restore(tmp_path / "c")
     assert restored.keys() == state.keys() and all(np.array_equal(restored[k], v) for k, v in state.items())
+
+
+# --- what save accepts, every reader decodes --------------------------------------------------------
+
+
+def _random_value(rng: random.Random, depth: int = 0, plain: bool = False) -> Any:
+    """Values of the kinds a state holds (``plain``: metadata's), in small and odd containers (the
+    decoder's costly case)."""
+    roll = rng.random()
+    if depth > 4 or roll < 0.3:
+        leaves = [0, -1, 2**40, 1.5, "x", "", None, True, b"b", 2**70]
+        return rng.choice(leaves if plain else [*leaves, 1j, np.float32(2), np.int64(3)])
+    n = rng.choice([0, 0, 1, 2, 3, 7, 20, 200] if depth < 2 else [0, 1, 2, 5])
+    if roll < 0.6:
+        keys = rng.choice([lambda i: i, lambda i: f"k{i}", lambda i: 2**65 + i, lambda i: -i])
+        return {keys(i): _random_value(rng, depth + 1, plain) for i in range(n)}
+    if roll < 0.8 or plain:
+        return [_random_value(rng, depth + 1, plain) for _ in range(n)]
+    if roll < 0.9:
+        return _Pair(_random_value(rng, depth + 1), _random_value(rng, depth + 1))
+    return tuple(_random_value(rng, depth + 1) for _ in range(n))
+
+
+class _Pair(NamedTuple):
+    a: Any
+    b: Any
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_survey_bounds_what_decoding_costs(tmp_path: Path, seed: int) -> None:
+    """A save checks a manifest by decoding it only when its tree's containers and items, at
+    DECODE_UNIT_BYTES each, might not fit the reader's budget: that price must bound what the decoder
+    really charges (records aside, at most _RECORDS_PER_BYTE per byte of the manifest)."""
+    from ckptstore.pipeline import prepare
+
+    rng = random.Random(seed)
+    state = {"v": _random_value(rng), "w": [np.zeros(rng.randint(0, 3)) for _ in range(rng.randint(0, 50))]}
+    meta = {"m": _random_value(rng, plain=True)}
+    store = ckptstore.CheckpointStore(tmp_path / "run")
+    store.save(1, state, metadata=meta)
+    data = (tmp_path / "run" / "step_00000001" / "manifest.msgpack").read_bytes()
+    decoder = manifest._Decoder(len(data))
+    start = decoder.left
+    decoder.document(data)
+    charged = start - decoder.left
+    found = prepare(state, meta).survey
+    assert charged <= found.units * manifest.DECODE_UNIT_BYTES + manifest._RECORDS_PER_BYTE * len(data)
+
+
+def test_a_wide_dict_of_small_items_costs_less_than_its_units() -> None:
+    """The per-item price holds for every dict size (dicts grow their tables by steps)."""
+    for n in [*range(0, 200), 1000, 5000, 50_000]:
+        data = msgpack.packb({"x": {i: 0 for i in range(n)}})
+        decoder = manifest._Decoder(len(data))
+        start = decoder.left
+        decoder.value(data)
+        units = manifest.survey({"x": {i: 0 for i in range(n)}}).units
+        assert start - decoder.left <= units * manifest.DECODE_UNIT_BYTES, n
+
+
+SAVED_NEVER_READ: dict[str, Callable[[], Any]] = {
+    "20,000 maps holding an empty map": lambda: {"x": [{0: {}} for _ in range(20_000)]},
+    "30,000 empty maps": lambda: {"x": [{} for _ in range(30_000)]},
+    "40 big-int keys of one hash": lambda: {"x": {2**70 + i * P: 0 for i in range(40)}},
+}
+
+
+@pytest.mark.parametrize("where", ["state", "metadata"])
+@pytest.mark.parametrize("case", list(SAVED_NEVER_READ))
+def test_save_refuses_what_every_reader_would_refuse(tmp_path: Path, case: str, where: str) -> None:
+    """Before: saved, then refused by every restore (CorruptCheckpointError) while `steps()` listed it."""
+    store = ckptstore.CheckpointStore(tmp_path / "run")
+    store.save(1, {"w": STEP1})
+    value = SAVED_NEVER_READ[case]()
+    state, meta = ({"w": STEP1, **value}, None) if where == "state" else ({"w": STEP1}, value)
+    with pytest.raises(ckptstore.errors.UnsupportedTypeError, match=r"refused by every reader.*nothing was committed"):
+        store.save(2, state, metadata=meta)
+    assert store.steps() == [1]
+    assert sorted(os.listdir(tmp_path / "run")) == [".ckptstore.lock", "step_00000001"]
+    np.testing.assert_array_equal(store.restore()["w"], STEP1)
+
+
+def test_an_ordinary_save_does_not_decode_its_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check costs nothing for states of tensors and plain values: the survey says they fit."""
+    decoded = []
+    real = manifest.decode
+    monkeypatch.setattr(manifest, "decode", lambda data, **kw: decoded.append(len(data)) or real(data, **kw))
+    store = ckptstore.CheckpointStore(tmp_path / "run")
+    state = {f"layer{i}": {"w": np.ones(2), "b": np.zeros(1), "step": i} for i in range(2000)}
+    store.save(1, state, metadata={"loss": 0.5, "items": list(range(1000))})
+    assert decoded == []
+    assert store.restore(1)["layer7"]["step"] == 7
