@@ -1,12 +1,17 @@
 """The ``ckptstore`` command: look at stores and checkpoints from a shell.
 
-    ckptstore ls URL                 committed steps: step, time, size, metadata
-    ckptstore show URL [--step N]    the tree of one checkpoint: key path, dtype and shape, or value
-    ckptstore verify URL [--step N]  check every byte of every checkpoint (or one); exit status 1 if damaged
+    ckptstore ls URL [--json]                committed steps: step, time, size, metadata
+    ckptstore show URL [--step N] [--json]   the tree of one checkpoint: key path, dtype and shape, or value
+    ckptstore verify URL [--step N]          check every byte of every checkpoint (or one); exit status 1 if
+                                             damaged or missing
     ckptstore watch URL [--timeout S] [--every]   print each new checkpoint's path as it is committed
+    ckptstore rm URL STEP... [--dry-run] [--force]  delete checkpoints; one a reader pins is refused
+    ckptstore prune URL --keep-last N [--keep-every-n-steps K] [--keep-every-n-hours H] [--dry-run]
+                                             apply retention once; pinned checkpoints are kept
 
-URL is a store root or (for ``show``) one checkpoint directory; ``-o key=value`` passes fsspec storage
-options (values are parsed as JSON where they can be: ``-o anon=true``).
+URL is a store root or (for ``show`` and ``verify``) one checkpoint directory; ``-o key=value`` passes fsspec
+storage options (values are parsed as JSON where they can be: ``-o anon=true``). ``python -m ckptstore``
+runs the same command.
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from . import load
-from .errors import CheckpointNotFoundError, CkptStoreError
+from . import leases, load
+from .errors import CheckpointNotFoundError, CkptStoreError, ConfigError
 from .manifest import Manifest
+from .retention import Retention, RetentionPolicy, delete_unpinned
 from .skeleton import NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path, walk
-from .storage import Storage, open_parent, step_name
+from .storage import Storage, open_parent, parse_step, step_name, url_to_fs
 from .store import CheckpointStore
 
 Command = Callable[[argparse.Namespace], int]
@@ -130,36 +138,143 @@ def _describe_checkpoint(created: Any, nbytes: Any, metadata: Any) -> tuple[str,
     return when, size, meta, problems
 
 
+# --- JSON output: every value as JSON holds it, whatever a damaged or hostile manifest says -----------------
+
+#: Ints beyond 64 bits are written as strings (JSON readers lose precision far below that; Python cannot even
+#: print an int past ``sys.get_int_max_str_digits()`` digits).
+_JSON_INT_LIMIT = 1 << 64
+
+
+def _big_int(n: int) -> str:
+    try:
+        return str(n)
+    except ValueError:  # past sys.get_int_max_str_digits()
+        return f"<int of {n.bit_length()} bits>"
+
+
+def _plain_key(k: Any) -> str:
+    t = type(k)
+    if t is str:
+        return k
+    if t is bool or k is None:
+        return json.dumps(k)  # as json.dumps writes them: "true", "null"
+    if t is int:
+        return str(k) if -_JSON_INT_LIMIT < k < _JSON_INT_LIMIT else _big_int(k)
+    return _safe_repr(k)  # float (nan too), bytes, tuple, ...: only a damaged or hostile manifest has them
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as plain JSON values (str, finite numbers, bools, None, lists, dicts with str keys), so that
+    ``json.dumps(..., allow_nan=False)`` never fails: bytes, complex numbers, NumPy scalars and any other type
+    become their repr; non-finite floats "nan", "inf", "-inf"; ints past 64 bits strings; tuples lists; keys
+    of other types than str their text (with their type appended where that text is taken already)."""
+    t = type(x)
+    if x is None or t is bool or t is str:
+        return x
+    if t is int:
+        return x if -_JSON_INT_LIMIT < x < _JSON_INT_LIMIT else _big_int(x)
+    if t is float:
+        return x if math.isfinite(x) else repr(x)
+    if t is dict:
+        taken = {k for k in x if type(k) is str}  # a str key is written as it is; another type yields to it
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            key = k if type(k) is str else _plain_key(k)
+            if type(k) is not str and (key in taken or key in out):
+                key = f"{key} ({type(k).__name__})"
+                while key in taken or key in out:
+                    key += "'"
+            out[key] = _plain(v)
+        return out
+    if t in (list, tuple):
+        return [_plain(v) for v in x]
+    return _safe_repr(x)
+
+
+def _iso(t: Any) -> str | None:
+    """A creation time as ISO 8601 with the local UTC offset; None if it is no time."""
+    if type(t) not in (int, float):
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def _print_json(doc: Any) -> None:
+    # ensure_ascii: nothing a hostile manifest holds reaches the terminal unescaped.
+    print(json.dumps(doc, indent=2, ensure_ascii=True, allow_nan=False))
+
+
+# --- ls ------------------------------------------------------------------------------------------------
+
+
 def _store(args: argparse.Namespace) -> CheckpointStore:
     return CheckpointStore(args.url, storage_options=_options(args.option))
+
+
+def _require_store(store: CheckpointStore, args: argparse.Namespace) -> None:
+    """Raise unless something exists at URL (an existing directory without checkpoints is an empty store; on
+    an object store a prefix exists once some object lies under it)."""
+    fs, path = url_to_fs(args.url, _options(args.option))
+    with store.storage.named_errors(f"looking for {store.url}"):
+        found = fs.exists(path)
+    if not found:
+        raise CheckpointNotFoundError(f"{store.url} does not exist: no store there")
 
 
 @command("ls")
 def _ls(args: argparse.Namespace) -> int:
     store = _store(args)
+    steps = store.steps()
+    if not steps:
+        _require_store(store, args)
     rows = [("STEP", "CREATED", "SIZE", "METADATA")]
+    records: list[dict[str, Any]] = []
     status = 0
-    for step in store.steps():
+    for step in steps:
+        path = store.storage.url_of(step_name(step))
         try:
             info = store.info(step)
+        except ConfigError:
+            raise  # a bad CKPTSTORE_* setting is no damage of the checkpoint's
         except Exception as e:  # one damaged manifest must not hide the other checkpoints
             if isinstance(e, CheckpointNotFoundError) and not store.storage.is_committed(step_name(step)):
                 continue  # deleted meanwhile (retention)
             rows.append((str(step), "?", "?", f"DAMAGED: {_reason(e)}"))
+            records.append(_record(step, path, None, None, None, [_reason(e)]))
             status = 1
             continue
         when, size, meta, problems = _describe_checkpoint(info.created, info.nbytes, info.metadata)
         if info.step != step:
             problems.insert(0, f"its manifest is that of step {info.step}")
+        records.append(_record(step, path, info.created, info.nbytes, info.metadata, problems))
         if problems:
             meta = f"DAMAGED: {'; '.join(problems)}" + (f"  {meta}" if meta else "")
             status = 1
         rows.append((str(step), when, size, meta))
+    if args.json:
+        _print_json(records)
+        return status
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         line = f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
         print(_printable(line))
     return status
+
+
+def _record(step: int, path: str, created: Any, nbytes: Any, metadata: Any, problems: list[str]) -> dict[str, Any]:
+    """One checkpoint in ``ls --json``; ``problems`` are what is wrong with it (state "damaged")."""
+    return {
+        "step": step,
+        "path": path,
+        "created": _plain(created),
+        "created_iso": _iso(created),
+        "bytes": _plain(nbytes),
+        "metadata": _plain(metadata),
+        "state": "damaged" if problems else "ok",
+        "problems": problems,
+    }
 
 
 def _reason(e: BaseException) -> str:
@@ -209,6 +324,27 @@ def describe(m: Manifest) -> Iterator[tuple[str, str]]:
             yield render_path(path), _safe_repr(node)
 
 
+def _leaf(m: Manifest, node: Any) -> dict[str, Any]:
+    """A leaf of the tree in ``show --json`` (the JSON form of :func:`describe`'s text)."""
+    t = type(node)
+    if t is Stateful:
+        return {"kind": "stateful", "type": node.type_name}
+    if t is TensorRef:
+        if 0 <= node.index < len(m.tensors):
+            e = m.tensors[node.index]
+            return {"kind": "tensor", "dtype": e.dtype, "shape": _plain(list(e.shape))}
+        return {"kind": "tensor", "error": f"missing tensor #{node.index}"}
+    if t is ShardedRef:
+        shape = _plain(list(node.global_shape))
+        return {"kind": "sharded", "dtype": node.dtype, "shape": shape, "blocks": len(node.blocks)}
+    if t is Scalar:
+        try:
+            return {"kind": "scalar", "dtype": node.dtype, "value": _safe_repr(node.value())}
+        except CkptStoreError as e:
+            return {"kind": "scalar", "dtype": node.dtype, "error": f"damaged numpy scalar: {e}"}
+    return {"kind": "value", "value": _plain(node)}
+
+
 @command("show")
 def _show(args: argparse.Namespace) -> int:
     storage, name, in_store = _locate(args)
@@ -216,6 +352,34 @@ def _show(args: argparse.Namespace) -> int:
     when, _, meta, problems = _describe_checkpoint(m.created, 0, m.metadata)
     if in_store and name != step_name(m.step):
         problems.insert(0, f"its manifest is that of step {m.step}")
+    if args.json:
+        try:
+            nbytes: Any = sum(f.size for f in m.files)
+        except Exception:  # sizes a damaged manifest holds
+            nbytes = None
+        leaves = []
+        for key_path, node in walk(m.tree):
+            if type(node) is NamedTuple or (type(node) in (dict, list, tuple) and node):
+                continue  # a container: its leaves follow
+            leaves.append({"path": render_path(key_path), **_leaf(m, node)})
+        _print_json(
+            {
+                "path": storage.url_of(name),
+                "step": _plain(m.step),
+                "created": _plain(m.created),
+                "created_iso": _iso(m.created),
+                "writer": _plain(m.writer),
+                "format_version": _plain(m.version),
+                "metadata": _plain(m.metadata),
+                "state": "damaged" if problems else "ok",
+                "problems": problems,
+                "files": len(m.files),
+                "tensors": len(m.tensors),
+                "bytes": _plain(nbytes),
+                "leaves": leaves,
+            }
+        )
+        return 1 if problems else 0
     print(_printable(f"# {storage.url_of(name)}  step {m.step}  created {when}"))
     if meta:
         print(_printable(f"# metadata {meta}"))
@@ -241,21 +405,29 @@ def _verify(args: argparse.Namespace) -> int:
         if not steps:
             raise CkptStoreError(f"no committed checkpoint in {store.url}")
         targets = [(store.storage, step_name(s)) for s in steps]
-    damaged = 0
+    damaged = missing = 0
     for storage, name in targets:
         try:
             r = verify_checkpoint(storage, name)
             size = _human(r.nbytes)
+        except ConfigError:
+            raise  # a bad CKPTSTORE_* setting is no damage of the checkpoint's
         except Exception as e:  # one damaged checkpoint must not hide the others
-            if isinstance(e, CkptStoreError) and args.step is None and not storage.is_committed(name):
-                continue  # deleted meanwhile (retention): nothing to verify
+            if isinstance(e, CkptStoreError) and not storage.is_committed(name):
+                if args.step is None:
+                    continue  # deleted meanwhile (retention): nothing to verify
+                missing += 1  # asked for by step, and not there: nothing is damaged
+                print(f"{name}  missing  no committed checkpoint at {_printable(storage.url_of(name))}")
+                continue
             damaged += 1
             print(f"{name}  DAMAGED  {_reason(e)}")
             continue
         print(f"{name}  ok  {r.files} files, {r.tensors} tensors, {size}")
     if damaged:
         print(f"ckptstore verify: {damaged} of {len(targets)} checkpoint(s) damaged", file=sys.stderr)
-    return 1 if damaged else 0
+    if missing:
+        print(f"ckptstore verify: {missing} of {len(targets)} checkpoint(s) missing", file=sys.stderr)
+    return 1 if damaged or missing else 0
 
 
 @command("watch")
@@ -287,6 +459,8 @@ def _check_manifest(path: str, options: dict[str, Any]) -> str | None:
         m = load.read_manifest(storage, name)
     except CheckpointNotFoundError:
         return None  # deleted meanwhile (retention): it was whole while it was there
+    except ConfigError:
+        raise  # a bad CKPTSTORE_* setting is no damage of the checkpoint's
     except Exception as e:
         return _reason(e)
     problems = _describe_checkpoint(m.created, 0, m.metadata)[3]
@@ -295,13 +469,236 @@ def _check_manifest(path: str, options: dict[str, Any]) -> str | None:
     return "; ".join(problems) if problems else None
 
 
+# --- rm and prune: deletions that honour readers' pins (docs: leases.py) --------------------------------
+
+
+def _pins(storage: Storage) -> dict[int, float]:
+    """Steps that a live lease pins, with the latest expiry time of their leases (one listing)."""
+    now = time.time()
+    pins: dict[int, float] = {}
+    for entry in leases.LeaseDir(storage).names():
+        parsed = leases.parse_entry(entry)
+        if parsed is None or parsed[1] != leases.LEASE or parsed[2] <= now:
+            continue
+        step = parse_step(parsed[0])
+        if step is not None:
+            pins[step] = max(pins.get(step, 0.0), parsed[2])
+    return pins
+
+
+def _pinned_text(pins: dict[int, float], step: int) -> str:
+    until = f" (its lease runs until {_time(pins[step])} unless renewed)" if step in pins else ""
+    return f"a reader pins it{until}"
+
+
+@command("rm")
+def _rm(args: argparse.Namespace) -> int:
+    store = _store(args)
+    storage = store.storage
+    status = 0
+    present: list[int] = []
+    for step in dict.fromkeys(args.steps):  # in the order given, once each
+        if not 0 <= step < 1 << 63:
+            print(f"ckptstore rm: step {step} is not a step (an int in [0, 2**63))", file=sys.stderr)
+            status = 1
+        elif not storage.is_committed(step_name(step)):
+            print(
+                f"ckptstore rm: no committed checkpoint at {_printable(storage.url_of(step_name(step)))}",
+                file=sys.stderr,
+            )
+            status = 1
+        else:
+            present.append(step)
+    if not present:
+        return status  # (and the store lock is not taken: it would create a store that is not there)
+    pins = _pins(storage)
+    if args.dry_run or args.force:
+        for step in present:
+            url = _printable(storage.url_of(step_name(step)))
+            if step in pins and not args.force:
+                print(f"ckptstore rm: would not delete {url}: {_pinned_text(pins, step)}", file=sys.stderr)
+                status = 1
+                continue
+            forced = " (pinned by a reader: --force)" if step in pins else ""
+            if not args.dry_run:
+                try:
+                    store.delete(step)  # ignores leases: the explicit deletion of the API
+                except CheckpointNotFoundError as e:  # deleted meanwhile
+                    print(_printable(f"ckptstore rm: {e}"), file=sys.stderr)
+                    status = 1
+                    continue
+            print(f"{'would delete' if args.dry_run else 'deleted'} {url}{forced}")
+        return status
+    # Marked, then looked at: a reader pinning one of them meanwhile keeps it (the protocol of leases.py).
+    with storage.lock():
+        deleted = set(delete_unpinned(storage, present))
+    for step in present:
+        url = _printable(storage.url_of(step_name(step)))
+        if step in deleted:
+            print(f"deleted {url}")
+            continue
+        status = 1
+        if step in pins or step in _pins(storage):
+            why = f"{_pinned_text(pins, step)}; wait until it is released, or pass --force"
+        else:
+            why = "it could not be deleted (see the warning above)"
+        print(f"ckptstore rm: not deleting {url}: {why}", file=sys.stderr)
+    return status
+
+
+@command("prune")
+def _prune(args: argparse.Namespace) -> int:
+    policy = RetentionPolicy(args.keep_last, args.keep_every_n_steps, args.keep_every_n_hours)
+    store = _store(args)
+    storage = store.storage
+    steps = store.steps()
+    if not steps:
+        _require_store(store, args)  # a store that is not there is an error; an empty one has nothing to prune
+        return 0
+    pins = _pins(storage)
+    retention = Retention(policy)
+    drop = retention.plan(storage)  # pins aside: which are kept for them
+    if args.dry_run:
+        for step in drop:
+            url = _printable(storage.url_of(step_name(step)))
+            if step in pins:
+                print(f"would keep {url}: {_pinned_text(pins, step)}")
+            else:
+                print(f"would delete {url}")
+        return 0
+    deleted = set(retention.apply(storage))  # also removes leftovers of crashed writers, as a save does
+    status = 0
+    for step in drop:
+        url = _printable(storage.url_of(step_name(step)))
+        if step in deleted:
+            print(f"deleted {url}")
+        elif not storage.is_committed(step_name(step)):
+            continue  # deleted meanwhile, by another process
+        elif step in pins or step in _pins(storage):
+            print(f"kept {url}: {_pinned_text(pins, step)}")
+        else:
+            print(f"ckptstore prune: {url} was not deleted (see the warning above)", file=sys.stderr)
+            status = 1
+    for step in sorted(deleted - set(drop)):  # a step committed meanwhile, or one read differently above
+        print(f"deleted {_printable(storage.url_of(step_name(step)))}")
+    return status
+
+
+# --- the parser ---------------------------------------------------------------------------------------
+
+_EXAMPLES = """\
+examples:
+  ckptstore ls ckpts/run1                      step, time, size and metadata of each checkpoint
+  ckptstore ls ckpts/run1 --json               the same as JSON (with each one's state: ok or damaged)
+  ckptstore show ckpts/run1 --step 4000        the tree of one checkpoint
+  ckptstore verify ckpts/run1                  check every byte of every checkpoint
+  ckptstore watch ckpts/run1 --every           print each new checkpoint's path as it is committed
+  ckptstore rm ckpts/run1 1000 2000            delete two checkpoints (a pinned one is refused)
+  ckptstore prune ckpts/run1 --keep-last 3 --dry-run   what retention would delete
+  ckptstore ls s3://bucket/run1 -o endpoint_url=http://127.0.0.1:9000
+
+exit status: 0 done; 1 a failure, a damaged or missing checkpoint, a refused deletion; 2 bad arguments.
+"""
+
+_SUB_EXAMPLES = {
+    "ls": """\
+examples:
+  ckptstore ls ckpts/run1
+  ckptstore ls ckpts/run1 --json | jq '.[] | select(.state != "ok") | .step'
+  ckptstore ls s3://bucket/run1 -o endpoint_url=http://127.0.0.1:9000 -o anon=true
+
+A URL where nothing exists is an error (exit status 1); an existing store without checkpoints lists none.
+--json prints a list, one object per checkpoint: step, path, created (seconds since the epoch),
+created_iso, bytes, metadata, state ("ok" or "damaged") and problems. Values JSON cannot hold (bytes, tuple
+keys, nan, ints past 64 bits) are written as text.
+""",
+    "show": """\
+examples:
+  ckptstore show ckpts/run1                    the latest checkpoint
+  ckptstore show ckpts/run1 --step 4000
+  ckptstore show ckpts/final                   one checkpoint directory (ckptstore.save)
+  ckptstore show ckpts/run1 --json             path, step, created, metadata, state, files, tensors, bytes,
+                                               and each leaf: path, kind, dtype and shape or value
+""",
+    "verify": """\
+examples:
+  ckptstore verify ckpts/run1                  every checkpoint
+  ckptstore verify ckpts/run1 --step 4000      one: "ok", "DAMAGED" and why, or "missing"
+  ckptstore verify ckpts/run1/step_00004000    one checkpoint directory
+
+exit status 1 if a checkpoint is damaged or missing.
+""",
+    "watch": """\
+examples:
+  ckptstore watch ckpts/run1 --every --timeout 600
+  ckptstore watch s3://bucket/run1 -o endpoint_url=http://127.0.0.1:9000
+
+stdout: paths only; a damaged checkpoint is marked on stderr (exit status 1 at the end).
+""",
+    "rm": """\
+examples:
+  ckptstore rm ckpts/run1 1000                 delete step 1000
+  ckptstore rm ckpts/run1 1000 2000 --dry-run  say what would be deleted
+  ckptstore rm ckpts/run1 1000 --force         delete it even if a reader pins it
+
+A checkpoint that a reader pins (ckptstore.pin, checkpoints_iterator) is not deleted: rm says so and exits
+with status 1; --force deletes it anyway (CheckpointStore.delete: the reader may then fail). A step that is
+not committed is an error too; the other steps are still deleted.
+""",
+    "prune": """\
+examples:
+  ckptstore prune ckpts/run1 --keep-last 3 --dry-run
+  ckptstore prune ckpts/run1 --keep-last 3 --keep-every-n-steps 10000
+
+Applies retention once, as CheckpointStore(URL, max_to_keep=N, keep_every_n_steps=K,
+keep_every_n_hours=H) does after each save: what survives is the union of the policies; a checkpoint a
+reader pins is kept ("kept ...: a reader pins it"); leftovers of crashed writers are removed. Prints each
+checkpoint deleted.
+""",
+}
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a positive (finite) number of ``kind``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}") from None
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its own messages
+    return parse
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="ckptstore", description="Inspect ckptstore checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="ckptstore",
+        description="Inspect and manage ckptstore checkpoints.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ckptstore {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog=_SUB_EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("url", help="store root (path or fsspec URL)")
         p.add_argument(
             "-o",
@@ -313,17 +710,36 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    add("ls", "list committed checkpoints")
-    add("show", "show the tree of a checkpoint").add_argument("--step", type=int, help="default: the latest")
+    as_json = "machine-readable output: JSON on stdout"
+    add("ls", "list committed checkpoints").add_argument("--json", action="store_true", help=as_json)
+    show = add("show", "show the tree of a checkpoint")
+    show.add_argument("--step", type=int, help="default: the latest")
+    show.add_argument("--json", action="store_true", help=as_json)
     add("verify", "check every byte of the checkpoints").add_argument("--step", type=int, help="default: every step")
     watch = add("watch", "print each new checkpoint's path as it is committed")
     watch.add_argument("--timeout", type=float, help="stop after waiting this many seconds for a new one")
     watch.add_argument("--every", action="store_true", help="every checkpoint in step order, not the newest only")
+    rm = add("rm", "delete checkpoints, unless a reader pins them")
+    rm.add_argument("steps", nargs="+", type=int, metavar="STEP", help="a step to delete")
+    rm.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    rm.add_argument("--force", action="store_true", help="delete pinned checkpoints too")
+    prune = add("prune", "apply retention once: delete what the policy drops, unless a reader pins it")
+    prune.add_argument(
+        "--keep-last", type=_positive(int), required=True, metavar="N", help="keep the newest N checkpoints"
+    )
+    prune.add_argument(
+        "--keep-every-n-steps", type=_positive(int), metavar="K", help="also keep every step divisible by K"
+    )
+    prune.add_argument(
+        "--keep-every-n-hours", type=_positive(float), metavar="H", help="also keep one checkpoint per H hours"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ckptstore`` console script; returns the exit status."""
+    """Entry point of the ``ckptstore`` console script (and ``python -m ckptstore``); returns the exit
+    status."""
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CkptStoreError",
+    "ConfigError",
     "CorruptCheckpointError",
     "CorruptCheckpointWarning",
     "DistributedError",
@@ -31,6 +32,11 @@ __all__ = [
 
 class CkptStoreError(Exception):
     """Base class of every error raised by ckptstore."""
+
+
+class ConfigError(CkptStoreError, ValueError):
+    """A setting is invalid: a ``CKPTSTORE_*`` environment variable whose value does not parse (raised when
+    that knob is first read, never at import); the message names the variable and its value."""
 
 
 class CheckpointNotFoundError(CkptStoreError, FileNotFoundError):

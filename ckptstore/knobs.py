@@ -5,17 +5,23 @@ of code with :func:`override` (tests use it to shorten grace periods)::
 
     with ckptstore.knobs.override(stale_after_s=0):
         store.save(...)
+
+The environment is read once, at import. A ``CKPTSTORE_*`` variable that names no knob is warned about
+(with the closest knob's name); a value that does not parse never fails the import: reading that knob
+raises :class:`~ckptstore.errors.ConfigError`, naming the variable and its value.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import CkptStoreError
+from .errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -80,25 +86,65 @@ class Knobs:
 _ENV_PREFIX = "CKPTSTORE_"
 
 
-def _from_env() -> Knobs:
-    knobs = Knobs()
-    for field in dataclasses.fields(Knobs):
-        raw = os.environ.get(_ENV_PREFIX + field.name.upper())
+class _Invalid:
+    """An environment value that did not parse, held in place of the knob's value until the knob is read."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"<invalid: {self.message}>"
+
+
+class _EnvKnobs(Knobs):
+    """The knobs when some environment value did not parse: reading such a knob raises ConfigError (the
+    other knobs read as usual). Plain :class:`Knobs` otherwise, so that reads cost nothing extra."""
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if type(value) is _Invalid:
+            raise ConfigError(value.message)
+        return value
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={object.__getattribute__(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"Knobs({fields})"
+
+
+def _from_env(environ: Mapping[str, str] = os.environ) -> Knobs:
+    values: dict[str, Any] = {}
+    known = {_ENV_PREFIX + f.name.upper(): f.name for f in dataclasses.fields(Knobs)}
+    for var, name in known.items():
+        raw = environ.get(var)
         if raw is not None:
-            setattr(knobs, field.name, _parse(field.name, raw, type(getattr(knobs, field.name))))
-    return knobs
+            kind = type(getattr(Knobs, name))
+            try:
+                values[name] = _parse(name, raw, kind)
+            except ConfigError as e:  # raised when the knob is read, not at import
+                values[name] = _Invalid(str(e))
+    for var in sorted(v for v in environ if v.startswith(_ENV_PREFIX) and v not in known):
+        # Compared without the prefix, which every name shares: CKPTSTORE_ZZZ resembles no knob.
+        close = difflib.get_close_matches(var[len(_ENV_PREFIX) :].upper(), [k[len(_ENV_PREFIX) :] for k in known], n=1)
+        hint = f"; did you mean {_ENV_PREFIX}{close[0]}?" if close else " (the knobs: ckptstore.knobs.Knobs)"
+        warnings.warn(
+            f"unknown environment variable {var}: ckptstore has no such knob{hint}", UserWarning, stacklevel=2
+        )
+    cls = _EnvKnobs if any(type(v) is _Invalid for v in values.values()) else Knobs
+    return cls(**values)
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:
     if kind is bool:  # bool("0") is True: spell the accepted words out
         words = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
         if raw.strip().lower() not in words:
-            raise CkptStoreError(f"{_ENV_PREFIX}{name.upper()}={raw!r}: expected one of {sorted(words)}")
+            raise ConfigError(f"{_ENV_PREFIX}{name.upper()}={raw!r}: expected one of {sorted(words)}")
         return words[raw.strip().lower()]
     try:
         return kind(raw)
     except ValueError:
-        raise CkptStoreError(f"{_ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        raise ConfigError(f"{_ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
 
 
 #: The knobs in force. Read them as ``knobs.current.chunk_bytes``.
@@ -110,7 +156,12 @@ def override(**changes: Any) -> Iterator[Knobs]:
     """Set some knobs for the duration of a ``with`` block (not thread-safe: for tests and scripts)."""
     global current
     saved = current
-    current = dataclasses.replace(current, **changes)
+    # Copied field by field, not through dataclasses.replace: a knob whose environment value is invalid
+    # stays so (and raises only when read), unless it is overridden here.
+    values = {f.name: object.__getattribute__(current, f.name) for f in dataclasses.fields(Knobs)}
+    values.update(changes)  # an unknown name: TypeError from Knobs()
+    cls = _EnvKnobs if any(type(v) is _Invalid for v in values.values()) else Knobs
+    current = cls(**values)
     try:
         yield current
     finally:

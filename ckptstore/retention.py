@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from . import knobs, leases, load
-from .errors import AccessDeniedError, CheckpointNotFoundError, CkptStoreError, StorageError
+from .errors import AccessDeniedError, CheckpointNotFoundError, CkptStoreError, ConfigError, StorageError
 from .storage import Storage, new_token, parse_step, step_name
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,13 @@ class Retention:
             log.warning("retention of %s could not run before the save: %s", storage.url, e)
             return []
 
+    def plan(self, storage: Storage) -> list[int]:
+        """The committed steps a pass would delete now if no reader pinned them (nothing is changed; a
+        pass then keeps those pinned at the moment it deletes)."""
+        if self.policy.keeps_all:
+            return []
+        return self.policy.to_delete(self._infos(storage, storage.committed_steps()))
+
     def _apply(self, storage: Storage) -> list[int]:
         with storage.lock():
             storage.clean_leftovers()
@@ -188,8 +195,8 @@ class Retention:
             return None  # deleted meanwhile (CheckpointStore.delete in another process)
         except AccessDeniedError as e:
             why = str(e)
-        except StorageError:
-            raise  # the storage failed, not the checkpoint: the next pass reads it again
+        except (StorageError, ConfigError):
+            raise  # the storage failed (or a setting is bad), not the checkpoint: the next pass reads it again
         except Exception as e:  # damaged, hostile or of a newer format: its decoder's error, whatever it is
             why = str(e) or type(e).__name__
         else:

@@ -75,9 +75,12 @@ def test_ls_lists_committed_only(capsys: pytest.CaptureFixture[str], store_dir: 
 
 
 def test_ls_empty_and_missing_store(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
-    code, out, _ = run(capsys, "ls", str(tmp_path / "nothing"))
-    assert code == 0 and out.splitlines() == ["STEP  CREATED  SIZE  METADATA"]
+    code, out, err = run(capsys, "ls", str(tmp_path / "nothing"))
+    assert code == 1 and out == "" and "does not exist" in err and str(tmp_path / "nothing") in err
     assert not (tmp_path / "nothing").exists()  # a reader never creates the store
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(capsys, "ls", str(tmp_path / "empty"))
+    assert code == 0 and out.splitlines() == ["STEP  CREATED  SIZE  METADATA"] and err == ""
 
 
 def test_show_latest_and_step(capsys: pytest.CaptureFixture[str], store_dir: pathlib.Path) -> None:
