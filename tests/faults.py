@@ -286,13 +286,15 @@ class PowerLossOps(FaultyOps):
     directories with their contents.
 
     ``drop`` removes one kind of fsync from the library (as if that line were deleted) to show that the
-    tests notice: a predicate over (kind, path).
+    tests notice: a predicate over (kind, path, the name the last rename gave: which fsync of the root
+    follows a commit, which a deletion).
     """
 
-    def __init__(self, root: str, drop: Callable[[str, str], bool] | None = None) -> None:
+    def __init__(self, root: str, drop: Callable[[str, str, str], bool] | None = None) -> None:
         super().__init__(FaultPlan(), sync=False)  # the model decides what is durable, not the real disk
         self.root = os.path.abspath(root)
-        self.drop = drop or (lambda kind, path: False)
+        self.drop = drop or (lambda kind, path, renamed: False)
+        self.renamed = ""  # the basename the last rename gave
         self._next = 0
         self._ino: dict[int, int] = {}  # live inode -> object id
         self._kind: dict[int, str] = {}  # object id -> "f" | "d"
@@ -341,14 +343,14 @@ class PowerLossOps(FaultyOps):
     def fsync(self, f: BinaryIO) -> None:
         inner = f._f if isinstance(f, _PlannedFile) else f  # type: ignore[attr-defined]
         path = inner.name
-        if self.drop("fsync", path):
+        if self.drop("fsync", path, self.renamed):
             inner.flush()
             return
         super().fsync(f)
         self._data[self._id(path)] = _read(path)
 
     def fsync_dir(self, path: str) -> None:
-        if self.drop("fsync_dir", path):
+        if self.drop("fsync_dir", path, self.renamed):
             return
         super().fsync_dir(path)
         self._entries[self._id(path)] = self._current_entries(path)
@@ -366,6 +368,10 @@ class PowerLossOps(FaultyOps):
 
     def unlink(self, path: str) -> None:
         self._gone(path, super().unlink)
+
+    def rename(self, src: str, dst: str) -> None:
+        super().rename(src, dst)
+        self.renamed = os.path.basename(dst)
 
     def rmdir(self, path: str) -> None:
         self._gone(path, super().rmdir)

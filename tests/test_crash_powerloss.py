@@ -16,23 +16,24 @@ from pathlib import Path
 import pytest
 
 import ckptstore
-from ckptstore.storage import TMP_PREFIX, LocalStorage, parse_step
+from ckptstore.storage import TMP_PREFIX, TRASH_PREFIX, LocalStorage, parse_step
 from tests.faults import FaultyOps, PowerLossOps, check_state, check_store, leftovers, state_of
 
 SEEDS = (1, 2)  # random images per crash point, besides the strict one
 
 
 def run_and_check(
-    tmp_path: Path, drop: Callable[[str, str], bool] | None = None, stop_early: bool = False
+    tmp_path: Path, drop: Callable[[str, str, str], bool] | None = None, stop_early: bool = False
 ) -> tuple[int, list[str]]:
-    """Save steps 3..6 with max_to_keep=2 into a store holding 1 and 2, taking power-cut images before
-    every filesystem call; check each image. Returns (images checked, violations found)."""
+    """Save steps 3..6 with max_to_keep=3 into a store holding 1 and 2 (step 3's save deletes nothing, the
+    others one step each), taking power-cut images before every filesystem call; check each image. Returns
+    (images checked, violations found)."""
     root = str(tmp_path / "run")
     first = ckptstore.CheckpointStore(root, max_to_keep=2)
     for s in (1, 2):
         first.save(s, state_of(s))
     ops = PowerLossOps(root, drop=drop)
-    store = ckptstore.CheckpointStore(LocalStorage(root, ops=ops), max_to_keep=2)
+    store = ckptstore.CheckpointStore(LocalStorage(root, ops=ops), max_to_keep=3)
     committed = [set(store.steps())]  # the committed steps after each save returned
     images: list[tuple[str, int]] = []  # (image directory, saves returned when it was taken)
 
@@ -82,15 +83,17 @@ def test_power_loss_at_every_call_keeps_every_checkpoint(tmp_path: Path, record_
     assert n > 200  # every call of 4 saves and their retention passes, 4 images each
 
 
-DROPS: dict[str, Callable[[str, str], bool]] = {
-    "fsync of each tensor file": lambda kind, p: kind == "fsync" and p.endswith(".safetensors"),
-    "fsync of the manifest": lambda kind, p: kind == "fsync" and p.endswith("manifest.msgpack"),
-    "fsync of the temp directory before the rename": lambda kind, p: (
+DROPS: dict[str, Callable[[str, str, str], bool]] = {
+    "fsync of each tensor file": lambda kind, p, _: kind == "fsync" and p.endswith(".safetensors"),
+    "fsync of the manifest": lambda kind, p, _: kind == "fsync" and p.endswith("manifest.msgpack"),
+    "fsync of the temp directory before the rename": lambda kind, p, _: (
         kind == "fsync_dir" and os.path.basename(p).startswith(TMP_PREFIX)
     ),
-    "fsync of the root after the rename": lambda kind, p: kind == "fsync_dir" and os.path.basename(p) == "run",
-    "fsync of a step directory after its manifest is removed": lambda kind, p: (
-        kind == "fsync_dir" and parse_step(os.path.basename(p)) is not None
+    "fsync of the root after a commit's rename": lambda kind, p, renamed: (
+        kind == "fsync_dir" and os.path.basename(p) == "run" and parse_step(renamed) is not None
+    ),
+    "fsync of the root after a step is renamed away to be deleted": lambda kind, p, renamed: (
+        kind == "fsync_dir" and os.path.basename(p) == "run" and renamed.startswith(TRASH_PREFIX)
     ),
 }
 

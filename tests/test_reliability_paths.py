@@ -20,12 +20,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -38,7 +40,7 @@ from ckptstore.errors import (
     CorruptCheckpointWarning,
     StorageError,
 )
-from ckptstore.storage import LocalStorage, step_name
+from ckptstore.storage import FsspecStorage, LocalOps, LocalStorage, step_name
 from tests import faults
 
 
@@ -73,14 +75,25 @@ def assert_victim_intact(victim: tuple[ckptstore.CheckpointStore, Path]) -> None
 
 # --- 1. nothing deleted or written outside the root ----------------------------------------------------
 
+#: The store's own protocol on a local directory, and the manifest-last one of any fsspec filesystem on
+#: fsspec's local filesystem (which has symlinks too).
+KINDS = ["local", "fsspec-local"]
 
+
+def make(kind: str, root: Path, **kwargs: Any) -> ckptstore.CheckpointStore:
+    if kind == "local":
+        return ckptstore.CheckpointStore(root, **kwargs)
+    return ckptstore.CheckpointStore(FsspecStorage(fsspec.filesystem("file", auto_mkdir=True), str(root)), **kwargs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_retention_never_deletes_another_stores_checkpoint_through_a_step_symlink(
-    tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path]
+    kind: str, tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path]
 ) -> None:
     root = tmp_path / "run"
     root.mkdir()
     (root / step_name(1)).symlink_to(victim[1])  # an old-looking step: the first one retention drops
-    store = ckptstore.CheckpointStore(root, max_to_keep=1)
+    store = make(kind, root, max_to_keep=1)
     for s in (2, 3, 4):
         store.save(s, state(s))
         assert store.steps() == [s]  # never listed as one of this store's checkpoints
@@ -88,13 +101,14 @@ def test_retention_never_deletes_another_stores_checkpoint_through_a_step_symlin
     assert (root / step_name(1)).is_symlink()  # not this store's to delete either
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_symlinked_step_is_not_a_checkpoint_of_the_store(
-    tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path]
+    kind: str, tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path]
 ) -> None:
     root = tmp_path / "run"
     root.mkdir()
     (root / step_name(9)).symlink_to(victim[1])
-    store = ckptstore.CheckpointStore(root, max_to_keep=1)
+    store = make(kind, root, max_to_keep=1)
     assert store.steps() == [] and store.latest_step() is None
     with pytest.raises(CheckpointNotFoundError):
         store.restore()
@@ -106,11 +120,12 @@ def test_a_symlinked_step_is_not_a_checkpoint_of_the_store(
     assert_victim_intact(victim)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_store_delete_of_a_symlinked_step_removes_the_link_not_its_target(
-    tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path]
+    kind: str, tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path]
 ) -> None:
     root = tmp_path / "run"
-    store = ckptstore.CheckpointStore(root)
+    store = make(kind, root)
     store.save(1, state(1))
     (root / step_name(5)).symlink_to(victim[1])
     with contextlib.suppress(CheckpointNotFoundError):  # either answer is fine; the target must survive
@@ -120,13 +135,14 @@ def test_store_delete_of_a_symlinked_step_removes_the_link_not_its_target(
     assert store.steps() == [1]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_save_over_a_symlinked_step_replaces_the_link_not_its_target(
-    tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path]
+    kind: str, tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path]
 ) -> None:
     root = tmp_path / "run"
     root.mkdir()
     (root / step_name(5)).symlink_to(victim[1])
-    store = ckptstore.CheckpointStore(root)
+    store = make(kind, root)
     store.save(5, state(50), overwrite=True)
     assert not (root / step_name(5)).is_symlink()
     assert store.steps() == [5] and store.restore(5)["w"][0] == 50
@@ -175,7 +191,91 @@ def test_symlinked_trash_and_temp_entries_are_never_followed(tmp_path: Path) -> 
     assert store.restore()["step"] == 3
 
 
-def test_a_symlinked_lease_directory_is_never_written_listed_or_emptied(tmp_path: Path) -> None:
+class _SwapBeforeFirstCall(LocalOps):
+    """Filesystem calls that, at the first one on a step directory (or inside it), first swap that directory
+    for a symlink to another store's step: the worst moment for a deletion that looked at the entry just
+    before."""
+
+    def __init__(self, step_dir: Path, target: Path) -> None:
+        self.step_dir, self.target, self.swapped = str(step_dir), target, False
+
+    def _swap(self, path: str) -> None:
+        if not self.swapped and (path == self.step_dir or path.startswith(self.step_dir + "/")):
+            self.swapped = True
+            shutil.rmtree(self.step_dir)
+            os.symlink(self.target, self.step_dir)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._swap(src)
+        super().rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        self._swap(path)
+        super().unlink(path)
+
+
+@pytest.mark.parametrize("how", ["delete", "retention"])
+def test_a_step_swapped_for_a_symlink_during_its_deletion_is_not_followed(
+    tmp_path: Path, victim: tuple[ckptstore.CheckpointStore, Path], how: str
+) -> None:
+    """Before: a deletion looked at the entry (a directory), then unlinked <step>/manifest.msgpack by path,
+    through the link swapped in between, and so deleted the other store's manifest."""
+    root = tmp_path / "run"
+    ckptstore.CheckpointStore(root).save(1, state(1))
+    ops = _SwapBeforeFirstCall(root / step_name(1), victim[1])
+    store = ckptstore.CheckpointStore(LocalStorage(root, ops=ops), max_to_keep=1)
+    if how == "delete":
+        store.delete(1)
+    else:
+        store.save(2, state(2))
+    assert ops.swapped
+    assert_victim_intact(victim)
+    assert not os.path.lexists(root / step_name(1))
+    assert store.steps() == ([] if how == "delete" else [2])
+
+
+def test_a_writer_never_holds_the_lock_of_a_liveness_file_a_cleaner_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cleaner may lock and remove a writer's liveness file between the writer's create and its lock. The
+    writer must then not go on holding a lock on a removed file (the next cleaner would find no liveness
+    file, take the writer for dead and remove its temp directory mid-save): it creates the file again."""
+    from ckptstore.storage import _local
+
+    real = _local._flock
+    raced = []
+
+    def cleaner_first(fd: int, flags: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".alive") and not raced:  # a cleaner gets there first: locks, finds it free, removes it
+            raced.append(path)
+            os.unlink(path)
+        real(fd, flags)
+
+    monkeypatch.setattr(_local, "_flock", cleaner_first)
+    storage = LocalStorage(tmp_path / "run")
+    staging = storage.begin(step_name(1), "0123456789abcdef")
+    try:
+        assert raced and os.path.exists(raced[0])  # created again, and that one is held
+        assert LocalStorage._writer_dead(staging.path) is False  # a cleaner sees a live writer
+        assert storage.clean_leftovers() == [] and os.path.isdir(staging.path)
+    finally:
+        staging.abort()
+
+
+def test_removing_a_tree_never_opens_a_fifo(tmp_path: Path) -> None:
+    """shutil.rmtree opens what it is given: a FIFO would block it for as long as no writer comes."""
+    fifo = tmp_path / ".trash-step_00000001-0123456789abcdef"
+    os.mkfifo(fifo)
+    done = []
+    t = threading.Thread(target=lambda: done.append(LocalOps().rmtree(str(fifo))), daemon=True)
+    t.start()
+    t.join(10)
+    assert done == [None] and not os.path.lexists(fifo)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_symlinked_lease_directory_is_never_written_listed_or_emptied(kind: str, tmp_path: Path) -> None:
     """A `.leases` link to a directory elsewhere: retention would have removed what looks like stale marks
     and expired leases there and written its own marks; readers' pins would have gone there too."""
     elsewhere = tmp_path / "elsewhere"
@@ -185,7 +285,7 @@ def test_a_symlinked_lease_directory_is_never_written_listed_or_emptied(tmp_path
     (elsewhere / "notes.txt").write_bytes(b"keep")
     before = files_under(elsewhere)
     root = tmp_path / "run"
-    store = ckptstore.CheckpointStore(root, max_to_keep=1)
+    store = make(kind, root, max_to_keep=1)
     store.save(1, state(1))
     (root / ".leases").symlink_to(elsewhere)
     try:

@@ -349,8 +349,10 @@ def shared_dir() -> Iterator[Path]:
 @pytest.mark.skipif(not IS_ROOT, reason="needs root, to make entries another user cannot read")
 def test_unreadable_entries_never_block_a_writer_without_root(shared_dir: Path) -> None:
     """A writer that is not root meets entries it cannot read or remove: a trash directory, a liveness file
-    and a temp directory of mode 0, and a committed step directory of mode 0, which must not be taken for a
-    deletion cut short (it was renamed to the trash before), nor stop the deletion of the others."""
+    and a temp directory of mode 0, and a committed step directory of mode 0 in its own root. None of them
+    stops a save or the deletion of the others. The step directory is deleted as the policy says (renamed
+    away, which the writer may do in its own root), and what is left of it, which the writer cannot remove,
+    is reported once and left as a trash directory."""
     store = ckptstore.CheckpointStore(shared_dir / "run")
     for s in range(3):
         store.save(s, state_of(s, 256))
@@ -376,12 +378,13 @@ def test_unreadable_entries_never_block_a_writer_without_root(shared_dir: Path) 
     proc.join(60)
     assert proc.exitcode == 0
     (got,) = drain(reader)
-    os.chmod(root / step_name(1), 0o755)
     assert [e for _, e in got["outcomes"]] == [None, None, None], got
-    assert os.path.exists(root / step_name(1) / "manifest.msgpack")  # not removed as a half-deleted step
     assert locked_trash.exists() and locked_tmp.exists()
-    assert got["steps"] == [1, 5, 6, 7]  # the others went as the policy says; step 1 could not
-    for name in (locked_trash.name, locked_tmp.name + ".alive", step_name(1)):
+    assert got["steps"] == [5, 6, 7]  # as the policy says
+    (step_1_trash,) = [p for p in root.iterdir() if p.name.startswith(f".trash-{step_name(1)}-")]
+    os.chmod(step_1_trash, 0o755)
+    assert (step_1_trash / "manifest.msgpack").exists()  # what the writer could not remove: left, reported
+    for name in (locked_trash.name, locked_tmp.name + ".alive", step_1_trash.name):
         assert len([m for m in got["logged"] if name in m and "left alone" in m]) == 1, got["logged"]
 
 

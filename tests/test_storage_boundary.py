@@ -23,7 +23,7 @@ import pytest
 import ckptstore
 from ckptstore import knobs
 from ckptstore.errors import CkptStoreError, StorageError
-from ckptstore.storage import FsspecStorage, LocalOps, LocalStorage, new_token, open_storage
+from ckptstore.storage import TRASH_PREFIX, FsspecStorage, LocalOps, LocalStorage, new_token, open_storage
 from tests.conftest import Location
 from tests.s3proxy import FaultProxy
 
@@ -99,6 +99,8 @@ class FailingOps(LocalOps):
 
     def rename(self, src: str, dst: str) -> None:
         self._maybe_fail("rename", src)
+        if os.path.basename(dst).startswith(TRASH_PREFIX):  # a deletion (a step renamed away), after a commit
+            self._maybe_fail("delete", src)
         super().rename(src, dst)
 
     def unlink(self, path: str) -> None:
@@ -106,7 +108,7 @@ class FailingOps(LocalOps):
         super().unlink(path)
 
 
-@pytest.mark.parametrize("kind", ["mkdir", "create", "fsync", "rename", "unlink"])
+@pytest.mark.parametrize("kind", ["mkdir", "create", "fsync", "rename", "delete"])
 def test_filesystem_failures_are_storage_errors_with_their_errno(tmp_path: Path, kind: str) -> None:
     good = ckptstore.CheckpointStore(tmp_path / "run", max_to_keep=1)
     good.save(1, {"w": np.arange(3)})
@@ -115,7 +117,7 @@ def test_filesystem_failures_are_storage_errors_with_their_errno(tmp_path: Path,
         store.save(2, {"w": np.arange(4)})
     err = info.value
     assert err.errno == errno.EIO and str(tmp_path / "run") in str(err), err
-    steps = good.steps()  # a failed deletion (unlink) comes after the commit: step 2 is there, step 1 too
+    steps = good.steps()  # a failed deletion comes after the commit: step 2 is there, step 1 too
     assert steps in ([1], [1, 2]), steps
     assert ("step 2 is committed" in str(err)) == (2 in steps), err
     np.testing.assert_array_equal(good.restore()["w"], np.arange(4 if 2 in steps else 3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 import time
 from typing import Any, BinaryIO
@@ -124,6 +125,25 @@ class FsspecStorage(Storage):
         key = f"{type(fs).__module__}.{type(fs).__qualname__}:{self.url}"
         with _FS_LOCKS_GUARD:
             self._lock = _FS_LOCKS.setdefault(key, threading.RLock())
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        #: A filesystem with symlinks (fsspec's local one; its info() says "islink"): an entry of the root
+        #: that is a link is never written, listed or deleted through (object stores have none).
+        self._has_links = bool(protocols & {"file", "local"})
+
+    def _is_link(self, rel: str) -> bool:
+        """Whether the root's entry ``rel`` (one component) is a symlink (never, on an object store)."""
+        if not self._has_links:
+            return False
+        try:
+            return bool(self.fs.info(self._path(rel)).get("islink"))
+        except FileNotFoundError:
+            return False
+
+    def _refuse_link(self, rel: str) -> None:
+        """Raise if the first component of ``rel`` is a symlink (a ``.leases`` planted to point anywhere)."""
+        top = rel.split("/", 1)[0]
+        if top and self._is_link(top):
+            raise StorageError(errno.ELOOP, f"{self.url_of(top)} is a symlink; refused")
 
     def describe_failure(self, e: BaseException, what: str) -> StorageError | None:
         return _s3.describe(e, self.url, what)
@@ -135,6 +155,9 @@ class FsspecStorage(Storage):
         return str(self.fs.unstrip_protocol(self._path(rel)))
 
     def begin(self, name: str, token: str) -> Staging:
+        if self._is_link(name):  # a link where the step goes: the entry is replaced, never written through
+            with self.named_errors(f"saving {self.url_of(name)}"):
+                self.fs.rm_file(self._path(name))
         return _FsspecStaging(self, name, token)
 
     def join(self, name: str, token: str) -> Staging:
@@ -221,6 +244,7 @@ class FsspecStorage(Storage):
     def sizes(self, rel_dir: str) -> dict[str, int]:
         path = self._path(rel_dir)
         with self.named_errors(f"listing {self.url_of(rel_dir)}"):
+            self._refuse_link(rel_dir)
             self.fs.invalidate_cache(path)
             try:
                 entries = retry.call(self.fs.ls, path, detail=True, what=f"listing {self.url_of(rel_dir)}")
@@ -246,6 +270,9 @@ class FsspecStorage(Storage):
     def _delete(self, name: str, keep: set[str] | None = None) -> None:
         """Delete a committed checkpoint, keeping the objects ``keep`` (an overwriting writer's own)."""
         base = self._path(name)
+        if self._is_link(name):  # (a link to another store's checkpoint): the link goes, not what it points to
+            self.fs.rm_file(base)
+            return
         if not self.is_committed(name):
             return
         # The manifest first: from here on no reader lists or opens this checkpoint.
@@ -334,6 +361,7 @@ class FsspecStorage(Storage):
     def put(self, rel: str, data: bytes = b"") -> None:
         path = self._path(rel)
         with self.named_errors(f"writing {self.url_of(rel)}"):
+            self._refuse_link(rel)
             try:
                 retry.call(self.fs.pipe_file, path, data, what=f"writing {self.url_of(rel)}")
             except FileNotFoundError:  # a filesystem with real directories, and no directory there yet
@@ -343,6 +371,7 @@ class FsspecStorage(Storage):
     def listdir(self, rel_dir: str) -> list[str]:
         path = self._path(rel_dir)
         with self.named_errors(f"listing {self.url_of(rel_dir)}"):
+            self._refuse_link(rel_dir)
             self.fs.invalidate_cache(path)
             try:
                 found = retry.call(self.fs.ls, path, detail=False, what=f"listing {self.url_of(rel_dir)}")
@@ -352,4 +381,5 @@ class FsspecStorage(Storage):
 
     def remove(self, rel: str) -> None:
         with self.named_errors(f"removing {self.url_of(rel)}"), contextlib.suppress(FileNotFoundError):
+            self._refuse_link(rel)
             retry.call(self.fs.rm_file, self._path(rel), what=f"removing {self.url_of(rel)}")

@@ -53,6 +53,31 @@ def _flock(fd: int, flags: int) -> None:
     fcntl.flock(fd, flags)
 
 
+def _locked_new_file(path: str) -> int:
+    """A descriptor of the file ``path``, created and locked (``flock``), and still at ``path`` once locked.
+
+    A cleaner may open, lock and remove a writer's liveness file between the writer's create and its lock
+    (it then looks like a dead writer's): the writer would hold a lock on a file no longer there, and the next
+    cleaner would take it for dead and remove the temp directory under it. So the file is created again
+    until the one locked is the one at ``path``."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        fd = os.open(path, flags, 0o644)
+        try:
+            _flock(fd, fcntl.LOCK_EX if fcntl else 0)
+            st = os.fstat(fd)
+            try:
+                here = os.lstat(path)
+            except FileNotFoundError:
+                here = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+            return fd
+        os.close(fd)
+
+
 class LocalOps:
     """The filesystem calls that change a local store, one method each.
 
@@ -98,11 +123,15 @@ class LocalOps:
         """Remove a directory tree, best effort (a later clean-up finishes what is left). Never follows a
         symlink: a link at ``path`` is removed itself (shutil.rmtree refuses one, and it would stay forever),
         and links inside the tree are removed, not their targets."""
-        if os.path.islink(path):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if not stat.S_ISDIR(st.st_mode):  # shutil.rmtree would open a FIFO (and wait for a writer forever)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             return
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)  # descends by descriptor, checking each is what lstat saw
 
 
 class _ProcessLock:
@@ -164,9 +193,8 @@ class _LocalStaging(Staging):
         # Held for as long as this writer lives: a cleaner that can take it knows the writer is dead.
         self._alive_fd = -1
         with storage.named_errors(f"saving {storage.url_of(name)}"):
-            self._alive_fd = os.open(self.path + ".alive", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self._alive_fd = _locked_new_file(self.path + ".alive")
             try:
-                _flock(self._alive_fd, fcntl.LOCK_EX if fcntl else 0)
                 self.ops.mkdir(self.path)
             except BaseException:
                 self.abort()  # the directory may exist all the same (an error reported after the fact)
@@ -410,25 +438,16 @@ class LocalStorage(Storage):
                 return True
 
     def delete(self, name: str) -> None:
+        """Delete a step: its directory is renamed out of the way (one atomic step: the checkpoint is gone
+        for every reader and listing at once), the root synced (gone for good, before any data goes), then
+        the renamed tree removed. Nothing is ever done through a path inside the step directory, so a
+        directory swapped for a symlink at any moment (to another store's checkpoint) is never followed: a
+        rename moves the link itself, and the tree is removed without following links."""
         path = os.path.join(self.root, name)
         with self.named_errors(f"deleting {path}"):
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return
-            if not stat.S_ISDIR(st.st_mode):
-                # Not a directory of this store (a symlink to another store's checkpoint, a file): the entry
-                # itself goes, never what a link points to.
-                self.ops.unlink(path)
-                return
-            try:
-                self.ops.unlink(os.path.join(path, MANIFEST_NAME))
-            except FileNotFoundError:
-                return
-            self.ops.fsync_dir(path)  # the manifest is gone for good before any data goes
-            self._remove_tree(path)
+            self._remove_tree(path, sync=True)
 
-    def _remove_tree(self, path: str) -> None:
+    def _remove_tree(self, path: str, *, sync: bool = False) -> None:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -436,9 +455,14 @@ class LocalStorage(Storage):
         if not stat.S_ISDIR(st.st_mode):  # a symlink (or a file) in the root: the entry goes, not its target
             self.ops.unlink(path)
             return
-        # Rename first, so a crash half-way leaves a .trash- directory, never a step name with half its files.
+        # Renamed first, so a crash half-way leaves a .trash- directory, never a step name with half its files.
         trash = os.path.join(self.root, f"{TRASH_PREFIX}{os.path.basename(path)}-{new_token()}")
-        self.ops.rename(path, trash)
+        try:
+            self.ops.rename(path, trash)
+        except FileNotFoundError:
+            return  # deleted meanwhile
+        if sync:
+            self.ops.fsync_dir(self.root)
         self.ops.rmtree(trash)
 
     def clean_leftovers(self) -> list[str]:
