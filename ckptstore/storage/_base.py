@@ -21,7 +21,7 @@ import contextlib
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, BinaryIO, ClassVar, Protocol, TypeVar
 
 from ..errors import CkptStoreError, StorageError, storage_error, storage_errors
@@ -46,6 +46,28 @@ def parse_step(name: str) -> int | None:
         return None
     step = int(m.group(1))
     return step if step_name(step) == name else None
+
+
+#: The most scans one listing makes while it finds no checkpoint and the root keeps changing.
+MAX_SCANS = 8
+
+
+def steps_of_stable_scans(scan: Callable[[], tuple[Hashable, list[int]]]) -> list[int]:
+    """The committed steps of ``scan()`` (which returns what it read of the root, and the steps found). A scan
+    is no snapshot: a commit and the deletion of the step before it can fall between its reads, so that it
+    finds no checkpoint at a moment when one was committed throughout. An empty result is therefore only
+    returned once two scans in a row read the same (each commit and each deletion changes what a scan reads,
+    so a scan torn by one is followed by one that differs, and is repeated, at most :data:`MAX_SCANS` times
+    for a root that never stops changing). A non-empty result is returned at once: each step in it was
+    committed when it was looked at. An empty store costs two scans, any other one."""
+    seen: Hashable = None
+    steps: list[int] = []
+    for _ in range(MAX_SCANS):
+        read, steps = scan()
+        if steps or read is None or read == seen:
+            break
+        seen = read
+    return steps
 
 
 def new_token() -> str:

@@ -22,7 +22,7 @@ from ..manifest import MANIFEST_NAME
 from . import _multipart as multipart
 from . import _retry as retry
 from . import _s3
-from ._base import NamedReader, Readable, Staging, Storage, parse_step
+from ._base import NamedReader, Readable, Staging, Storage, parse_step, steps_of_stable_scans
 
 _FS_LOCKS: dict[str, threading.RLock] = {}
 _FS_LOCKS_GUARD = threading.Lock()
@@ -182,14 +182,19 @@ class FsspecStorage(Storage):
         return [p[len(prefix) :] for p in found if p.startswith(prefix)]
 
     def committed_steps(self) -> list[int]:
-        steps = set()
+        """Step prefixes holding a manifest, from listings that agree (:func:`steps_of_stable_scans`: on a
+        filesystem whose listing walks directories, a commit and a deletion can fall between its reads)."""
         with self.named_errors(f"listing {self.url}"):
-            found = self._find()
+            return steps_of_stable_scans(self._scan)
+
+    def _scan(self) -> tuple[frozenset[str], list[int]]:
+        found = self._find()
+        steps = set()
         for rel in found:
             parent, _, name = rel.partition("/")
             if name == MANIFEST_NAME and (step := parse_step(parent)) is not None:
                 steps.add(step)
-        return sorted(steps)
+        return frozenset(found), sorted(steps)
 
     def read_bytes(self, rel: str, limit: int) -> bytes:
         path = self._path(rel)

@@ -21,17 +21,23 @@ from ..errors import (
     StorageError,
 )
 from ..manifest import MANIFEST_NAME
-from ._base import LOCK_NAME, TMP_PREFIX, TRASH_PREFIX, NamedReader, Readable, Staging, Storage, new_token, parse_step
+from ._base import (
+    LOCK_NAME,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    NamedReader,
+    Readable,
+    Staging,
+    Storage,
+    new_token,
+    parse_step,
+    steps_of_stable_scans,
+)
 
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): importing works, writing a local store is refused
     fcntl = None  # type: ignore[assignment]
-
-
-#: The most scans one listing makes while it finds no checkpoint and the root keeps changing
-#: (LocalStorage.committed_steps).
-_MAX_SCANS = 8
 
 
 def _has_manifest(path: str) -> bool:
@@ -315,26 +321,11 @@ class LocalStorage(Storage):
         another store's checkpoint) whose manifest exists, or cannot be looked at (permission denied: listed,
         so that reading it names the problem and a fallback names what it skipped).
 
-        A scan is no snapshot: the directory is read first, each manifest looked at after, and a save's
-        commit (renamed into the root) and retention's deletion of the step before it (manifest unlinked,
-        directory renamed away) can fall in between. One scan can then find no checkpoint at a moment when
-        one was committed throughout: it read the root before the new step arrived and looked at the old
-        step's manifest after it had gone. So an empty result is only returned once two scans in a row read
-        the same entries (names and inode numbers): each commit and each deletion changes the entries, so a
-        scan torn by one is followed by another that differs from it, and is repeated (at most
-        ``_MAX_SCANS`` times, for a root that never stops changing). A non-empty result is returned at once:
-        each step in it was committed when it was looked at (a step committed meanwhile may be missing, as
-        from any listing that a save follows). An empty store costs two scans, any other store one.
+        One scan reads the root, then looks at each manifest: a listing is made of scans that agree
+        (:func:`steps_of_stable_scans`; a scan reads the root's names and inode numbers).
         """
         with self.named_errors(f"listing {self.root}"):
-            seen: frozenset[tuple[str, int]] | None = None
-            steps: list[int] = []
-            for _ in range(_MAX_SCANS):
-                entries, steps = self._scan()
-                if steps or entries is None or entries == seen:
-                    break
-                seen = entries
-            return steps
+            return steps_of_stable_scans(self._scan)
 
     def _scan(self) -> tuple[frozenset[tuple[str, int]] | None, list[int]]:
         """One scan of the root: its entries (name, inode), None if the root does not exist; the committed
