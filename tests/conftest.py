@@ -287,6 +287,15 @@ TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("test_watch", "test_timeout_fn_false_after_a_yield_keeps_waiting"): ("slow",),
     ("test_watch", "test_wait_for_new_checkpoint"): ("slow",),
     ("test_watch", "test_every_checkpoint_respects_min_interval"): ("slow",),
+    ("test_cross_framework", "test_save_from_one_restore_into_another"): ("slow",),
+    ("test_frameworks_jax", "test_optax_adam_state_count_and_structure_roundtrip"): ("slow",),
+    ("test_frameworks_jax", "test_restore_places_arrays_on_likes_device"): ("slow",),
+    ("test_knobs", "test_numeric_override_and_bad_values"): ("slow",),
+    ("test_cli_polish", "test_python_m_ckptstore"): ("slow",),
+    ("test_cli_polish", "test_rm_refuses_a_step_pinned_by_another_process"): ("slow",),
+    ("test_knobs_env", "test_an_invalid_value_fails_when_read_not_at_import"): ("slow",),
+    ("test_knobs_env", "test_the_command_line_starts_with_an_invalid_value"): ("slow",),
+    ("test_knobs_env", "test_an_unknown_variable_is_warned_about_once_with_the_closest_name"): ("slow",),
 }
 
 
