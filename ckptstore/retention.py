@@ -51,6 +51,10 @@ class RetentionPolicy:
     max_to_keep: int | None = None
     keep_every_n_steps: int | None = None
     keep_every_n_hours: float | None = None
+    #: Also keep the N checkpoints whose ``metadata[best_metric]`` is best (``best_mode`` "min" or "max").
+    keep_best: int | None = None
+    best_metric: str | None = None
+    best_mode: str = "min"
 
     def __post_init__(self) -> None:
         for name, kinds in (("max_to_keep", int), ("keep_every_n_steps", int), ("keep_every_n_hours", (int, float))):
@@ -147,6 +151,10 @@ class Retention:
         except Exception as e:
             log.warning("retention of %s could not run before the save: %s", storage.url, e)
             return []
+
+    def best_step(self, storage: Storage) -> int | None:
+        """The committed step with the best metric (being built: issue #14)."""
+        raise NotImplementedError
 
     def plan(self, storage: Storage) -> list[int]:
         """The committed steps a pass would delete now if no reader pinned them (nothing is changed; a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -13,6 +14,7 @@ from typing import Any, Literal, overload
 
 from . import distributed, leases, load, pipeline, tree, watch
 from .asyncsave import SaveHandle, Saver
+from .decisions import Decisions, SavePolicy
 from .errors import (
     AccessDeniedError,
     CheckpointNotFoundError,
@@ -91,14 +93,32 @@ class CheckpointStore:
         max_to_keep: int | None = None,
         keep_every_n_steps: int | None = None,
         keep_every_n_hours: float | None = None,
+        keep_best: int | None = None,
+        best_metric: str | None = None,
+        best_mode: Literal["min", "max"] = "min",
+        save_interval_steps: int | None = None,
+        save_interval_secs: float | None = None,
+        save_on_preemption: bool = False,
+        preemption_signals: Sequence[int] = (signal.SIGTERM,),
         storage_options: dict[str, Any] | None = None,
         coordinator: distributed.Coordinator | None = None,
     ) -> None:
-        self.policy = RetentionPolicy(max_to_keep, keep_every_n_steps, keep_every_n_hours)
+        self.policy = RetentionPolicy(
+            max_to_keep,
+            keep_every_n_steps,
+            keep_every_n_hours,
+            keep_best=keep_best,
+            best_metric=best_metric,
+            best_mode=best_mode,
+        )
+        self.save_policy = SavePolicy(
+            save_interval_steps, save_interval_secs, save_on_preemption, tuple(preemption_signals)
+        )
         self._retention = Retention(self.policy)
         self.coordinator = coordinator
         self.storage = open_storage(url_or_path, storage_options)
         self._saver = Saver()
+        self._decisions = Decisions(self.save_policy, lambda: distributed.resolve(self.coordinator))
 
     @property
     def url(self) -> str:
@@ -163,6 +183,7 @@ class CheckpointStore:
         """
         step = _check_step(step)
         coord = distributed.resolve(self.coordinator)
+        self._decisions.started(step)
         if blocking:
             self._saver.wait()  # saves commit in the order they were asked for
             return self._save(step, lambda: pipeline.prepare(state, metadata), overwrite, coord)
@@ -175,6 +196,22 @@ class CheckpointStore:
             return prepared
 
         return self._saver.start(step, prepare, lambda snap: self._save(step, lambda: snap, overwrite, coord))
+
+    def should_save(self, step: int) -> bool:
+        """Whether to save ``step`` now, by the store's save policy: ``step`` is past the last step this
+        store object saved and a multiple of ``save_interval_steps``, or ``save_interval_secs`` have passed
+        since the last save started, or a preemption signal arrived. Every rank gets the same answer."""
+        return self._decisions.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once a preemption signal arrived and the save of ``step`` (or a later one) has started: time
+        to :meth:`wait_until_finished` and exit."""
+        return self._decisions.reached_preemption(step)
+
+    def best_step(self) -> int | None:
+        """The committed step whose ``metadata[best_metric]`` is best (``best_mode``), or None: computed
+        from the committed manifests, so every process agrees."""
+        return self._retention.best_step(self.storage)
 
     def wait_until_finished(self) -> None:
         """Wait until every background save has committed (or failed).
@@ -194,6 +231,7 @@ class CheckpointStore:
             self._saver.wait()
         finally:
             self._saver.release_snapshots()
+            self._decisions.close()
 
     def __enter__(self) -> CheckpointStore:
         return self
