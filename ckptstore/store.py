@@ -5,6 +5,7 @@ listing) and :mod:`.retention` (which steps to keep, and deleting the others).""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import threading
@@ -22,7 +23,6 @@ from .errors import (
     CorruptCheckpointError,
     CorruptCheckpointWarning,
     StorageError,
-    storage_error,
 )
 from .manifest import Manifest
 from .retention import Retention, RetentionPolicy
@@ -30,6 +30,8 @@ from .storage import Storage, open_storage, step_name
 from .verify import verify_checkpoint
 
 __all__ = ["CheckpointInfo", "CheckpointStore"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,9 @@ class CheckpointInfo:
     #: Bytes of the checkpoint's tensor files.
     nbytes: int
     metadata: dict[str, Any]
+    #: Returned by ``save``: why the retention pass after the previous save failed (it was logged as a
+    #: warning, and retried before this save), or None.
+    retention_failure: str | None = None
 
 
 def _info(storage: Storage, name: str, m: Manifest) -> CheckpointInfo:
@@ -57,6 +62,46 @@ _newest_lock = threading.Lock()
 
 #: What restore(fallback=True) skips: a checkpoint that is damaged, gone, or that this reader may not read.
 _SKIPPABLE = (CorruptCheckpointError, CheckpointNotFoundError, AccessDeniedError)
+
+
+class _RetentionThread:
+    """Retention off the save's critical path: one pass at a time, on a thread of its own, started after a
+    commit and waited for by the next save, by this store object's own listings and by ``close``. A pass
+    that fails is logged as a warning; the next save reports it (:attr:`CheckpointInfo.retention_failure`)
+    and runs a pass again before its commit (:meth:`Retention.catch_up`)."""
+
+    def __init__(self, retention: Retention, storage: Storage) -> None:
+        self._retention, self._storage = retention, storage
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
+
+    def start(self, step: int) -> None:
+        # Not a daemon: an interpreter exiting after a save finishes the deletions it began.
+        self._thread = threading.Thread(target=self._run, args=(step,), name="ckptstore-retention")
+        self._thread.start()
+
+    def _run(self, step: int) -> None:
+        try:
+            self._retention.apply(self._storage)
+        except Exception as e:
+            self._failure = str(e) or type(e).__name__
+            log.warning(
+                "retention of %s after step %d failed (the checkpoint is committed; the next save retries): %s",
+                self._storage.url,
+                step,
+                self._failure,
+            )
+
+    def wait(self) -> None:
+        """Wait for the pass in flight, if any."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def take_failure(self) -> str | None:
+        """Why the last pass failed, if it did and no save has reported it yet (it is then forgotten)."""
+        failure, self._failure = self._failure, None
+        return failure
 
 
 def _check_step(step: Any) -> int:
@@ -118,6 +163,7 @@ class CheckpointStore:
         self.coordinator = coordinator
         self.storage = open_storage(url_or_path, storage_options)
         self._saver = Saver()
+        self._retention_thread = _RetentionThread(self._retention, self.storage)
         self._decisions = Decisions(self.save_policy, lambda: distributed.resolve(self.coordinator))
 
     @property
@@ -214,12 +260,16 @@ class CheckpointStore:
         return self._retention.best_step(self.storage)
 
     def wait_until_finished(self) -> None:
-        """Wait until every background save has committed (or failed).
+        """Wait until every background save has committed (or failed), and the retention pass after the
+        last save has finished (a failure of that pass is logged, and reported by the next save).
 
         Raises:
             AsyncSaveError: a background save failed and its handle did not report it.
         """
-        self._saver.wait()
+        try:
+            self._saver.wait()
+        finally:
+            self._retention_thread.wait()
 
     def close(self) -> None:
         """Wait for background saves and free their snapshot memory. The store stays usable.
@@ -230,6 +280,7 @@ class CheckpointStore:
         try:
             self._saver.wait()
         finally:
+            self._retention_thread.wait()
             self._saver.release_snapshots()
             self._decisions.close()
 
@@ -245,7 +296,10 @@ class CheckpointStore:
         """Every rank writes its share, rank 0 commits (:func:`ckptstore.pipeline.save`); then rank 0 alone
         applies retention (after the commit it depends on)."""
         name = step_name(step)
+        failure = None
         if coord.rank == 0:
+            self._retention_thread.wait()  # the pass the previous save started
+            failure = self._retention_thread.take_failure()
             # A pass left undone (cut short, or failed) first: a disk it left full fails the save before its
             # commit, and so before the pass after it. Never raises.
             self._retention.catch_up(self.storage)
@@ -253,13 +307,8 @@ class CheckpointStore:
         if coord.rank == 0:
             _remember(self.url, step)
             self._retention.saved(step, done.created)
-            try:
-                self._retention.apply(self.storage)
-            except CkptStoreError as e:  # the message must say the checkpoint is safe
-                raise storage_error(
-                    e, f"step {step} is committed, but retention failed (it runs again on the next save)"
-                ) from e
-        return CheckpointInfo(step, self.storage.url_of(name), done.created, done.nbytes, done.metadata)
+            self._retention_thread.start(step)  # deletions off the critical path: see _RetentionThread
+        return CheckpointInfo(step, self.storage.url_of(name), done.created, done.nbytes, done.metadata, failure)
 
     def delete(self, step: int) -> None:
         """Delete checkpoint ``step`` (its manifest first, then its data).
@@ -269,6 +318,7 @@ class CheckpointStore:
         """
         step = _check_step(step)
         name = step_name(step)
+        self._retention_thread.wait()
         with self.storage.lock():
             if not self.storage.is_committed(name):
                 raise CheckpointNotFoundError(f"no committed checkpoint at {self.storage.url_of(name)}")
@@ -287,6 +337,7 @@ class CheckpointStore:
         step is older than one this process saw in this store (a listing made just before that step was
         committed, or one that raced with retention) gets it back if a lookup by name finds it committed.
         """
+        self._retention_thread.wait()  # this store object's own deletions are done before it lists
         steps = self.storage.committed_steps()
         key = self.url
         with _newest_lock:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -108,7 +109,7 @@ class FailingOps(LocalOps):
         super().unlink(path)
 
 
-@pytest.mark.parametrize("kind", ["mkdir", "create", "fsync", "rename", "delete"])
+@pytest.mark.parametrize("kind", ["mkdir", "create", "fsync", "rename"])
 def test_filesystem_failures_are_storage_errors_with_their_errno(tmp_path: Path, kind: str) -> None:
     good = ckptstore.CheckpointStore(tmp_path / "run", max_to_keep=1)
     good.save(1, {"w": np.arange(3)})
@@ -121,6 +122,27 @@ def test_filesystem_failures_are_storage_errors_with_their_errno(tmp_path: Path,
     assert steps in ([1], [1, 2]), steps
     assert ("step 2 is committed" in str(err)) == (2 in steps), err
     np.testing.assert_array_equal(good.restore()["w"], np.arange(4 if 2 in steps else 3))
+
+
+def test_a_failed_retention_never_fails_the_save_and_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retention runs after the commit, in the background: its failure is logged as a warning, reported on
+    the next save's result, and retried by that save."""
+    good = ckptstore.CheckpointStore(tmp_path / "run", max_to_keep=1)
+    good.save(1, {"w": np.arange(3)})
+    store = ckptstore.CheckpointStore(LocalStorage(tmp_path / "run", FailingOps("delete", errno.EIO)), max_to_keep=1)
+    assert store.save(2, {"w": np.arange(4)}).retention_failure is None
+    store.wait_until_finished()
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("after step 2 failed" in m and "committed" in m and os.strerror(errno.EIO) in m for m in logged), logged
+    info = store.save(3, {"w": np.arange(5)})
+    assert info.retention_failure is not None and os.strerror(errno.EIO) in info.retention_failure
+    assert good.steps() == [1, 2, 3]  # nothing deleted, nothing lost
+    assert good.save(4, {"w": np.arange(6)}).retention_failure is None
+    good.wait_until_finished()
+    assert good.steps() == [4]
+    np.testing.assert_array_equal(good.restore()["w"], np.arange(6))
 
 
 def test_reads_of_a_missing_store_are_named(tmp_path: Path) -> None:
