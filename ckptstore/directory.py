@@ -9,6 +9,7 @@ from typing import Any
 from . import distributed, load, pipeline, tree
 from .errors import CheckpointExistsError, CheckpointNotFoundError
 from .storage import open_parent, parse_step
+from .subset import KeyMap
 
 
 def save(
@@ -32,7 +33,7 @@ def save(
         # The local commit replaces an uncommitted directory of that name (a store's half-deleted step);
         # here the name is the user's, and what lies there is theirs.
         raise CheckpointExistsError(f"{storage.url_of(name)} exists and is not a checkpoint; not replacing it")
-    step = metadata.get("step", 0) if isinstance(metadata, dict) else 0
+    step = prepared.metadata.get("step", 0)  # as checked: a NumPy or torch integer scalar is an int there
     step = step if type(step) is int and 0 <= step < 1 << 63 else 0  # bool is an int, but not a step
     named = parse_step(name)  # a directory named like a step: its manifest must say that step (load.py checks)
     step = named if named is not None else step
@@ -48,10 +49,14 @@ def restore(
     verify: bool = True,
     keys: Sequence[str] | str | None = None,
     mmap: bool = False,
+    strict: bool = True,
+    key_map: KeyMap | None = None,
 ) -> Any:
     """Restore the checkpoint directory at ``path`` (as yielded by ``checkpoints_iterator``, or given by
-    ``CheckpointInfo.path``). ``like``, ``framework``, ``verify``, ``keys`` and ``mmap`` are as for
-    ``CheckpointStore.restore``.
+    ``CheckpointInfo.path``). ``like``, ``framework``, ``verify``, ``keys``, ``mmap``, ``strict`` and
+    ``key_map`` are as for ``CheckpointStore.restore``: with ``strict=False``, dict keys of ``like`` and of
+    the checkpoint that differ are tolerated and named by a ``PartialRestoreWarning``; ``key_map`` renames
+    the checkpoint's key paths first; a torch module fits a checkpoint saved compiled or DDP-wrapped.
 
     Raises:
         CheckpointNotFoundError: ``path`` holds no committed checkpoint.
@@ -63,4 +68,16 @@ def restore(
         raise CheckpointNotFoundError(
             f"no committed checkpoint at {storage.url_of(name)} (a store root? use CheckpointStore(path).restore())"
         ) from None
-    return load.read(storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys, mmap=mmap)
+    return load.read(
+        storage,
+        name,
+        like=like,
+        framework=framework,
+        verify=verify,
+        m=m,
+        keys=keys,
+        mmap=mmap,
+        strict=strict,
+        key_map=key_map,
+        stacklevel=2,
+    )

@@ -22,6 +22,7 @@ __all__ = [
     "DistributedError",
     "EndpointUnreachableError",
     "MissingCredentialsError",
+    "PartialRestoreWarning",
     "ShardingError",
     "StorageError",
     "StructureMismatchError",
@@ -61,6 +62,17 @@ class CorruptCheckpointError(CkptStoreError, ValueError):
 
 class CorruptCheckpointWarning(UserWarning):
     """``restore(fallback=True)`` skipped damaged checkpoints; the message names each one and why."""
+
+
+class PartialRestoreWarning(UserWarning):
+    """``restore(strict=False)`` left key paths unmatched. ``missing``: paths of ``like`` that the checkpoint
+    lacks (kept as they are in ``like``); ``unexpected``: paths of the checkpoint that ``like`` lacks
+    (dropped). Both are lists of rendered paths (``"state['sched']"``); the message names them too."""
+
+    def __init__(self, message: str, missing: list[str] | None = None, unexpected: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.missing: list[str] = list(missing or [])
+        self.unexpected: list[str] = list(unexpected or [])
 
 
 class UnsupportedFormatError(CorruptCheckpointError):

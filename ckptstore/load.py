@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import posixpath
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,9 +20,12 @@ from . import block_read, knobs, manifest, remote_read, subset, tensorio, tree
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    PartialRestoreWarning,
 )
 from .manifest import MANIFEST_NAME, Manifest
+from .skeleton import render_path
 from .storage import Storage, parse_step
+from .subset import KeyMap
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
@@ -106,16 +110,27 @@ def read(
     m: Manifest | None = None,
     keys: Sequence[str] | str | None = None,
     mmap: bool = False,
+    strict: bool = True,
+    key_map: KeyMap | None = None,
+    stacklevel: int = 2,
 ) -> Any:
     """Restore the state tree of checkpoint directory ``name`` (only the subtrees ``keys`` select, and
     only their tensors read, when given: see :mod:`.subset`). With ``mmap`` on local disk, arrays are
-    mapped on the tensor files rather than read (see :func:`tensorio.map_tensors`)."""
+    mapped on the tensor files rather than read (see :func:`tensorio.map_tensors`).
+
+    ``key_map`` renames the (selected) checkpoint's key paths before they meet ``like``
+    (:func:`subset.remap`); with ``strict=False`` dict keys that differ from ``like``'s are tolerated
+    (:func:`tree.rebuild`) and named by a :class:`PartialRestoreWarning` (``stacklevel`` as for
+    ``warnings.warn``, counted from this function)."""
     if m is None:
         m = read_manifest(storage, name)
     skeleton = m.tree if keys is None else subset.select(m.tree, keys)
+    if key_map is not None:
+        skeleton = subset.remap(skeleton, key_map)
+    selected = keys is not None or key_map is not None
     sharded = block_read.block_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
-    wanted = range(len(m.tensors)) if keys is None else sorted(set(subset.tensor_indices(skeleton)))
-    eager = [i for i in wanted if i not in sharded] if sharded or keys is not None else None
+    wanted = sorted(set(subset.tensor_indices(skeleton))) if selected else range(len(m.tensors))
+    eager = [i for i in wanted if i not in sharded] if sharded or selected else None
     arrays = load_tensors(storage, name, m, eager, verify=verify, mmap=mmap)
 
     def load(index: int) -> np.ndarray:
@@ -126,10 +141,34 @@ def read(
                 f"{storage.url_of(name)}: the tree refers to tensor #{index}, the manifest lists {len(m.tensors)}"
             ) from None
 
+    unmatched = tree.Unmatched()
     with block_read.BlockReader(storage, name, m, load, verify=verify) as blocks:
         if sharded:
             blocks.prefetch(block_read.wanted_blocks(skeleton, like))
-        return tree.rebuild(skeleton, load, like=like, framework=framework, blocks=blocks)
+        state = tree.rebuild(
+            skeleton, load, like=like, framework=framework, blocks=blocks, strict=strict, unmatched=unmatched
+        )
+    if unmatched:
+        warnings.warn(_partial_warning(storage.url_of(name), unmatched), stacklevel=stacklevel + 1)
+    return state
+
+
+#: Paths a PartialRestoreWarning's message names of each kind (its attributes hold them all).
+_NAMED_PATHS = 20
+
+
+def _partial_warning(where: str, unmatched: tree.Unmatched) -> PartialRestoreWarning:
+    missing = [render_path(p) for p in unmatched.missing]
+    unexpected = [render_path(p) for p in unmatched.unexpected]
+    parts = []
+    for paths, what in (
+        (missing, "missing from the checkpoint (kept as in `like`)"),
+        (unexpected, "in the checkpoint only (dropped)"),
+    ):
+        if paths:
+            more = f" and {len(paths) - _NAMED_PATHS} more" if len(paths) > _NAMED_PATHS else ""
+            parts.append(f"{what}: {', '.join(paths[:_NAMED_PATHS])}{more}")
+    return PartialRestoreWarning(f"restored {where} with strict=False; " + "; ".join(parts), missing, unexpected)
 
 
 def require_committed(storage: Storage, name: str) -> None:

@@ -73,6 +73,8 @@ def prepare(state: Any, metadata: dict[str, Any] | None, *, snapshot: bool = Fal
 
 
 def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The metadata as saved: plain Python values, NumPy scalars and 0-d arrays or tensors of any framework
+    (``np.float32(0.5)``, ``torch.tensor(0.5)``) as the plain numbers they hold."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
@@ -82,6 +84,22 @@ def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     except UnsupportedTypeError as e:  # flatten names paths from "state"; here they lie in "metadata"
         msg = str(e)
         raise UnsupportedTypeError("metadata" + msg.removeprefix("state") if msg.startswith("state") else msg) from None
+
+    def number(node: Any) -> Any:
+        """A Python number for a NumPy scalar or a 0-d array; ``node`` itself for anything else."""
+        t = type(node)
+        if t is Scalar or (t is TensorRef and arrays[node.index].array.ndim == 0):
+            value = node.value().item() if t is Scalar else arrays[node.index].array.item()
+            return value if type(value) in (bool, int, float, complex) else node
+        if t is dict:
+            return {k: number(v) for k, v in node.items()}
+        if t is list or t is tuple:
+            return t(number(v) for v in node)
+        return node
+
+    if arrays or any(type(v) is Scalar for _, v in walk(skeleton)):
+        skeleton = number(skeleton)
+        arrays = [a for _, ref in walk(skeleton) if type(ref) is TensorRef for a in [arrays[ref.index]]]
     if arrays:
         raise UnsupportedTypeError(
             f"{render_path(arrays[0].path, 'metadata')} is an array; metadata holds small plain "

@@ -27,6 +27,7 @@ from .errors import (
 from .manifest import Manifest
 from .retention import Retention, RetentionPolicy
 from .storage import Storage, open_storage, step_name
+from .subset import KeyMap
 from .verify import verify_checkpoint
 
 __all__ = ["CheckpointInfo", "CheckpointStore"]
@@ -105,10 +106,24 @@ class _RetentionThread:
 
 
 def _check_step(step: Any) -> int:
+    """``step`` as an int: an int (not a bool), or a NumPy, torch or JAX integer scalar (``np.int64(5)``, a
+    0-d integer tensor or array); floats and bools are refused whatever their type."""
+    value = step
+    if not isinstance(step, int):
+        # An integer scalar of a framework, recognised without importing one: a 0-d value whose dtype is an
+        # integer type (numpy and JAX dtypes print as "int64", torch's as "torch.int64").
+        dtype = str(getattr(step, "dtype", "")).removeprefix("torch.")
+        if getattr(step, "shape", None) == () and dtype.startswith(("int", "uint")) and dtype[-1].isdigit():
+            try:
+                value = int(step)
+            except Exception:  # an abstract (traced) value
+                value = step
     # The upper bound keeps the step in an int64 (and the directory name within what listing parses).
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 63:
-        raise CkptStoreError(f"step must be an int in [0, 2**63), got {step!r}")
-    return int(step)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise CkptStoreError(
+            f"step must be an int in [0, 2**63) (or a NumPy, torch or JAX integer scalar), got {step!r}"
+        )
+    return int(value)
 
 
 class CheckpointStore:
@@ -117,9 +132,13 @@ class CheckpointStore:
     Args:
         url_or_path: a local directory (created if needed) or any fsspec URL (``s3://bucket/run1``), or a
             :class:`~ckptstore.storage.Storage` object.
-        max_to_keep: keep the newest N checkpoints (None keeps all).
+        max_to_keep: keep the newest N checkpoints (None keeps all; with ``keep_best``, the newest one).
         keep_every_n_steps: also keep every step divisible by K, forever.
         keep_every_n_hours: also keep one checkpoint per H hours.
+        keep_best: also keep the N checkpoints whose ``metadata[best_metric]`` is best (ties: the newer);
+            one without the metric as an int or float (or with NaN) is kept by the other rules only.
+        best_metric: the metadata key that ranks checkpoints (needed by ``keep_best`` and :meth:`best_step`).
+        best_mode: ``"min"`` (the lowest value is best, as for a loss) or ``"max"``.
         storage_options: passed to the fsspec filesystem (``endpoint_url``, credentials, ...).
         coordinator: how the processes of a distributed job save together (docs/distributed.md). Default:
             torch.distributed's world when it is initialised at save time, else this process alone.
@@ -244,14 +263,48 @@ class CheckpointStore:
         return self._saver.start(step, prepare, lambda snap: self._save(step, lambda: snap, overwrite, coord))
 
     def should_save(self, step: int) -> bool:
-        """Whether to save ``step`` now, by the store's save policy: ``step`` is past the last step this
-        store object saved and a multiple of ``save_interval_steps``, or ``save_interval_secs`` have passed
-        since the last save started, or a preemption signal arrived. Every rank gets the same answer."""
+        """Whether to save ``step`` now, by the store's save policy.
+
+        True when ``step`` is past the step of the last save this store object started (``save(step)``
+        makes ``should_save(step)`` false) and: ``step`` is a multiple of ``save_interval_steps``, or
+        ``save_interval_secs`` have passed since that save started (before any save: since the first
+        ``should_save`` call), or a preemption signal arrived (``save_on_preemption=True``) and no save has
+        started since. With no interval and no ``save_on_preemption``, true for every new step; with
+        ``save_on_preemption`` alone, only on preemption. Checkpoints committed by other store objects or
+        processes do not count.
+
+        Across ranks (torch.distributed) every rank gets the same answer, so every rank must call it at the
+        same steps: step intervals are decided locally; the time interval (rank 0's clock) and preemption
+        (a signal on any rank) are agreed by one small all-reduce on a gloo group of ckptstore's own every
+        few calls (``knobs.preemption_sync_every``; by default as often as costs at most 0.5% of the
+        training's time), so they are decided at those calls only (docs/distributed.md).
+
+        Example::
+
+            for step in range(start, total):
+                train_step()
+                if store.should_save(step):
+                    store.save(step, state)
+                if store.reached_preemption(step):
+                    store.wait_until_finished()
+                    sys.exit(0)
+
+        Raises:
+            DistributedError: the agreement across ranks failed (a rank died or timed out).
+        """
         return self._decisions.should_save(step)
 
     def reached_preemption(self, step: int) -> bool:
-        """True once a preemption signal arrived and the save of ``step`` (or a later one) has started: time
-        to :meth:`wait_until_finished` and exit."""
+        """True once a preemption was decided (``should_save`` answered it) and a save of ``step`` or of a
+        later step has started after it; it then stays true. Time to :meth:`wait_until_finished` (an async
+        save in flight commits) and exit. In one process a signal that arrives after the save of ``step``
+        started counts too (that save holds the state of ``step``). Every rank answers alike.
+
+        With ``save_on_preemption=True`` the store handles ``preemption_signals`` (SIGTERM by default) from
+        its creation, which must be in the main thread, until :meth:`close`: the handler records the signal
+        (no I/O) and then calls the handler it replaced if that was a Python function; the default action
+        and SIG_IGN are not acted on (the process is not killed: the loop must save and exit). ``close()``
+        puts the replaced handlers back."""
         return self._decisions.reached_preemption(step)
 
     def best_step(self) -> int | None:
@@ -416,12 +469,20 @@ class CheckpointStore:
         fallback: bool = False,
         keys: Sequence[str] | str | None = None,
         mmap: bool = False,
+        strict: bool = True,
+        key_map: KeyMap | None = None,
     ) -> Any:
         """Restore checkpoint ``step`` (default: the latest committed).
 
         Args:
+            step: the step: an int, or a NumPy, torch or JAX integer scalar.
             like: a template tree. Each array comes back with the type, dtype and device of its
                 counterpart; each stateful object in it gets ``load_state_dict`` in place and is returned.
+                A plain value (``0``, ``None``, ``{"lr": 0.1}``) is a placeholder: the saved value comes
+                back, except that a 0-d array or tensor saved where ``like`` holds a Python number comes
+                back as a Python number (of the placeholder's type: ``float``, or ``int`` for an integer).
+                A torch module's saved state dict fits the module whether it was saved or is restored
+                compiled (``_orig_mod.``) or wrapped in DDP / DataParallel (``module.``).
             framework: arrays without a counterpart come back as ``"numpy"`` (default) or ``"torch"``,
                 ``"jax"``, ``"tf"`` arrays.
             verify: check every tensor's checksum (xxh3-64) while reading, before anything is rebuilt or
@@ -441,6 +502,18 @@ class CheckpointStore:
                 deletes the checkpoint on a local POSIX disk; do not use it on NFS-like mounts, where a
                 file deleted by another host faults its readers. Arrays converted to another framework,
                 dtype or device through ``like`` are copies as usual.
+            strict: False restores what matches ``like`` instead of raising StructureMismatchError for dict
+                keys that differ (a scheduler added to the state, an entry or a layer removed): a key path
+                of ``like`` that the checkpoint lacks keeps ``like``'s value (an object there is left as it
+                is), one only the checkpoint has is dropped, and a
+                :class:`~ckptstore.errors.PartialRestoreWarning` names both (``.missing``, ``.unexpected``).
+                Keys inside a stateful object's state dict are matched the same way (a torch module:
+                ``load_state_dict(..., strict=False)``). Shapes, dtypes, types and list lengths must still
+                fit (docs/frameworks.md, "Resuming a changed state").
+            key_map: rename the checkpoint's key paths (dict keys joined by '/', as in ``keys``, which
+                selects by the saved names) before they meet ``like``: a dict ``{saved prefix: new
+                prefix}`` (``{"model": "net"}``; a new prefix of None drops what it covers) or a function
+                of a saved path giving its new path or None (dropped).
 
         Raises:
             CheckpointNotFoundError: no such committed checkpoint.
@@ -451,13 +524,32 @@ class CheckpointStore:
         if step is None and coord.world_size > 1:  # every rank restores the same step: rank 0's latest
             step = distributed.agree(coord, lambda: self._resolve(None))
         if fallback:
-            return self._restore_fallback(step, like, framework, keys)
+            return self._restore_fallback(step, like, framework, keys, strict=strict, key_map=key_map)
         name = step_name(self._resolve(step))
         m = _manifest(self.storage, name)
-        return load.read(self.storage, name, like=like, framework=framework, verify=verify, m=m, keys=keys, mmap=mmap)
+        return load.read(
+            self.storage,
+            name,
+            like=like,
+            framework=framework,
+            verify=verify,
+            m=m,
+            keys=keys,
+            mmap=mmap,
+            strict=strict,
+            key_map=key_map,
+            stacklevel=2,
+        )
 
     def _restore_fallback(
-        self, step: int | None, like: Any, framework: str | None, keys: Sequence[str] | str | None = None
+        self,
+        step: int | None,
+        like: Any,
+        framework: str | None,
+        keys: Sequence[str] | str | None = None,
+        *,
+        strict: bool = True,
+        key_map: KeyMap | None = None,
     ) -> Any:
         newest = self._resolve(step)
         # Asked for the latest, a checkpoint committed meanwhile is fair game when the ones tried vanished.
@@ -477,7 +569,18 @@ class CheckpointStore:
                     m = _manifest(self.storage, name)
                     # Every tensor is read and checked before the tree is rebuilt, so a damaged checkpoint
                     # fails before any object in ``like`` is touched.
-                    state = load.read(self.storage, name, like=like, framework=framework, verify=True, m=m, keys=keys)
+                    state = load.read(
+                        self.storage,
+                        name,
+                        like=like,
+                        framework=framework,
+                        verify=True,
+                        m=m,
+                        keys=keys,
+                        strict=strict,
+                        key_map=key_map,
+                        stacklevel=3,
+                    )
                 except _SKIPPABLE as e:
                     skipped.append(f"step {s}: {e}")
                     continue

@@ -13,6 +13,7 @@ state their adapter gives (:class:`ckptstore.frameworks.ObjectAdapter`).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Protocol
@@ -276,6 +277,19 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
+@dataclasses.dataclass
+class Unmatched:
+    """What a ``strict=False`` rebuild could not match: key paths of ``like`` that the checkpoint lacks
+    (``missing``: kept as they are in ``like``) and of the checkpoint that ``like`` lacks (``unexpected``:
+    dropped)."""
+
+    missing: list[KeyPath] = dataclasses.field(default_factory=list)
+    unexpected: list[KeyPath] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected)
+
+
 def rebuild(
     skeleton: Any,
     load: Callable[[int], np.ndarray],
@@ -283,6 +297,8 @@ def rebuild(
     like: Any = MISSING,
     framework: str | None = None,
     blocks: BlockSource | None = None,
+    strict: bool = True,
+    unmatched: Unmatched | None = None,
 ) -> Any:
     """Turn a skeleton back into a state tree.
 
@@ -292,21 +308,30 @@ def rebuild(
         like: a template tree; each array comes back like its counterpart (framework, dtype, device) and
             each stateful object in it is restored in place. Its containers must match the checkpoint's;
             a plain value in it (``0``, ``None``, ``[]``, a dict of numbers) is a placeholder: what was
-            saved there comes back as saved.
+            saved there comes back as saved, except that a 0-d array saved where it holds a Python number
+            comes back as a Python number (:func:`_as_number`).
         framework: arrays without a counterpart in ``like`` come back as this framework's arrays
             (default numpy).
         blocks: reads blocks of arrays, for :class:`ShardedRef` nodes and for ``like`` leaves that are
             :class:`ckptstore.Shard` s or DTensors (default: slices of ``load``'s whole arrays).
+        strict: False tolerates dict keys that differ between ``like`` and the checkpoint (and the top-level
+            keys of a stateful object's state dict): a key only ``like`` has keeps ``like``'s value (an
+            object in it is left as it is; a torch module gets ``load_state_dict(..., strict=False)``),
+            a key only the checkpoint has is dropped. Everything else (shapes, dtypes, types, list
+            lengths) must still fit.
+        unmatched: where a ``strict=False`` rebuild records the key paths it could not match.
 
     Raises:
         StructureMismatchError: ``like`` does not fit the checkpoint; the message names the key path.
     """
     default = adapter_named(framework or "numpy")
     source = blocks if blocks is not None else _WholeArrays(load)
+    report = unmatched if unmatched is not None else Unmatched()
 
     def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
         if tmpl is not MISSING and is_plain(tmpl):
-            tmpl = MISSING  # a plain placeholder (0, None, [], {"lr": 0.1}): the checkpoint's value wins
+            # a plain placeholder (0, None, [], {"lr": 0.1}): the checkpoint's value wins
+            return walk_plain(node, tmpl, path, fallback)
         if type(node) is TensorRef or type(node) is ShardedRef:
             if tmpl is not MISSING and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
                 return _shard_like(node, tmpl, path, source)
@@ -348,9 +373,20 @@ def rebuild(
                     }
                 missing = [k for k in tmpl if k not in node]
                 extra = [k for k in node if k not in tmpl]
-                raise StructureMismatchError(
-                    f"{render_path(path)}: keys differ; in `like` only: {missing}, in the checkpoint only: {extra}"
-                )
+                if not tolerant:
+                    raise StructureMismatchError(
+                        f"{render_path(path)}: keys differ; in `like` only: {missing}, in the checkpoint only: {extra}"
+                    )
+                # like's order; what only like has is returned as it is in like, what only the checkpoint has dropped
+                out = {}
+                for k, t in tmpl.items():
+                    if k in node:
+                        out[k] = walk(node[k], t, (*path, k), fallback, strict)
+                    else:
+                        report.missing.append((*path, k))
+                        out[k] = t
+                report.unexpected.extend((*path, k) for k in extra)
+                return out
             out = {k: walk(v, tmpl.get(k, MISSING), (*path, k), fallback, strict) for k, v in node.items()}
             return out
         if type(node) is list or type(node) is tuple:
@@ -381,9 +417,28 @@ def rebuild(
                     raise StructureMismatchError(
                         f"{render_path(path)}: {type_name(tmpl)}.state_dict() of `like` raised {type(e).__name__}: {e}"
                     ) from e
-                state = walk(node.state, template, path, hint, False)
+                saved = node.state
+                if type(saved) is dict and isinstance(template, Mapping):
+                    saved = _renamed_state_keys(hint, tmpl, saved, template, strict=not tolerant)
+                partial = (
+                    tolerant
+                    and type(saved) is dict
+                    and isinstance(template, Mapping)
+                    and saved.keys() != template.keys()
+                )
+                if partial:  # strict=False: the keys of the object's state dict are matched like a dict's
+                    report.missing.extend((*path, k) for k in template if k not in saved)
+                    report.unexpected.extend((*path, k) for k in saved if k not in template)
+                    saved = {k: v for k, v in saved.items() if k in template}
+                state = walk(saved, template, path, hint, False)
                 try:
-                    tmpl.load_state_dict(state)
+                    if partial:
+                        load_partial = getattr(hint, "load_state", None)
+                        if load_partial is None or not load_partial(tmpl, state, strict=False):
+                            # what the checkpoint lacks is set to the object's own current value: left as is
+                            tmpl.load_state_dict({k: state.get(k, t) for k, t in template.items()})
+                    else:
+                        tmpl.load_state_dict(state)
                 except CkptStoreError:
                     raise
                 except Exception as e:  # torch raises RuntimeError, KeyError, ... for a state that does not fit
@@ -418,13 +473,65 @@ def rebuild(
             return node.value()
         return node
 
+    def walk_plain(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter) -> Any:
+        """``node`` against a plain template: the checkpoint's structure and values win; the template only
+        turns 0-d arrays saved where it holds a Python number into Python numbers."""
+        t = type(tmpl)
+        if t in _NUMBER_TYPES and type(node) is TensorRef:
+            arr = load(node.index)
+            return _as_number(arr, t) if arr.ndim == 0 else _untemplated(fallback, arr, path)
+        if t is dict and type(node) is dict:
+            return {
+                k: walk_plain(v, tmpl[k], (*path, k), fallback)
+                if k in tmpl
+                else walk(v, MISSING, (*path, k), fallback, False)
+                for k, v in node.items()
+            }
+        if (t is list or t is tuple) and (type(node) is list or type(node) is tuple) and len(tmpl) == len(node):
+            items = [walk_plain(v, x, (*path, i), fallback) for i, (v, x) in enumerate(zip(node, tmpl))]
+            return items if type(node) is list else tuple(items)
+        return walk(node, MISSING, path, fallback, False)
+
+    tolerant = not strict
     try:
         return walk(skeleton, like, (), default, like is not MISSING)
     finally:
         # A recursive closure is a reference cycle (walk -> its cell -> walk) that holds ``load``, and with
         # it every array read: without this, a restored state's memory stays until the garbage collector
         # runs, not when the caller drops it.
-        walk = None  # type: ignore[assignment]
+        walk = walk_plain = None  # type: ignore[assignment]
+
+
+_NUMBER_TYPES = frozenset({bool, int, float, complex})
+
+
+def _as_number(arr: np.ndarray, placeholder: type) -> Any:
+    """A 0-d array saved where ``like`` holds a Python number, as a Python number: of the placeholder's type
+    where that type holds the value (a float placeholder takes any real number, an int one an integer or
+    bool, a bool one a bool), else of the value's own Python type (``.item()``: a float array against an int
+    placeholder stays a float)."""
+    value = arr.item()  # bfloat16 and float8 (ml_dtypes) give Python floats too
+    if placeholder is float and isinstance(value, int | float):
+        return float(value)
+    if placeholder is int and isinstance(value, int):
+        return int(value)
+    if placeholder is complex and isinstance(value, int | float | complex):
+        return complex(value)
+    return value
+
+
+def _renamed_state_keys(
+    hint: Adapter, obj: Any, saved: dict[Any, Any], template: Any, *, strict: bool
+) -> dict[Any, Any]:
+    """``saved`` (an object's saved state dict) with its keys renamed to fit ``obj``'s own where its
+    framework knows how (a torch module saved compiled or wrapped in DDP: ``_orig_mod.`` and ``module.``)."""
+    if saved.keys() == template.keys():
+        return saved
+    rename = getattr(hint, "state_key_map", None)
+    renames = None if rename is None else rename(obj, list(saved), list(template), strict=strict)
+    if not renames:
+        return saved
+    return {renames.get(k, k): v for k, v in saved.items()}
 
 
 def _untemplated(adapter: Adapter, arr: np.ndarray, path: KeyPath) -> Any:

@@ -172,7 +172,7 @@ def test_largest_step_is_listed(store: ckptstore.CheckpointStore) -> None:
         ({"a": {"b": torch.zeros(1)}}, r"metadata\['a'\]\['b'\] is an array"),
         ({"a": Holder()}, r"metadata\['a'\]"),
         ({"a": [1, lambda: 0]}, r"metadata\['a'\]\[1\]"),
-        ({"a": np.float32(1)}, "plain Python values"),
+        ({"a": np.float32([1])}, r"metadata\['a'\] is an array"),
         ({"m": torch.nn.Linear(1, 1)}, "."),
         ([1, 2], "must be a dict"),
         ("epoch=1", "must be a dict"),

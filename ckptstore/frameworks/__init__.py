@@ -7,7 +7,9 @@ from a value's type's module name, so a framework is imported only when one of i
 
 Adding a framework means adding a module here with a module-level ``ADAPTER`` and one line in
 ``_MODULES``. An adapter may also save framework objects that are not arrays but hold some (a JAX
-pytree node, a Keras layer, a NumPy generator): it then implements :class:`ObjectAdapter` as well.
+pytree node, a Keras layer, a NumPy generator): it then implements :class:`ObjectAdapter` as well; and
+it may rename or partially load the state of its stateful objects (:class:`StateAdapter`: torch modules
+saved compiled or wrapped in DDP).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..errors import CkptStoreError, short_repr
 __all__ = [
     "Adapter",
     "ObjectAdapter",
+    "StateAdapter",
     "adapter_for",
     "adapter_for_module",
     "adapter_named",
@@ -74,6 +77,22 @@ class ObjectAdapter(Adapter, Protocol):
         Returns the restored object (``like`` itself when restored in place).
         Raises StructureMismatchError, naming ``where`` (the key path), when ``saved`` does not fit.
         """
+        ...
+
+
+class StateAdapter(Adapter, Protocol):
+    """Optional hooks for stateful objects of the framework (torch modules), used when their state is
+    restored with ``load_state_dict``; an adapter without them gets the generic behaviour."""
+
+    def state_key_map(self, obj: Any, saved: list[Any], target: list[Any], *, strict: bool) -> dict[Any, Any] | None:
+        """Renames of the saved state dict's keys (``saved``) to fit ``obj``'s own (``target``: the keys of
+        ``obj.state_dict()``), or None to keep them as saved."""
+        ...
+
+    def load_state(self, obj: Any, state: Any, *, strict: bool) -> bool:
+        """Load a state that may lack some of ``obj``'s keys (``strict=False``) in the framework's own way;
+        False when ``obj`` is no object it knows (the caller then fills the missing keys from
+        ``obj.state_dict()`` and calls ``load_state_dict``)."""
         ...
 
 

@@ -1,5 +1,10 @@
 """PyTorch tensors, on any device, every dtype safetensors holds (bfloat16 and float8 included), and
-``torch.Generator`` objects (saved as their ``get_state()``, restored into the generator in ``like``)."""
+``torch.Generator`` objects (saved as their ``get_state()``, restored into the generator in ``like``).
+
+A module's state dict is restored with its keys renamed to fit the module in ``like`` when they differ
+only by the prefixes wrappers add: ``_orig_mod.`` (``torch.compile``) and ``module.`` (DDP,
+``DataParallel``), in any nesting; see :meth:`TorchAdapter.state_key_map`.
+"""
 
 from __future__ import annotations
 
@@ -111,6 +116,53 @@ class TorchAdapter:
                 f"torch.Generator ({e})"
             ) from None
         return like
+
+    # --- stateful objects: modules saved wrapped, partial loads ----------------------------------
+
+    def state_key_map(self, obj: Any, saved: list[Any], target: list[Any], *, strict: bool) -> dict[Any, Any] | None:
+        """For a module ``obj``: the saved state dict's keys renamed to ``obj``'s own (``target``), when the
+        two differ by the wrappers' prefixes (``_orig_mod.``, ``module.``, in any nesting) that every key of
+        a side carries: a compiled or DDP model's checkpoint into a plain model, and back. Applied when the
+        renamed keys equal ``target`` one to one; with ``strict=False``, when they match more of ``target``
+        than the keys as saved do. None: nothing to rename."""
+        if not isinstance(obj, torch.nn.Module):
+            return None
+        have, want = _wrapper_prefix(saved), _wrapper_prefix(target)
+        if have == want:
+            return None
+        renamed = {k: want + k[len(have) :] for k in saved}
+        wanted = set(target)
+        hits = sum(1 for k in renamed.values() if k in wanted)
+        ok = hits == len(wanted) == len(saved) if strict else hits > len(wanted.intersection(saved))
+        return renamed if ok else None
+
+    def load_state(self, obj: Any, state: Any, *, strict: bool) -> bool:
+        """``obj.load_state_dict(state, strict=strict)`` for a module (True); False for anything else."""
+        if not isinstance(obj, torch.nn.Module):
+            return False
+        obj.load_state_dict(state, strict=strict)
+        return True
+
+
+#: Prefixes wrappers add to every key of a module's state dict: torch.compile's OptimizedModule, and
+#: DistributedDataParallel / DataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _wrapper_prefix(keys: list[Any]) -> str:
+    """The longest chain of wrapper prefixes (``module._orig_mod.``) that every key starts with (and goes on
+    after); "" for none, or for no keys."""
+    if not keys or not all(type(k) is str for k in keys):
+        return ""
+    prefix = ""
+    while True:
+        for p in _WRAPPER_PREFIXES:
+            longer = prefix + p
+            if all(k.startswith(longer) and len(k) > len(longer) for k in keys):
+                prefix = longer
+                break
+        else:
+            return prefix
 
 
 ADAPTER = TorchAdapter()
