@@ -524,7 +524,7 @@ class CheckpointStore:
         if step is None and coord.world_size > 1:  # every rank restores the same step: rank 0's latest
             step = distributed.agree(coord, lambda: self._resolve(None))
         if fallback:
-            return self._restore_fallback(step, like, framework, keys, strict=strict, key_map=key_map)
+            return self._restore_fallback(step, like, framework, keys, strict=strict, key_map=key_map)[0]
         name = step_name(self._resolve(step))
         m = _manifest(self.storage, name)
         return load.read(
@@ -550,7 +550,8 @@ class CheckpointStore:
         *,
         strict: bool = True,
         key_map: KeyMap | None = None,
-    ) -> Any:
+    ) -> tuple[Any, int]:
+        """The newest intact checkpoint at or before ``step`` (default: the latest) restored, and its step."""
         newest = self._resolve(step)
         # Asked for the latest, a checkpoint committed meanwhile is fair game when the ones tried vanished.
         bound = newest if step is not None else None
@@ -593,7 +594,7 @@ class CheckpointStore:
                         CorruptCheckpointWarning,
                         stacklevel=3,
                     )
-                return state
+                return state, s
             # Every candidate failed. Some may have vanished under this reader (retention deleting them as a
             # newer one was committed): list again, and try what was not tried yet.
             candidates = [s for s in self.steps() if (bound is None or s <= bound) and s not in tried]
@@ -601,6 +602,35 @@ class CheckpointStore:
         raise CorruptCheckpointError(
             f"no intact checkpoint at or before step {newest} in {self.url}: " + "; ".join(skipped)
         )
+
+    def resume(
+        self,
+        like: Any,
+        *,
+        framework: str | None = None,
+        strict: bool = True,
+        key_map: KeyMap | None = None,
+    ) -> tuple[Any, int | None]:
+        """Resume a run: ``(state, step)`` of the latest intact checkpoint restored into ``like`` (as
+        ``restore(like=like, fallback=True)``: a damaged newest checkpoint is skipped, with a warning), or
+        ``(like, None)``, ``like`` untouched, when nothing is committed yet. Under torch.distributed every
+        rank resumes rank 0's latest step. ``strict=False`` and ``key_map`` as for :meth:`restore`.
+
+        Example::
+
+            state, step = store.resume(like={"model": model, "opt": opt, "step": 0})
+            start = 0 if step is None else step + 1
+
+        Raises:
+            CorruptCheckpointError: checkpoints are committed, but none is intact (nothing is started over
+                silently).
+        """
+        coord = distributed.resolve(self.coordinator)
+        latest = distributed.agree(coord, self.latest_step) if coord.world_size > 1 else self.latest_step()
+        if latest is None:
+            return like, None
+        step = latest if coord.world_size > 1 else None  # (alone: whatever is latest when it is read)
+        return self._restore_fallback(step, like, framework, strict=strict, key_map=key_map)
 
     def _try_pin(self, name: str) -> leases.Lease | None:
         """A lease on checkpoint ``name`` if this reader can write one (None otherwise: it reads unpinned)."""
