@@ -1,6 +1,8 @@
 """The ``ckptstore`` command: look at stores and checkpoints from a shell.
 
-    ckptstore ls URL [--json]                committed steps: step, time, size, metadata
+    ckptstore ls URL [--json] [--best-metric NAME [--best-mode min|max]]
+                                             committed steps: step, time, size, metadata; the best by
+                                             metadata[NAME] marked
     ckptstore show URL [--step N] [--json]   the tree of one checkpoint: key path, dtype and shape, or value
     ckptstore verify URL [--step N]          check every byte of every checkpoint (or one); exit status 1 if
                                              damaged or missing
@@ -28,7 +30,7 @@ from typing import Any
 from . import leases, load
 from .errors import CheckpointNotFoundError, CkptStoreError, ConfigError
 from .manifest import Manifest
-from .retention import Retention, RetentionPolicy, delete_unpinned
+from .retention import Retention, RetentionPolicy, delete_unpinned, metric_value, rank_best
 from .skeleton import NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path, walk
 from .storage import Storage, open_parent, parse_step, step_name, url_to_fs
 from .store import CheckpointStore
@@ -225,12 +227,18 @@ def _require_store(store: CheckpointStore, args: argparse.Namespace) -> None:
 
 @command("ls")
 def _ls(args: argparse.Namespace) -> int:
+    metric = args.best_metric
+    if args.best_mode is not None and metric is None:
+        print("ckptstore ls: --best-mode needs --best-metric", file=sys.stderr)
+        return 2
+    mode = args.best_mode or "min"
     store = _store(args)
     steps = store.steps()
     if not steps:
         _require_store(store, args)
-    rows = [("STEP", "CREATED", "SIZE", "METADATA")]
+    rows: list[tuple[str, ...]] = []
     records: list[dict[str, Any]] = []
+    metrics: list[tuple[int, float | None]] = []  # (step, metric) of the readable checkpoints
     status = 0
     for step in steps:
         path = store.storage.url_of(step_name(step))
@@ -252,13 +260,28 @@ def _ls(args: argparse.Namespace) -> int:
         if problems:
             meta = f"DAMAGED: {'; '.join(problems)}" + (f"  {meta}" if meta else "")
             status = 1
+        elif metric is not None:
+            metrics.append((step, metric_value(info.metadata, metric)))
         rows.append((str(step), when, size, meta))
+    header: tuple[str, ...] = ("STEP", "CREATED", "SIZE", "METADATA")
+    if metric is not None:
+        # The ranking retention's keep_best uses (ties to the newer step; NaN and non-numbers never best).
+        ranked = rank_best(metrics, mode)
+        best = ranked[0] if ranked else None
+        for record in records:
+            record["best"] = record["step"] == best
+        header = ("STEP", "BEST", "CREATED", "SIZE", "METADATA")
+        rows = [(r[0], "*" if r[0] == str(best) else "", *r[1:]) for r in rows]
+        if best is None and rows and not args.json:
+            print(_printable(f"ckptstore ls: no checkpoint has a number at metadata[{metric!r}]"), file=sys.stderr)
     if args.json:
         _print_json(records)
         return status
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    rows.insert(0, header)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     for r in rows:
-        line = f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
+        cells = [f"{r[0]:>{widths[0]}}", *(f"{c:<{w}}" for c, w in zip(r[1:-2], widths[1:-1], strict=True))]
+        line = "  ".join([*cells, f"{r[-2]:>{widths[-1]}}", r[-1]]).rstrip()
         print(_printable(line))
     return status
 
@@ -606,11 +629,18 @@ examples:
   ckptstore ls ckpts/run1
   ckptstore ls ckpts/run1 --json | jq '.[] | select(.state != "ok") | .step'
   ckptstore ls s3://bucket/run1 -o endpoint_url=http://127.0.0.1:9000 -o anon=true
+  ckptstore ls ckpts/run1 --best-metric val_loss --best-mode min
 
 A URL where nothing exists is an error (exit status 1); an existing store without checkpoints lists none.
 --json prints a list, one object per checkpoint: step, path, created (seconds since the epoch),
-created_iso, bytes, metadata, state ("ok" or "damaged") and problems. Values JSON cannot hold (bytes, tuple
-keys, nan, ints past 64 bits) are written as text.
+created_iso, bytes, metadata, state ("ok" or "damaged") and problems; with --best-metric also best (true
+for one checkpoint at most). Values JSON cannot hold (bytes, tuple keys, nan, ints past 64 bits) are
+written as text.
+
+--best-metric NAME marks the checkpoint whose metadata[NAME] is best, as CheckpointStore(...,
+best_metric=NAME, best_mode=...).best_step() finds it: the lowest value with --best-mode min (the
+default), the highest with max; of equal values the newer step; only ints and floats count (not NaN, not
+bools); a damaged checkpoint never. The store root holds no configuration: give the metric here.
 """,
     "show": """\
 examples:
@@ -674,6 +704,13 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _metadata_key(text: str) -> str:
+    """An argparse type: a metadata key (a non-empty name)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty name is no metadata key")
+    return text
+
+
 def _version() -> str:
     from . import __version__
 
@@ -711,7 +748,17 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     as_json = "machine-readable output: JSON on stdout"
-    add("ls", "list committed checkpoints").add_argument("--json", action="store_true", help=as_json)
+    ls = add("ls", "list committed checkpoints")
+    ls.add_argument("--json", action="store_true", help=as_json)
+    ls.add_argument(
+        "--best-metric",
+        type=_metadata_key,
+        metavar="NAME",
+        help='mark the checkpoint whose metadata[NAME] is best (a BEST column; "best" in --json)',
+    )
+    ls.add_argument(
+        "--best-mode", choices=("min", "max"), help="min: the lowest value is best (default); max: the highest"
+    )
     show = add("show", "show the tree of a checkpoint")
     show.add_argument("--step", type=int, help="default: the latest")
     show.add_argument("--json", action="store_true", help=as_json)

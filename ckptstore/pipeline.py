@@ -128,6 +128,10 @@ class Committed:
     metadata: dict[str, Any]
     #: The manifest, on rank 0 only.
     manifest: Manifest | None = None
+    #: Seconds this rank spent in each phase: "prepare" (walking the state, a snapshot's copy included),
+    #: "plan" (agreeing on who writes what, beginning the staging), "write" (its share of the tensor files,
+    #: synced), "commit" (waiting for every rank's share, then publishing the manifest).
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def save(
@@ -155,12 +159,14 @@ def save(
     c = coordinator
     own: BaseException | None = None
     prepared: Prepared | None = None
+    clock = _PhaseClock()
     try:
         prepared = source()
         # A world of one hands its arrays over as they are: nothing crosses a process boundary.
         report: list[Any] = ["ok", _describe(prepared) if c.world_size > 1 else prepared.arrays, name]
     except Exception as e:
         own, report = e, failure(c.rank, e)
+    clock.lap("prepare")
 
     staging: Staging | None = None
     # Rank 0 removes the staging on failure until it has committed (it knows every file once the results
@@ -180,6 +186,7 @@ def save(
             raise_failure(order, own, c.rank)
         _, token, tasks = order
         assert prepared is not None
+        clock.lap("plan")
         try:
             if staging is None:
                 staging = storage.join(name, token)
@@ -190,6 +197,7 @@ def save(
                 err = _with_cause(storage_error(e, f"saving {storage.url_of(name)} failed on rank {c.rank}"), e)
             own, result = err, failure(c.rank, err)
         may_abort = c.rank == 0
+        clock.lap("write")
         results = collective(c.gather, result, "writing")
         verdict: list[Any] | None = None
         if c.rank == 0:
@@ -202,11 +210,25 @@ def save(
             may_abort = c.rank != 0
             raise_failure(verdict, own, c.rank)
         _, created, nbytes, meta = verdict
-        return Committed(created, nbytes, meta, layout.manifest if layout is not None else None)
+        clock.lap("commit")
+        return Committed(created, nbytes, meta, layout.manifest if layout is not None else None, clock.laps)
     except BaseException:
         if staging is not None and may_abort:
             staging.abort()
         raise
+
+
+class _PhaseClock:
+    """Seconds per phase of a save, measured from one lap to the next."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = now - self._last
+        self._last = now
 
 
 def _with_cause(e: BaseException, cause: BaseException) -> BaseException:

@@ -4,11 +4,18 @@ announced by a mark first, see :mod:`.leases`).
 
 What survives is the union of the policies given (as in TensorFlow's CheckpointManager):
 
-* ``max_to_keep=N``: the newest N checkpoints (None keeps all);
+* ``max_to_keep=N``: the newest N checkpoints (None keeps all, unless ``keep_best`` is set: then only the
+  newest one, so that a resume never goes back);
 * ``keep_every_n_steps=K``: every step divisible by K, forever;
 * ``keep_every_n_hours=H``: one checkpoint per H hours: walking from the oldest, a checkpoint is kept when
   it was created at least H hours after the last one kept this way (the oldest is kept). The choice is
   stable: applied again to the survivors it keeps the same ones.
+* ``keep_best=N`` (with ``best_metric`` and ``best_mode``): the N checkpoints whose ``metadata[best_metric]``
+  is lowest ("min") or highest ("max"); ties go to the newer step. Only an int or float counts (not a bool);
+  a checkpoint without one (the key absent, another type, NaN) is kept or dropped by the other rules only.
+  +-inf are ordinary values (inf is the worst loss of "min"). The values are read from the committed
+  manifests (once per step and process), so every process and host ranks alike (:func:`rank_best`, which
+  ``ckptstore ls --best-metric`` uses too).
 
 Checkpoints that a reader has pinned are never deleted while the pin lasts.
 
@@ -28,6 +35,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from . import knobs, leases, load
 from .errors import AccessDeniedError, CheckpointNotFoundError, CkptStoreError, ConfigError, StorageError
@@ -42,6 +50,33 @@ class StepInfo:
 
     step: int
     created: float  # seconds since the epoch
+    #: ``metadata[best_metric]`` where it ranks (:func:`metric_value`); None without one, or when not asked for.
+    metric: float | None = None
+
+
+def metric_value(metadata: Any, name: str) -> float | None:
+    """``metadata[name]`` if it can rank a checkpoint: an int or float (a bool is not), not NaN; else None."""
+    value = metadata.get(name) if isinstance(metadata, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def rank_best(candidates: Iterable[tuple[int, float | None]], mode: str) -> list[int]:
+    """The steps of ``(step, metric)`` pairs that have a metric, best first: lowest metric first for mode "min",
+    highest first for "max"; of equal metrics, the newer step first. Pairs whose metric is None (or NaN) are
+    left out. The one ranking of retention's ``keep_best``, ``best_step()`` and ``ckptstore ls``."""
+    if mode not in _BEST_MODES:
+        raise CkptStoreError(f"best_mode must be 'min' or 'max', got {mode!r}")
+    sign = 1 if mode == "min" else -1
+    scored = [(v, s) for s, v in candidates if v is not None and v == v]  # v != v: NaN
+    scored.sort(key=lambda p: (sign * p[0], -p[1]))  # ints are compared exactly, never rounded to a float
+    return [s for _, s in scored]
+
+
+_BEST_MODES = ("min", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +99,37 @@ class RetentionPolicy:
             if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
                 what = "a positive int" if kinds is int else "a positive number"
                 raise CkptStoreError(f"{name} must be {what} or None, got {value!r}")
+        keep_best = self.keep_best
+        if keep_best is not None and (isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1):
+            raise CkptStoreError(f"keep_best must be a positive int or None, got {keep_best!r}")
+        metric = self.best_metric
+        if metric is not None and (not isinstance(metric, str) or not metric):
+            raise CkptStoreError(f"best_metric must be a non-empty str (a metadata key) or None, got {metric!r}")
+        if keep_best is not None and metric is None:
+            raise CkptStoreError(
+                f"keep_best={keep_best} needs best_metric: the metadata key to rank checkpoints by "
+                '(e.g. best_metric="val_loss", best_mode="min")'
+            )
+        if self.best_mode not in _BEST_MODES:
+            raise CkptStoreError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
 
     @property
     def keeps_all(self) -> bool:
-        return self.max_to_keep is None
+        return self.max_to_keep is None and self.keep_best is None
+
+    def ranked(self, infos: Iterable[StepInfo]) -> list[int]:
+        """The steps of ``infos`` that have a metric, best first (:func:`rank_best`)."""
+        return rank_best(((i.step, i.metric) for i in infos), self.best_mode)
 
     def to_keep(self, infos: Sequence[StepInfo]) -> set[int]:
-        """The steps this policy keeps among ``infos``."""
+        """The steps this policy keeps among ``infos`` (their ``metric`` read where ``keep_best`` is set)."""
         ordered = sorted(infos, key=lambda i: i.step)
-        if self.max_to_keep is None:
+        if self.keeps_all:
             return {i.step for i in ordered}
-        keep = {i.step for i in ordered[-self.max_to_keep :]}
+        # max_to_keep None here means keep_best is set: the newest is kept all the same (a resume never goes back)
+        keep = {i.step for i in ordered[-(self.max_to_keep or 1) :]}
+        if self.keep_best is not None:
+            keep.update(self.ranked(ordered)[: self.keep_best])
         if self.keep_every_n_steps is not None:
             keep.update(i.step for i in ordered if i.step % self.keep_every_n_steps == 0)
         if self.keep_every_n_hours is not None:
@@ -95,7 +150,8 @@ class RetentionPolicy:
 class Retention:
     """A store's retention: its policy, applied to the store's storage after each save.
 
-    Creation times (for ``keep_every_n_hours``) are read from manifests once and remembered.
+    Creation times (for ``keep_every_n_hours``) and metrics (for ``keep_best`` and :meth:`best_step`) are read
+    from the committed manifests once per step and remembered.
 
     Nothing that a damaged or foreign entry does stops it (see :meth:`apply`); a pass cut short by a failure
     of the storage itself is run again by the next one (:attr:`behind`, :meth:`catch_up`).
@@ -103,21 +159,25 @@ class Retention:
 
     def __init__(self, policy: RetentionPolicy) -> None:
         self.policy = policy
-        self._created: dict[int, float] = {}
-        self._damaged: set[int] = set()  # steps whose creation time cannot be read (reported once)
+        self._created: dict[int, float] = {}  # NaN: read, but not a plausible time
+        self._metric: dict[int, float | None] = {}  # metric_value of the manifest's metadata (best_metric)
+        self._damaged: set[int] = set()  # steps whose manifest cannot be read (reported once)
         self._reserved = False  # whether this process has made sure the reserve exists
         #: True until a pass has completed in this process, and again after one failed: :meth:`catch_up`
         #: then runs a pass before the next save (whose room it may be what frees).
         self.behind = True
 
     def saved(self, step: int, created: float) -> None:
-        """Note a checkpoint just committed (its creation time needs no manifest read)."""
+        """Note a checkpoint just committed (its creation time needs no manifest read; its metric is read
+        from its manifest when needed: a step saved again with ``overwrite`` has a new one)."""
         self._created[step] = created
+        self._metric.pop(step, None)
         self._damaged.discard(step)
 
     def forget(self, step: int) -> None:
         """Note a checkpoint deleted by other means (``CheckpointStore.delete``)."""
         self._created.pop(step, None)
+        self._metric.pop(step, None)
         self._damaged.discard(step)
 
     def apply(self, storage: Storage) -> list[int]:
@@ -125,9 +185,10 @@ class Retention:
         steps deleted.
 
         A damaged or foreign entry never stops it: a leftover that cannot be removed (the storage reports
-        it), a deletion mark or expired lease that cannot be removed, a checkpoint whose creation time cannot
-        be read (with ``keep_every_n_hours``; left alone, neither counted nor deleted) are each reported
-        once (logged) and skipped. Deletion marks of a deleter that died are removed on every pass. A disk
+        it), a deletion mark or expired lease that cannot be removed, a checkpoint whose manifest cannot be
+        read where the policy needs it (its creation time for ``keep_every_n_hours``, its metric for
+        ``keep_best``; left alone, neither counted nor deleted) are each reported once (logged) and
+        skipped. Deletion marks of a deleter that died are removed on every pass. A disk
         out of space or inodes does not stop it either: it keeps a reserve (:data:`RESERVE`) that it gives
         up to write its first deletion mark. Failures of the storage itself (I/O errors, an unreachable
         endpoint) raise ``StorageError``, and the next pass does what this one could not.
@@ -153,15 +214,29 @@ class Retention:
             return []
 
     def best_step(self, storage: Storage) -> int | None:
-        """The committed step with the best metric (being built: issue #14)."""
-        raise NotImplementedError
+        """The committed step whose ``metadata[best_metric]`` is best (:func:`rank_best`: ties go to the newer
+        step), or None when no committed checkpoint has the metric as an int or float other than NaN. Read
+        from the committed manifests (each once per process), so every process agrees; a manifest that
+        cannot be read is left out (reported once).
+
+        Raises:
+            CkptStoreError: the policy has no ``best_metric``.
+            StorageError: the storage failed (listing, or reading a manifest).
+        """
+        if self.policy.best_metric is None:
+            raise CkptStoreError(
+                'best_step() needs best_metric: CheckpointStore(url, best_metric="val_loss", best_mode="min") '
+                "(keep_best is not needed for it)"
+            )
+        ranked = self.policy.ranked(self._infos(storage, storage.committed_steps(), times=False, metrics=True))
+        return ranked[0] if ranked else None
 
     def plan(self, storage: Storage) -> list[int]:
         """The committed steps a pass would delete now if no reader pinned them (nothing is changed; a
         pass then keeps those pinned at the moment it deletes)."""
         if self.policy.keeps_all:
             return []
-        return self.policy.to_delete(self._infos(storage, storage.committed_steps()))
+        return self.policy.to_delete(self._infos(storage, storage.committed_steps(), **self._needs()))
 
     def _apply(self, storage: Storage) -> list[int]:
         with storage.lock():
@@ -170,37 +245,48 @@ class Retention:
             names = sweep_lease_dir(files, files_names(files))
             if self.policy.keeps_all or names is None:  # None: no lease directory to mark in (reported)
                 return []
-            infos = self._infos(storage, storage.committed_steps())
+            infos = self._infos(storage, storage.committed_steps(), **self._needs())
             pinned = {s for s in map(parse_step, leases.live_pins(names, time.time())) if s is not None}
             doomed = self.policy.to_delete(infos, pinned=pinned)
             self._reserve(storage)
             deleted = self._delete(storage, doomed)  # a reader may pin one meanwhile
             for s in deleted:
                 self._created.pop(s, None)
+                self._metric.pop(s, None)
             self._reserve(storage)  # again, if the deletions needed it
             return deleted
 
-    def _infos(self, storage: Storage, steps: list[int]) -> list[StepInfo]:
+    def _needs(self) -> dict[str, bool]:
+        """What the policy needs of each manifest: creation times, metrics."""
+        return {"times": self.policy.keep_every_n_hours is not None, "metrics": self.policy.keep_best is not None}
+
+    def _infos(self, storage: Storage, steps: list[int], *, times: bool, metrics: bool) -> list[StepInfo]:
+        """What is known of ``steps``: creation times where ``times``, metrics where ``metrics`` (else 0.0 and
+        None), each manifest read once (:meth:`_read`). A step whose manifest cannot be read, or (where times
+        are needed) holds no plausible creation time, is left out: neither counted nor deleted."""
         infos = []
         for s in steps:
-            created = self._created_of(storage, s)
-            if created is not None:
-                infos.append(StepInfo(s, created))
+            unknown = (times and s not in self._created) or (metrics and s not in self._metric)
+            if unknown and not self._read(storage, s):
+                continue
+            # .get: a pass on another thread (a store's background retention) may have just deleted it
+            created = self._created.get(s, math.nan) if times else 0.0
+            if math.isnan(created):  # not a plausible time (reported by _read), or deleted meanwhile
+                continue
+            infos.append(StepInfo(s, created, self._metric.get(s) if metrics else None))
         return infos
 
-    def _created_of(self, storage: Storage, step: int) -> float | None:
-        """The creation time of a committed step; None if it cannot be known (the step is then left out)."""
-        if self.policy.keep_every_n_hours is None:
-            return 0.0
-        if step in self._created:
-            return self._created[step]
+    def _read(self, storage: Storage, step: int) -> bool:
+        """Read the manifest of a committed step, and remember its creation time (NaN if it is not a plausible
+        one) and metric. False if it cannot be read: deleted meanwhile, or damaged (remembered, reported
+        once)."""
         if step in self._damaged:
-            return None
+            return False
         name = step_name(step)
         try:
-            created = load.read_manifest(storage, name).created
+            m = load.read_manifest(storage, name)
         except CheckpointNotFoundError:
-            return None  # deleted meanwhile (CheckpointStore.delete in another process)
+            return False  # deleted meanwhile (CheckpointStore.delete in another process)
         except AccessDeniedError as e:
             why = str(e)
         except (StorageError, ConfigError):
@@ -208,20 +294,18 @@ class Retention:
         except Exception as e:  # damaged, hostile or of a newer format: its decoder's error, whatever it is
             why = str(e) or type(e).__name__
         else:
-            if isinstance(created, (int, float)) and math.isfinite(created) and 0 <= created <= _latest_plausible():
-                self._created[step] = float(created)
-                return float(created)
-            why = f"{created!r} is not a plausible time"
+            created = m.created
+            plausible = isinstance(created, (int, float)) and math.isfinite(created)
+            plausible = plausible and 0 <= created <= _latest_plausible()
+            self._created[step] = float(created) if plausible else math.nan
+            if not plausible and self.policy.keep_every_n_hours is not None:
+                _report_damaged(storage, step, f"its creation time cannot be read: {created!r} is not a plausible time")
+            if self.policy.best_metric is not None:
+                self._metric[step] = metric_value(m.metadata, self.policy.best_metric)
+            return True
         self._damaged.add(step)
-        report_once(
-            ("damaged", storage.url, name),
-            "retention of %s: step %d is left alone (neither counted nor deleted by keep_every_n_hours; "
-            "CheckpointStore.delete removes it): its creation time cannot be read: %s",
-            storage.url,
-            step,
-            why,
-        )
-        return None
+        _report_damaged(storage, step, f"its manifest cannot be read: {why}")
+        return False
 
     def _reserve(self, storage: Storage) -> None:
         """Make sure the reserve exists (once per process, and again after it was given up)."""
@@ -278,6 +362,17 @@ def report_once(key: tuple[str, ...], message: str, *args: object) -> None:
             return
         _reported.add(key)
     log.warning(message, *args)
+
+
+def _report_damaged(storage: Storage, step: int, why: str) -> None:
+    report_once(
+        ("damaged", storage.url, step_name(step)),
+        "retention of %s: step %d is left alone (neither counted nor deleted by retention; "
+        "CheckpointStore.delete removes it): %s",
+        storage.url,
+        step,
+        why,
+    )
 
 
 def files_names(files: leases.LeaseDir) -> list[str] | None:
@@ -366,4 +461,5 @@ def _delete_or_report(storage: Storage, name: str) -> bool:
             ("undeletable", storage.url, name), "retention cannot delete %s; left alone: %s", storage.url_of(name), e
         )
         return False
+    log.info("retention deleted step %d of %s", parse_step(name), storage.url)
     return True

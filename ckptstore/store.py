@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, overload
@@ -50,6 +51,9 @@ class CheckpointInfo:
     #: Returned by ``save``: why the retention pass after the previous save failed (it was logged as a
     #: warning, and retried before this save), or None.
     retention_failure: str | None = None
+    #: Returned by ``save``: seconds this process spent in each phase ("prepare", "plan", "write",
+    #: "commit"; see :class:`ckptstore.pipeline.Committed`) and in all ("total").
+    timings: dict[str, float] = dataclasses.field(default_factory=dict, compare=False)
 
 
 def _info(storage: Storage, name: str, m: Manifest) -> CheckpointInfo:
@@ -350,6 +354,7 @@ class CheckpointStore:
         applies retention (after the commit it depends on)."""
         name = step_name(step)
         failure = None
+        started = time.perf_counter()
         if coord.rank == 0:
             self._retention_thread.wait()  # the pass the previous save started
             failure = self._retention_thread.take_failure()
@@ -361,7 +366,19 @@ class CheckpointStore:
             _remember(self.url, step)
             self._retention.saved(step, done.created)
             self._retention_thread.start(step)  # deletions off the critical path: see _RetentionThread
-        return CheckpointInfo(step, self.storage.url_of(name), done.created, done.nbytes, done.metadata, failure)
+        timings = {**done.timings, "total": time.perf_counter() - started}
+        log.info(
+            "saved step %d to %s: %d bytes in %.3f s (%.2f GB/s; %s)",
+            step,
+            self.storage.url_of(name),
+            done.nbytes,
+            timings["total"],
+            done.nbytes / max(timings["total"], 1e-9) / 1e9,
+            ", ".join(f"{k} {v:.3f} s" for k, v in done.timings.items()),
+        )
+        return CheckpointInfo(
+            step, self.storage.url_of(name), done.created, done.nbytes, done.metadata, failure, timings
+        )
 
     def delete(self, step: int) -> None:
         """Delete checkpoint ``step`` (its manifest first, then its data).
@@ -526,8 +543,9 @@ class CheckpointStore:
         if fallback:
             return self._restore_fallback(step, like, framework, keys, strict=strict, key_map=key_map)[0]
         name = step_name(self._resolve(step))
+        started = time.perf_counter()
         m = _manifest(self.storage, name)
-        return load.read(
+        state = load.read(
             self.storage,
             name,
             like=like,
@@ -540,6 +558,8 @@ class CheckpointStore:
             key_map=key_map,
             stacklevel=2,
         )
+        _log_restore(self.storage.url_of(name), m, keys, time.perf_counter() - started)
+        return state
 
     def _restore_fallback(
         self,
@@ -566,6 +586,7 @@ class CheckpointStore:
                 # After a re-listing, pin what is tried (where this reader may write leases): retention,
                 # which deleted the ones tried before under this reader, then leaves it alone.
                 lease = self._try_pin(name) if relisted else None
+                started = time.perf_counter()
                 try:
                     m = _manifest(self.storage, name)
                     # Every tensor is read and checked before the tree is rebuilt, so a damaged checkpoint
@@ -584,6 +605,7 @@ class CheckpointStore:
                     )
                 except _SKIPPABLE as e:
                     skipped.append(f"step {s}: {e}")
+                    log.warning("restore of %s: skipped step %d (falling back to an older one): %s", self.url, s, e)
                     continue
                 finally:
                     if lease is not None:
@@ -594,6 +616,7 @@ class CheckpointStore:
                         CorruptCheckpointWarning,
                         stacklevel=3,
                     )
+                _log_restore(self.storage.url_of(name), m, keys, time.perf_counter() - started)
                 return state, s
             # Every candidate failed. Some may have vanished under this reader (retention deleting them as a
             # newer one was committed): list again, and try what was not tried yet.
@@ -670,6 +693,23 @@ class CheckpointStore:
         if damaged:
             raise CorruptCheckpointError(f"{len(damaged)} damaged checkpoint(s) in {self.url}: " + "; ".join(damaged))
         return done
+
+
+def _log_restore(url: str, m: Manifest, keys: Sequence[str] | str | None, seconds: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    if keys is None:
+        nbytes = sum(t.nbytes for t in m.tensors)
+        log.info(
+            "restored step %d from %s: %d bytes in %.3f s (%.2f GB/s)",
+            m.step,
+            url,
+            nbytes,
+            seconds,
+            nbytes / max(seconds, 1e-9) / 1e9,
+        )
+    else:
+        log.info("restored step %d from %s (keys %r) in %.3f s", m.step, url, keys, seconds)
 
 
 def _remember(url: str, step: int) -> None:

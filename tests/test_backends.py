@@ -254,6 +254,7 @@ def test_half_written_step_is_never_listed_and_is_cleaned(location: Location, mo
         assert set(leftovers) <= set(raw_files(store))
     with knobs.override(stale_after_s=0):
         store.save(4, state(4))
+        store.wait_until_finished()  # its retention pass, in the background, under the override
     assert all("step_00000002" not in f and ".tmp-" not in f for f in raw_files(store)), raw_files(store)
     # The step that was never committed can now be saved normally.
     store.save(2, state(2))

@@ -240,4 +240,5 @@ def test_s3_rank_0_killed_mid_save_commits_nothing(
     # What the dead save left under step_00000002 is no checkpoint, and a later writer's cleaning removes it.
     with ckptstore.knobs.override(stale_after_s=0):
         store.save(5, {"x": np.zeros(2)})
+        store.wait_until_finished()  # its retention pass, in the background, under the override
     assert not [p for p in store.storage._find() if p.startswith("step_00000002/")]

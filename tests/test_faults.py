@@ -96,6 +96,7 @@ def one_fault(make: Make, sub: str, k: int, mode: dict[str, Any]) -> FaultPlan |
     # The next writer (its grace period shortened: no other writer is alive) removes what is left.
     with knobs.override(stale_after_s=0):
         store.save(4, state_of(4))
+        store.wait_until_finished()  # its retention pass, in the background, under the override
     assert not uncommitted(store.storage), f"{where}: {uncommitted(store.storage)} left after the next save"
     assert check_store(store) == [3, 4] if 3 in steps else [2, 4]
     check_state(4, store.restore())

@@ -648,6 +648,7 @@ def test_stale_multipart_uploads_under_the_store_are_aborted_by_the_next_writer(
     assert _open_uploads(s3_url) == sorted(ours + others)
     with knobs.override(stale_after_s=0):
         store.save(2, state_of(2, 256))
+        store.wait_until_finished()  # its retention pass, in the background, under the override
     assert _open_uploads(s3_url) == sorted(others)
     assert store.steps() == [2]
     check_state(2, store.restore())
@@ -691,6 +692,7 @@ def test_a_writer_killed_mid_upload_leaves_an_upload_the_next_writer_aborts(s3_u
     assert _open_uploads(s3_url) == [key]  # younger than the grace period: maybe a live writer's
     with knobs.override(stale_after_s=0):
         store.save(3, state_of(3, 256))
+        store.wait_until_finished()  # its retention pass, in the background, under the override
     assert _open_uploads(s3_url) == []
     assert store.steps() == [2, 3]
 
