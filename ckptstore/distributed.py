@@ -28,10 +28,12 @@ __all__ = [
     "SingleProcess",
     "TorchDistributed",
     "agree",
+    "all_max",
     "collective",
     "failure",
     "raise_failure",
     "resolve",
+    "side_group",
 ]
 
 
@@ -123,8 +125,40 @@ class TorchDistributed:
         self._dist.broadcast_object_list(box, group=self.group, group_src=0)
         return box[0]
 
+    def all_max(self, values: list[int]) -> list[int]:
+        """The element-wise maximum of every rank's ``values`` (small non-negative ints), on every rank: one
+        all-reduce of a CPU tensor on a gloo group of this coordinator's ranks, made for it (:func:`side_group`),
+        so that it never interleaves with the training's collectives on the group itself (whatever its
+        backend: NCCL too)."""
+        import torch
+
+        t = torch.tensor(values, dtype=torch.int64)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=side_group(self.group))
+        return [int(v) for v in t.tolist()]
+
     def __repr__(self) -> str:
         return f"TorchDistributed(rank={self.rank}, world_size={self.world_size})"
+
+
+#: The gloo groups :func:`side_group` made, by (default process group, group served): the objects themselves
+#: are the key (held, so their ids are never reused); a new ``init_process_group`` makes a new key.
+_side_groups: dict[tuple[Any, Any], Any] = {}
+
+
+def side_group(group: Any = None) -> Any:
+    """A gloo process group of the ranks of ``group`` (None: the world) for ckptstore's own small collectives
+    (the save decisions' agreement), made on first use. Making it is a collective of those ranks
+    (``new_group(..., use_local_synchronization=True)``): every rank of ``group`` must ask for it at the same
+    point of the program, the first agreement of the first ``should_save``."""
+    import torch.distributed as dist
+
+    key = (dist.group.WORLD, group)
+    made = _side_groups.get(key)
+    if made is None:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        made = dist.new_group(ranks, backend="gloo", use_local_synchronization=ranks is not None)
+        _side_groups[key] = made
+    return made
 
 
 def resolve(coordinator: Coordinator | None) -> Coordinator:
@@ -156,6 +190,21 @@ def agree(coordinator: Coordinator, fn: Callable[[], Any]) -> Any:
     if outcome[0] != "ok":
         raise_failure(outcome, own, c.rank)
     return outcome[1]
+
+
+def all_max(coordinator: Coordinator, values: list[int]) -> list[int]:
+    """The element-wise maximum of every rank's ``values`` (small ints), on every rank: a collective. A
+    coordinator with an ``all_max`` method (:class:`TorchDistributed`: one all-reduce on a side gloo group) does
+    it; any other gathers to rank 0 and broadcasts; a world of one returns ``values``."""
+    c = coordinator
+    if c.world_size == 1:
+        return list(values)
+    own = getattr(c, "all_max", None)
+    if callable(own):
+        return list(collective(own, list(values), "agreeing on the save decision"))
+    gathered = collective(c.gather, list(values), "agreeing on the save decision")
+    top = [max(column) for column in zip(*gathered)] if gathered is not None else None
+    return list(collective(c.broadcast, top, "agreeing on the save decision"))
 
 
 # --- errors across ranks -----------------------------------------------------------------------------

@@ -257,6 +257,8 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_exact_resume_keras": ("crash",),
     "test_distributed": ("multiprocess", "crash"),
     "test_examples": ("multiprocess", "crash"),
+    # Training runs sent SIGTERM and resumed; two gloo ranks, one of them signalled: 30 s in all.
+    "test_preemption": ("multiprocess", "crash"),
     # Hostile manifests built and decoded at full size (timing and memory bounds): 25 s in all.
     "test_reliability_manifest": ("slow",),
 }
