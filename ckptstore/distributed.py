@@ -15,12 +15,15 @@ after the process group's timeout): they raise :class:`~ckptstore.errors.Distrib
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from . import errors
+from . import errors, knobs
 from .errors import CkptStoreError, DistributedError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SINGLE",
@@ -125,6 +128,64 @@ class TorchDistributed:
         self._dist.broadcast_object_list(box, group=self.group, group_src=0)
         return box[0]
 
+    def check_in(self, what: str) -> None:
+        """Every rank says it has begun ``what`` (a save), through the process group's key-value store
+        (no collective: a rank that never joins is not mixed up with the training's collectives). Rank 0
+        waits for all: after ``knobs.join_warn_s`` it logs which ranks have not joined yet, and after
+        ``knobs.join_timeout_s`` it raises DistributedError naming them. The usual cause is a save called on
+        rank 0 alone (``if rank == 0: store.save(...)``), which needs ``coordinator=SINGLE``.
+
+        Raises:
+            DistributedError: ranks did not join within ``knobs.join_timeout_s`` (rank 0 only).
+        """
+        from datetime import timedelta
+
+        store = _key_value_store()
+        if store is None:
+            return
+        group = "world" if self.group is None else ",".join(map(str, self._dist.get_process_group_ranks(self.group)))
+        seq = _check_ins[(group, what)] = _check_ins.get((group, what), 0) + 1
+        prefix = f"ckptstore/check-in/{group}/{what}/{seq}/"
+        verdict_key, k = f"{prefix}verdict", knobs.current
+        if self.rank != 0:
+            # Here, then rank 0's word: go on, or the error it raised (so that no rank that joined is left
+            # waiting in a collective rank 0 never enters).
+            store.set(f"{prefix}{self.rank}", "1")
+            store.wait([verdict_key], timedelta(seconds=k.join_timeout_s + 60))
+            verdict = store.get(verdict_key).decode()
+            if store.add(f"{prefix}read", 1) == self.world_size - 1:  # the last reader cleans up
+                store.delete_key(verdict_key)
+                store.delete_key(f"{prefix}read")
+            if verdict != "go":
+                raise DistributedError(f"rank 0: {verdict}")
+            return
+        keys = {r: f"{prefix}{r}" for r in range(1, self.world_size)}
+        waited = 0.0
+        try:
+            for limit in (k.join_warn_s, k.join_timeout_s):
+                try:
+                    store.wait(list(keys.values()), timedelta(seconds=max(limit - waited, 0.001)))
+                    break
+                except Exception:  # the store's timeout (DistStoreError, a RuntimeError)
+                    missing = [r for r, key in keys.items() if not store.check([key])]
+                    if not missing:
+                        break
+                    why = (
+                        f"ranks {missing} of {self.world_size} have not joined this {what} after {limit:g} s; "
+                        "a save that rank 0 makes alone (`if rank == 0: store.save(...)`) needs "
+                        "`CheckpointStore(..., coordinator=ckptstore.distributed.SINGLE)`"
+                    )
+                    if limit == k.join_timeout_s:
+                        raise DistributedError(f"{why} (knobs.join_timeout_s); nothing was saved") from None
+                    log.warning("%s; waiting up to knobs.join_timeout_s = %g s", why, k.join_timeout_s)
+                    waited = limit
+        except DistributedError as e:
+            store.set(verdict_key, str(e))
+            raise
+        store.set(verdict_key, "go")
+        for key in keys.values():
+            store.delete_key(key)
+
     def all_max(self, values: list[int]) -> list[int]:
         """The element-wise maximum of every rank's ``values`` (small non-negative ints), on every rank: one
         all-reduce of a CPU tensor on a gloo group of this coordinator's ranks, made for it (:func:`side_group`),
@@ -143,6 +204,22 @@ class TorchDistributed:
 #: The gloo groups :func:`side_group` made, by (default process group, group served): the objects themselves
 #: are the key (held, so their ids are never reused); a new ``init_process_group`` makes a new key.
 _side_groups: dict[tuple[Any, Any], Any] = {}
+
+
+#: Check-ins made, by (group, what): every rank counts alike, so that the n-th save of each meets the n-th
+#: of the others.
+_check_ins: dict[tuple[str, str], int] = {}
+
+
+def _key_value_store() -> Any:
+    """The default process group's key-value store (TCPStore, ...), or None where torch keeps it out of
+    reach (a private accessor, present in torch 2.x)."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:
+        return None
 
 
 def side_group(group: Any = None) -> Any:

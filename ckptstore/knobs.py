@@ -60,6 +60,11 @@ class Knobs:
     #: :mod:`ckptstore.storage._s3`.
     connect_timeout_s: float = 5.0
     connect_retries: int = 1
+    #: Across ranks, rank 0 waits for every rank to join a save: after this many seconds it warns which ranks
+    #: have not (a save on rank 0 alone needs ``coordinator=ckptstore.distributed.SINGLE``), and after
+    #: ``join_timeout_s`` it fails, saying the same. A rank that joins in between is merely slower.
+    join_warn_s: float = 5.0
+    join_timeout_s: float = 600.0
     #: Leftovers of a writer (temp directories, uncommitted objects) whose liveness cannot be checked
     #: are removed once they are older than this.
     stale_after_s: float = 3600.0

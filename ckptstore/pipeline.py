@@ -160,6 +160,9 @@ def save(
     own: BaseException | None = None
     prepared: Prepared | None = None
     clock = _PhaseClock()
+    check_in = getattr(c, "check_in", None)
+    if c.world_size > 1 and check_in is not None:  # every rank is here: rank 0 waits for them, or says why not
+        check_in("save")
     try:
         prepared = source()
         # A world of one hands its arrays over as they are: nothing crosses a process boundary.

@@ -247,6 +247,33 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
         except ckptstore.errors.CkptStoreError as e:
             out["error"] = [type(e).__name__, str(e)]
         out["steps"] = private.steps()
+    elif mode == "rank0_only":
+        # nanoGPT's pattern (`if rank == 0: store.save(...)`) on a store that saves with every rank; with
+        # "late", the other ranks do join, only later (a slow rank, not a missing one).
+        import logging
+
+        warned: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("ckptstore").addHandler(handler)
+        with ckptstore.knobs.override(join_warn_s=phase["warn"], join_timeout_s=phase["timeout"]):
+            t0 = time.monotonic()
+            try:
+                if rank == 0 or phase.get("late") is not None:
+                    if rank != 0:
+                        time.sleep(phase["late"])
+                    store.save(phase["step"], state(phase["step"], rank, world))
+                out["error"] = None
+            except ckptstore.errors.CkptStoreError as e:
+                out["error"] = [type(e).__name__, str(e)]
+            out["seconds"] = time.monotonic() - t0
+        logging.getLogger("ckptstore").removeHandler(handler)
+        out["warned"] = warned
+        if rank == 0 and phase.get("then_single"):  # the documented one line: this process saves alone
+            alone = ckptstore.CheckpointStore(store.url, coordinator=ckptstore.distributed.SINGLE)
+            alone.save(phase["step"] + 1, {"w": np.arange(4)})
+        out["steps"] = store.storage.committed_steps()
+        dist.barrier()
     elif mode == "kill":
         store.save(1, state(1, rank, world))
         dist.barrier()
@@ -272,6 +299,7 @@ def main(cfg: dict[str, Any]) -> None:
         cfg["url"], storage_options=cfg.get("storage_options") or None, max_to_keep=cfg.get("max_to_keep")
     )
     out = [run_phase(store, phase, rank, world) for phase in cfg["phases"]]
+    store.close()  # its retention pass, in the background: the rank ends with os._exit, which would cut it
     Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(out))
     if not any(p["mode"] == "kill" for p in cfg["phases"]):  # after a rank died the group is broken
         dist.barrier()

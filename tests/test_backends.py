@@ -197,6 +197,7 @@ def test_second_store_object_sees_fresh_listings(location: Location) -> None:
     assert reader_with_policy.steps() == [1]
     writer.save(3, state(3))
     reader_with_policy.save(4, state(4))
+    reader_with_policy.wait_until_finished()  # its retention pass runs after the commit, in the background
     assert writer.steps() == [4]
 
 

@@ -242,3 +242,41 @@ def test_s3_rank_0_killed_mid_save_commits_nothing(
         store.save(5, {"x": np.zeros(2)})
         store.wait_until_finished()  # its retention pass, in the background, under the override
     assert not [p for p in store.storage._find() if p.startswith("step_00000002/")]
+
+
+# --- a save on rank 0 alone -------------------------------------------------------------------------
+
+
+def test_a_save_on_rank_0_alone_is_named_not_hung(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    """`if rank == 0: store.save(...)` on a store that saves with every rank: rank 0 warns within
+    join_warn_s which ranks have not joined and what the one line is, fails at join_timeout_s saying the
+    same, and the other rank goes on untouched (before: a bare timeout after the process group's, and the
+    other rank crashed). With coordinator=SINGLE the same process then saves alone."""
+    phase = {"mode": "rank0_only", "step": 3, "warn": 0.5, "timeout": 3.0, "then_single": True}
+    codes, reports = launch(zygote, tmp_path, local_url, 2, [phase])
+    assert codes == [0, 0]
+    r0, r1 = reports[0][0], reports[1][0]
+    assert r0["error"][0] == "DistributedError", r0
+    assert (
+        "ranks [1] of 2 have not joined" in r0["error"][1]
+        and "coordinator=ckptstore.distributed.SINGLE" in r0["error"][1]
+    )
+    assert 2.5 < r0["seconds"] < 20, r0["seconds"]
+    assert any("ranks [1] of 2 have not joined" in m and "SINGLE" in m for m in r0["warned"]), r0["warned"]
+    assert r1["error"] is None and r1["warned"] == []
+    assert r0["steps"] == [4]  # nothing of step 3; step 4 saved by rank 0 alone
+
+
+def test_a_slower_rank_is_waited_for_not_refused(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    phase = {"mode": "rank0_only", "step": 3, "warn": 0.5, "timeout": 30.0, "late": 2.0}
+    codes, reports = launch(zygote, tmp_path, local_url, 2, [phase])
+    assert codes == [0, 0]
+    r0, r1 = reports[0][0], reports[1][0]
+    assert r0["error"] is None and r1["error"] is None, (r0, r1)
+    assert any("have not joined" in m for m in r0["warned"])  # a heads-up, not a failure
+    assert r0["steps"] == [3]
+    check_full(local_url.store().restore(), 3)

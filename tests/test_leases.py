@@ -86,6 +86,7 @@ def test_without_a_pin_retention_deletes_under_the_reader(tmp_path: Path) -> Non
     it = ckptstore.checkpoints_iterator(tmp_path, timeout=1, pin=False)
     first = next(it)
     trainer.save(2, state(2))
+    trainer.wait_until_finished()  # its retention pass, in the background
     with pytest.raises(CheckpointNotFoundError, match="step_00000001"):
         ckptstore.restore(first)
     it.close()
@@ -125,6 +126,7 @@ def test_a_checkpoint_marked_for_deletion_is_not_pinned_nor_yielded(location: Lo
     store = location.store()
     store.save(1, state(1))
     store.save(2, state(2))
+    store.wait_until_finished()  # its clean-up pass (in the background) would sweep the mark planted below
     files = leases.LeaseDir(store.storage)
     files.put(f"{step_name(1)}.abc.deleting")  # retention got there first and is deleting step 1
     assert leases.acquire(store.storage, step_name(1)) is None
@@ -136,6 +138,7 @@ def test_a_checkpoint_marked_for_deletion_is_not_pinned_nor_yielded(location: Lo
     assert files.names() == [f"{step_name(1)}.abc.deleting"]  # the failed pins left no lease behind
     # The next deleter (the only one there is) clears a mark that a crashed deleter left.
     store.save(3, state(3))
+    store.wait_until_finished()  # (delete_unpinned assumes it is the only deleter)
     assert retention.delete_unpinned(store.storage, [3]) == [3]
     assert files.names() == []
 
@@ -202,6 +205,7 @@ def test_a_dead_readers_lease_expires(location: Location) -> None:
         time.sleep(ttl + 0.2)
         with knobs.override(lease_ttl_s=0):  # no grace: the expired lease file is cleaned up at once
             trainer.save(4, state(4))
+            trainer.wait_until_finished()  # its retention pass, in the background, under the override
         assert trainer.steps() == [4]
         assert lease_files(trainer) == []
     finally:

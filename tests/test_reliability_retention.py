@@ -308,7 +308,8 @@ def _as_nobody_save(url: str, steps: list[int], out: Any) -> None:
     # Everything a save imports lazily, imported while still root: the checkout (and .venv) may lie in a
     # directory another user cannot enter (CI clones into a fresh 0700 directory).
     warm = tempfile.mkdtemp()
-    ckptstore.CheckpointStore(warm, max_to_keep=1).save(0, state_of(0, 256))
+    with ckptstore.CheckpointStore(warm, max_to_keep=1) as warming:  # (closed: its retention pass is done)
+        warming.save(0, state_of(0, 256))
     shutil.rmtree(warm, ignore_errors=True)
     os.setgroups([])
     os.setgid(65534)
@@ -328,6 +329,7 @@ def _as_nobody_save(url: str, steps: list[int], out: Any) -> None:
             outcomes.append((s, None))
         except Exception as e:
             outcomes.append((s, f"{type(e).__name__}: {e}"))
+    store.close()  # the retention pass after the last save, in the background, is done
     out.send({"outcomes": outcomes, "steps": store.steps(), "logged": records})
 
 
@@ -356,6 +358,7 @@ def test_unreadable_entries_never_block_a_writer_without_root(shared_dir: Path) 
     store = ckptstore.CheckpointStore(shared_dir / "run")
     for s in range(3):
         store.save(s, state_of(s, 256))
+    store.close()  # its clean-up after the last save (in the background) must not meet the entries below
     root = Path(store.url)
     locked_trash = root / ".trash-step_00000070-0011223344556677"
     locked_trash.mkdir()
