@@ -433,3 +433,15 @@ def test_all_max_of_a_coordinator_without_its_own_gathers_and_broadcasts() -> No
     assert distributed.all_max(GatherOnly(0), [1, 2, 0]) == [1, 5, 1]
     assert distributed.all_max(GatherOnly(1), [1, 2, 0]) == [9, 9, 9]
     assert distributed.all_max(distributed.SINGLE, [1, 2]) == [1, 2]
+
+
+def test_one_signal_number_is_accepted_as_preemption_signals(tmp_path: Path) -> None:
+    store = ckptstore.CheckpointStore(tmp_path / "run", save_on_preemption=True, preemption_signals=signal.SIGUSR1)
+    try:
+        assert store.save_policy.preemption_signals == (signal.SIGUSR1,)
+        assert not store.should_save(1)
+        signal.raise_signal(signal.SIGUSR1)
+        assert store.should_save(1)
+    finally:
+        store.close()
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
