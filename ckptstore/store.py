@@ -143,15 +143,24 @@ class CheckpointStore:
             one without the metric as an int or float (or with NaN) is kept by the other rules only.
         best_metric: the metadata key that ranks checkpoints (needed by ``keep_best`` and :meth:`best_step`).
         best_mode: ``"min"`` (the lowest value is best, as for a loss) or ``"max"``.
+        save_interval_steps: :meth:`should_save` is true at every step divisible by K.
+        save_interval_secs: :meth:`should_save` is true once this many seconds passed since the last save
+            began.
+        save_on_preemption: handle ``preemption_signals`` (from the main thread, until :meth:`close`): the
+            next :meth:`should_save` is true, then :meth:`reached_preemption` (docs/training-loop.md).
+        preemption_signals: a signal number or several; SIGTERM by default.
         storage_options: passed to the fsspec filesystem (``endpoint_url``, credentials, ...).
         coordinator: how the processes of a distributed job save together (docs/distributed.md). Default:
-            torch.distributed's world when it is initialised at save time, else this process alone.
+            torch.distributed's world when it is initialised at save time, else this process alone. A store
+            that only rank 0 saves through needs ``ckptstore.distributed.SINGLE``.
 
     Example::
 
-        store = ckptstore.CheckpointStore("ckpts", max_to_keep=3)
-        store.save(step, {"model": model, "opt": opt, "step": step})
-        state = store.restore(like={"model": model, "opt": opt, "step": 0})
+        store = ckptstore.CheckpointStore("ckpts", max_to_keep=3, save_interval_steps=1000)
+        state, last = store.resume(like={"model": model, "opt": opt, "step": 0})
+        ...
+        if store.should_save(step):
+            store.save(step, {"model": model, "opt": opt, "step": step})
     """
 
     def __init__(
@@ -167,7 +176,7 @@ class CheckpointStore:
         save_interval_steps: int | None = None,
         save_interval_secs: float | None = None,
         save_on_preemption: bool = False,
-        preemption_signals: Sequence[int] = (signal.SIGTERM,),
+        preemption_signals: int | Sequence[int] = (signal.SIGTERM,),
         storage_options: dict[str, Any] | None = None,
         coordinator: distributed.Coordinator | None = None,
     ) -> None:
@@ -180,7 +189,10 @@ class CheckpointStore:
             best_mode=best_mode,
         )
         self.save_policy = SavePolicy(
-            save_interval_steps, save_interval_secs, save_on_preemption, tuple(preemption_signals)
+            save_interval_steps,
+            save_interval_secs,
+            save_on_preemption,
+            (preemption_signals,) if isinstance(preemption_signals, int) else tuple(preemption_signals),
         )
         self._retention = Retention(self.policy)
         self.coordinator = coordinator
