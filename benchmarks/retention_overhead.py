@@ -49,7 +49,8 @@ def main() -> None:
         shutil.rmtree(store.url, ignore_errors=True)
     med = {n: statistics.median(t) for n, t in times.items()}
     for n in names:
-        print(f"{n:15s} median {med[n]:.3f} s  (min {min(times[n]):.3f}, max {max(times[n]):.3f})  {c.nbytes(state) / 1e9:.2f} GB")
+        spread = f"(min {min(times[n]):.3f}, max {max(times[n]):.3f})"
+        print(f"{n:15s} median {med[n]:.3f} s  {spread}  {c.nbytes(state) / 1e9:.2f} GB")
     print(f"ratio max_to_keep=1 / no retention: {med['max_to_keep=1'] / med['no retention']:.3f}")
 
 

@@ -69,6 +69,7 @@ def kill_loop(
         steps = check_store(store, must_have=returned[-1:])
         first = (steps[-1] if steps else first) + 1
         store.save(first, state_of(first))
+        store.wait_until_finished()  # its retention pass (in the background) leaves no trash behind either
         assert not left(), f"kill {n}: leftovers after the next save: {left()}"
         check_state(first, store.restore())
         first += 1

@@ -32,6 +32,7 @@ def run_and_check(
     first = ckptstore.CheckpointStore(root, max_to_keep=2)
     for s in (1, 2):
         first.save(s, state_of(s))
+    first.close()  # its retention pass done before the model adopts the directory
     ops = PowerLossOps(root, drop=drop)
     store = ckptstore.CheckpointStore(LocalStorage(root, ops=ops), max_to_keep=3)
     committed = [set(store.steps())]  # the committed steps after each save returned
@@ -47,6 +48,9 @@ def run_and_check(
     ops.plan.hook = take
     for s in range(3, 7):
         store.save(s, state_of(s))
+        # The retention pass after the commit runs on its own thread: images are taken before each of its
+        # calls too, while this thread waits (the model is of one sequence of calls).
+        store.wait_until_finished()
         committed.append(set(store.steps()))
     take()
 
@@ -70,6 +74,7 @@ def check_image(root: str, must_have: set[int]) -> None:
     assert all(parse_step(n) is not None or n.startswith(".") for n in os.listdir(root))
     # The next writer: saves, applies retention, removes every leftover of the cut.
     store.save(99, state_of(99))
+    store.wait_until_finished()
     assert not leftovers(root), leftovers(root)
     after = check_store(store)
     assert after == [*[s for s in before if s in after], 99][-2:]

@@ -68,6 +68,7 @@ def one_fault(make: Make, sub: str, k: int, mode: dict[str, Any]) -> FaultPlan |
     store = ckptstore.CheckpointStore(make(sub, plan), max_to_keep=2)
     for s in (1, 2):
         store.save(s, state_of(s))
+    store.wait_until_finished()  # no retention pass of these in flight while the calls are counted
     plan.count, plan.log, plan.fail_at = 0, [], k
     for key, value in mode.items():
         setattr(plan, key, value)

@@ -48,6 +48,12 @@ def state(step: int) -> dict[str, Any]:
     return {"w": np.full(8, step, dtype=np.int64), "step": step}
 
 
+def save_now(store: ckptstore.CheckpointStore, step: int) -> None:
+    """Save ``step`` and wait for the retention pass after it (which runs in the background)."""
+    store.save(step, state(step))
+    store.wait_until_finished()
+
+
 def files_under(path: Path) -> dict[str, bytes]:
     """Every file under ``path`` (relative name -> content): what an attack must leave unchanged."""
     out = {}
@@ -227,7 +233,7 @@ def test_a_step_swapped_for_a_symlink_during_its_deletion_is_not_followed(
     if how == "delete":
         store.delete(1)
     else:
-        store.save(2, state(2))
+        save_now(store, 2)
     assert ops.swapped
     assert_victim_intact(victim)
     assert not os.path.lexists(root / step_name(1))
@@ -414,7 +420,7 @@ def test_a_directory_read_torn_by_a_commit_and_a_deletion_is_read_again(
         entries = list(real_scandir(path))
         if armed[0] and os.fspath(path) == str(root):
             armed[0] = False
-            trainer.save(2, state(2))  # lands after the read of the root, before the manifests are looked at
+            save_now(trainer, 2)  # lands after the read of the root, before the manifests are looked at
         return Scan(entries)
 
     monkeypatch.setattr(os, "scandir", scandir)  # (fsspec's local find walks with it too)
@@ -453,7 +459,7 @@ def test_fallback_lists_again_when_the_checkpoint_it_tried_vanished(tmp_path: Pa
     root = tmp_path / "run"
     trainer = ckptstore.CheckpointStore(root, max_to_keep=1)
     trainer.save(1, state(1))
-    storage = OnRead(root, {1: lambda: trainer.save(2, state(2))})
+    storage = OnRead(root, {1: lambda: save_now(trainer, 2)})
     reader = ckptstore.CheckpointStore(storage)
     with pytest.warns(CorruptCheckpointWarning, match=r"restored step 2 .*step 1:"):
         restored = reader.restore(fallback=True)
@@ -466,7 +472,7 @@ def test_fallback_pins_what_it_tries_after_a_relisting(tmp_path: Path) -> None:
     root = tmp_path / "run"
     trainer = ckptstore.CheckpointStore(root, max_to_keep=1)
     trainer.save(1, state(1))
-    storage = OnRead(root, {1: lambda: trainer.save(2, state(2)), 2: lambda: trainer.save(3, state(3))})
+    storage = OnRead(root, {1: lambda: save_now(trainer, 2), 2: lambda: save_now(trainer, 3)})
     reader = ckptstore.CheckpointStore(storage)
     with pytest.warns(CorruptCheckpointWarning, match="restored step 2"):
         assert reader.restore(fallback=True)["step"] == 2
@@ -479,7 +485,7 @@ def test_fallback_to_an_explicit_step_never_goes_past_it(tmp_path: Path) -> None
     root = tmp_path / "run"
     trainer = ckptstore.CheckpointStore(root, max_to_keep=1)
     trainer.save(1, state(1))
-    reader = ckptstore.CheckpointStore(OnRead(root, {1: lambda: trainer.save(2, state(2))}))
+    reader = ckptstore.CheckpointStore(OnRead(root, {1: lambda: save_now(trainer, 2)}))
     with pytest.raises(CorruptCheckpointError, match="no intact checkpoint at or before step 1"):
         reader.restore(1, fallback=True)
 
