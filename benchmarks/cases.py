@@ -447,6 +447,97 @@ def case_hashcost(spec: Spec) -> dict[str, Any]:
     return {"seconds": with_hash, "bytes": c.nbytes(state), "nohash_s": without, "where": base}
 
 
+# --- restore into an existing model and optimizer (issue #15) -----------------------------------------
+
+
+def _model_and_opt(spec: Spec, seed: int) -> tuple[Any, Any]:
+    """A GPT-2-shaped module of fp32 parameters and an AdamW that has stepped once (its exp_avg and
+    exp_avg_sq exist): the state a resume restores into."""
+    import torch
+
+    torch.manual_seed(seed)
+    m = torch.nn.Module()
+    for k, shape in c.gpt2_shapes(spec["d_model"], spec["n_layer"]).items():
+        m.register_parameter(k.replace(".", "_"), torch.nn.Parameter(torch.rand(shape)))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for p in m.parameters():
+        p.grad = torch.rand_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return m, opt
+
+
+def _state_tensors(m: Any, opt: Any) -> list[Any]:
+    """Every tensor of the module and the optimizer, in the order of their state dicts."""
+    out = list(m.state_dict().values())
+    for st in opt.state_dict()["state"].values():
+        out.extend(v for v in st.values() if hasattr(v, "data_ptr"))
+    return out
+
+
+def case_prepare_into(spec: Spec) -> dict[str, Any]:
+    """The same model + AdamW state as a ckptstore checkpoint, a torch.save file and one raw file (not timed)."""
+    import torch
+
+    import ckptstore
+
+    src = spec["src"]
+    os.makedirs(src, exist_ok=True)
+    m, opt = _model_and_opt(spec, seed=0)
+    ckptstore.CheckpointStore(os.path.join(src, "ckptstore")).save(1, {"model": m, "opt": opt})
+    torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, os.path.join(src, "model.pt"))
+    tensors = _state_tensors(m, opt)
+    with open(os.path.join(src, "raw.bin"), "wb") as f:
+        for t in tensors:
+            f.write(t.numpy().reshape(-1).view(np.uint8).data)
+    c.fsync_tree(src)
+    return {"seconds": 0.0, "bytes": sum(t.nbytes for t in tensors)}
+
+
+def case_restore_into(spec: Spec) -> dict[str, Any]:
+    """A resume: the checkpoint restored into a model and an AdamW built (and stepped) before the clock."""
+    import torch
+
+    src, tool = spec["src"], spec["tool"]
+    m, opt = _model_and_opt(spec, seed=1)
+    tensors = _state_tensors(m, opt)
+    if tool == "torch.load+load_state_dict":
+        path = os.path.join(src, "model.pt")
+
+        def fn() -> Any:
+            sd = torch.load(path, weights_only=True)
+            m.load_state_dict(sd["model"])
+            opt.load_state_dict(sd["opt"])
+
+    elif tool.startswith("ckptstore"):
+        import ckptstore
+
+        store = ckptstore.CheckpointStore(os.path.join(src, "ckptstore"))
+        verify = "verify=False" not in tool
+
+        def fn() -> Any:
+            return store.restore(1, like={"model": m, "opt": opt}, verify=verify)
+
+    elif tool == "readinto (ceiling)":
+        views = [t.numpy().reshape(-1).view(np.uint8) for t in tensors]
+        path = os.path.join(src, "raw.bin")
+
+        def fn() -> Any:
+            with open(path, "rb", buffering=0) as f:
+                for v in views:
+                    got = 0
+                    while got < v.nbytes:
+                        got += f.readinto(v.data[got:])
+
+    else:
+        raise ValueError(tool)
+    c.prime([src])
+    if spec.get("second"):  # a first restore, untimed and dropped
+        fn()
+    seconds, _, mem = c.timed(fn)
+    return {"seconds": seconds, "bytes": sum(t.nbytes for t in tensors), "cache_method": "primed", **mem}
+
+
 CASES: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "hashcost": case_hashcost,
     "save": case_save,
@@ -455,6 +546,8 @@ CASES: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "memcpy": case_memcpy,
     "read_ceiling": case_read_ceiling,
     "async": case_async,
+    "prepare_into": case_prepare_into,
+    "restore_into": case_restore_into,
 }
 
 

@@ -284,6 +284,28 @@ def plan(r: Runner) -> None:
             runs,
         )
 
+    if want("into"):
+        print("8. restore into an existing model + AdamW (a resume; issue #15)", flush=True)
+        # d_model 512, 8 layers: 0.58 GiB of parameters and AdamW state (the issue's measurement).
+        into = {"d_model": 512, "n_layer": 8} if a.quick else {"d_model": 1200, "n_layer": 12}
+        src = str(w / "into")
+        if r.child({"case": "prepare_into", "src": src, **into}) is not None:
+            tools = ["torch.load+load_state_dict", "ckptstore in place", "ckptstore in place verify=False"]
+            tools += ["readinto (ceiling)"]
+            specs = {
+                f"{t}{' [2nd]' if second else ''}": {
+                    "case": "restore_into",
+                    "tool": t,
+                    "src": src,
+                    "second": second,
+                    **into,
+                }
+                for second in (False, True)
+                for t in tools
+                if not (second and "verify=False" in t)
+            }
+            r.measure("into", specs, runs)
+
     if want("async"):
         print("5. async save: stall of a training loop", flush=True)
         common = {"case": "async", "out": str(w / "async"), "matmul": 256 if a.quick else 384, **big}
@@ -439,6 +461,21 @@ def summary(r: Runner) -> list[tuple[str, str, str, str]]:
                     (f"3. restore {res['label']}", f"{g:.2f} GB/s", f"{g / ceil:.2f}", f"{g / base:.2f}x torch.load")
                 )
     for res in r.results:
+        if res["group"] == "into":
+            second = " [2nd]" if res["label"].endswith("[2nd]") else ""
+            base = gbps("into", f"torch.load+load_state_dict{second}")
+            ceil = gbps("into", f"readinto (ceiling){second}")
+            g = gbps("into", res["label"])
+            peak = med(r.get("into", res["label"]), "extra_peak") / med(r.get("into", res["label"]), "bytes")
+            rows.append(
+                (
+                    f"8. restore into model+AdamW {res['label']}",
+                    f"{g:.2f} GB/s",
+                    f"{g / ceil:.2f}",
+                    f"{g / base:.2f}x torch.load+load_state_dict; peak +{peak * 100:.0f} % of the state",
+                )
+            )
+    for res in r.results:
         if res["group"] == "lazy-one":
             rows.append(
                 (f"3. one tensor, {res['label']}", f"{t('lazy-one', res['label']) * 1000:.1f} ms", "", "target < 50 ms")
@@ -530,7 +567,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller state, 3 runs (about 2 minutes)")
     ap.add_argument("--runs", type=int, default=0, help="runs per measurement (default 5, quick 3)")
-    ap.add_argument("--only", default="", help="comma-separated: ceilings,save,restore,small,async,s3")
+    ap.add_argument("--only", default="", help="comma-separated: ceilings,save,restore,small,async,s3,into")
     ap.add_argument("--dir", default=str(ROOT / "bench-results"), help="where to write (the disk under test)")
     ap.add_argument("--out", default="", help="JSON file (default bench-results/<time>.json)")
     ap.add_argument("--report", default="", help="print the table of a saved JSON file and exit")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import block_read, knobs, manifest, remote_read, subset, tensorio, tree
+from . import block_read, dtypes, knobs, manifest, remote_read, subset, tensorio, tree
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -130,27 +130,95 @@ def read(
     selected = keys is not None or key_map is not None
     sharded = block_read.block_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
     wanted = sorted(set(subset.tensor_indices(skeleton))) if selected else range(len(m.tensors))
-    eager = [i for i in wanted if i not in sharded] if sharded or selected else None
-    arrays = load_tensors(storage, name, m, eager, verify=verify, mmap=mmap)
-
-    def load(index: int) -> np.ndarray:
-        try:
-            return arrays[index]
-        except KeyError:
-            raise CorruptCheckpointError(
-                f"{storage.url_of(name)}: the tree refers to tensor #{index}, the manifest lists {len(m.tensors)}"
-            ) from None
+    # Tensors of `like`'s torch modules and optimizers are read straight into their memory by the rebuild
+    # (local disk only, for now): not here.
+    deferred: set[int] = set()
+    if like is not tree.MISSING and in_place_possible(storage, mmap=mmap):
+        deferred = tree.in_place_indices(skeleton, like, functools.partial(_spec, m), strict=strict) - set(sharded)
+    eager = [i for i in wanted if i not in sharded and i not in deferred] if sharded or selected or deferred else None
+    tensors = _Tensors(
+        storage, name, m, load_tensors(storage, name, m, eager, verify=verify, mmap=mmap), verify, deferred
+    )
 
     unmatched = tree.Unmatched()
-    with block_read.BlockReader(storage, name, m, load, verify=verify) as blocks:
+    with block_read.BlockReader(storage, name, m, tensors.load, verify=verify) as blocks:
         if sharded:
             blocks.prefetch(block_read.wanted_blocks(skeleton, like))
         state = tree.rebuild(
-            skeleton, load, like=like, framework=framework, blocks=blocks, strict=strict, unmatched=unmatched
+            skeleton,
+            tensors.load,
+            like=like,
+            framework=framework,
+            blocks=blocks,
+            strict=strict,
+            unmatched=unmatched,
+            in_place=tensors if deferred else None,
         )
     if unmatched:
         warnings.warn(_partial_warning(storage.url_of(name), unmatched), stacklevel=stacklevel + 1)
     return state
+
+
+def in_place_possible(storage: Storage, *, mmap: bool) -> bool:
+    """Whether a restore reads the tensors of ``like``'s stateful objects straight into their memory: on
+    local disk, unless ``mmap`` (object stores and other filesystems read as before)."""
+    return storage.supports_mmap and not storage.ranged_reads and not mmap
+
+
+def _spec(m: Manifest, index: int) -> tuple[np.dtype, tuple[int, ...]] | None:
+    if not 0 <= index < len(m.tensors):
+        return None
+    e = m.tensors[index]
+    return dtypes.dtype_of(e.dtype), tuple(e.shape)
+
+
+class _Tensors:
+    """A checkpoint's tensors for :func:`tree.rebuild`: those read up front (``arrays``), and those
+    ``deferred`` for the rebuild to read in place (:class:`tree.InPlaceReader`); a deferred tensor that
+    the rebuild does not read in place after all is read when it is asked for."""
+
+    def __init__(
+        self, storage: Storage, name: str, m: Manifest, arrays: dict[int, np.ndarray], verify: bool, deferred: set[int]
+    ) -> None:
+        self.storage, self.name, self.m, self.verify = storage, name, m, verify
+        self.arrays, self.deferred = arrays, deferred
+        self._sizes: dict[str, int] | None = None
+
+    def load(self, index: int) -> np.ndarray:
+        arr = self.arrays.get(index)
+        if arr is not None:
+            return arr
+        if index in self.deferred:  # not read in place after all (or asked for again): read it now
+            self.deferred.discard(index)
+            self.arrays.update(load_tensors(self.storage, self.name, self.m, [index], verify=self.verify))
+            return self.arrays[index]
+        raise CorruptCheckpointError(
+            f"{self.storage.url_of(self.name)}: the tree refers to tensor #{index}, the manifest lists "
+            f"{len(self.m.tensors)}"
+        )
+
+    def spec(self, index: int) -> tuple[np.dtype, tuple[int, ...]] | None:
+        return _spec(self.m, index) if index in self.deferred and index not in self.arrays else None
+
+    def fill(self, targets: Sequence[tuple[int, np.ndarray]]) -> None:
+        by_file: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for index, view in targets:
+            by_file.setdefault(self.m.tensors[index].file, []).append((index, view))
+        if self._sizes is None:
+            self._sizes = self.storage.sizes(self.name)
+        for file_index, items in by_file.items():
+            rel, source = checked_file(self.storage, self.name, self.m.files[file_index], self._sizes)
+            items.sort(key=lambda item: self.m.tensors[item[0]].offset)
+            for index, view in items:
+                self.deferred.discard(index)  # filled: a later load() gets the array in `like`, not a copy
+                self.arrays[index] = view.view(dtypes.dtype_of(self.m.tensors[index].dtype)).reshape(
+                    self.m.tensors[index].shape
+                )
+            f = self.storage.open_read(rel)
+            try:
+                tensorio.fill_tensors(f, [(self.m.tensors[i], v) for i, v in items], verify=self.verify, source=source)
+            finally:
+                f.close()
 
 
 #: Paths a PartialRestoreWarning's message names of each kind (its attributes hold them all).

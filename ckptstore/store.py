@@ -514,14 +514,22 @@ class CheckpointStore:
                 compiled (``_orig_mod.``) or wrapped in DDP / DataParallel (``module.``).
             framework: arrays without a counterpart come back as ``"numpy"`` (default) or ``"torch"``,
                 ``"jax"``, ``"tf"`` arrays.
-            verify: check every tensor's checksum (xxh3-64) while reading, before anything is rebuilt or
-                loaded into ``like`` (file sizes are always checked). It costs about 15% of a restore from
-                the page cache, less from disk or network; pass False to skip it.
+            verify: check every tensor's checksum (xxh3-64) while reading (file sizes are always
+                checked). It costs about 15% of a restore from the page cache, less from disk or network;
+                pass False to skip it. Tensors are checked before anything is rebuilt, except on local disk
+                (without ``mmap``) the tensors of ``like``'s torch modules and optimizers: those are read
+                straight into the existing tensors (no second copy in memory) and checked as they are
+                read, so a damaged one leaves the objects partly overwritten, and the
+                CorruptCheckpointError says so ("the objects in `like` were partly overwritten"): restore
+                an intact checkpoint into them (``fallback=True`` does) before using them.
             fallback: if the checkpoint is damaged, unreadable (permission denied) or deleted while being
                 read, restore the newest intact older one instead, with a warning naming each one skipped.
                 When the ones tried vanished under the reader (a trainer's retention), the store is listed
                 again and what is new is tried, pinned where the reader may write leases: it fails only if
-                no intact checkpoint is left. Implies ``verify``.
+                no intact checkpoint is left. Implies ``verify``. Objects of ``like`` partly overwritten by a
+                damaged checkpoint are then overwritten in full by the intact one, provided it holds the
+                same keys (with ``strict=False``, a key the older checkpoint lacks keeps what the damaged
+                one wrote into it; docs/frameworks.md).
             keys: restore only these subtrees: paths of dict keys joined by '/' (``["model"]``,
                 ``"model/encoder"``). The result keeps only what they select, and only their tensors'
                 bytes are read (ranged reads on object stores). ``like`` then matches that subset.
@@ -601,8 +609,9 @@ class CheckpointStore:
                 started = time.perf_counter()
                 try:
                     m = _manifest(self.storage, name)
-                    # Every tensor is read and checked before the tree is rebuilt, so a damaged checkpoint
-                    # fails before any object in ``like`` is touched.
+                    # Every tensor is checked before the tree is rebuilt, except those read in place into
+                    # ``like``'s torch objects (local disk): a damaged one leaves them partly overwritten,
+                    # and the next checkpoint tried overwrites them again in full (the same keys).
                     state = load.read(
                         self.storage,
                         name,
@@ -656,9 +665,13 @@ class CheckpointStore:
             state, step = store.resume(like={"model": model, "opt": opt, "step": 0})
             start = 0 if step is None else step + 1
 
+        A damaged newest checkpoint may have overwritten part of ``like``'s torch modules and optimizers
+        (tensors are read into them in place, see :meth:`restore`'s ``verify``) before it was skipped: the
+        intact one restored then overwrites them in full (where it holds the same keys).
+
         Raises:
             CorruptCheckpointError: checkpoints are committed, but none is intact (nothing is started over
-                silently).
+                silently); the objects in ``like`` may then be partly overwritten (the message says so).
         """
         coord = distributed.resolve(self.coordinator)
         latest = distributed.agree(coord, self.latest_step) if coord.world_size > 1 else self.latest_step()

@@ -311,6 +311,38 @@ def read_tensors(
     return out
 
 
+def fill_tensors(f: Readable, items: Sequence[tuple[TensorEntry, np.ndarray]], *, verify: bool, source: str) -> None:
+    """Read tensors of one file, sorted by offset, straight into the caller's memory: ``(entry, dest)``
+    with ``dest`` a writable, C-contiguous uint8 array of ``entry.nbytes`` (a view of an existing tensor's
+    storage: nothing is allocated). Checksums, when ``verify``, are checked on the bytes as they landed
+    in ``dest``, a large tensor's on a helper thread while the next one is read.
+
+    A failure part-way leaves the tensors before it (and the failing one, in part) overwritten.
+
+    Raises:
+        CorruptCheckpointError: a tensor is truncated or fails its checksum.
+    """
+    checks: list[Future[object]] = []
+    with _HashThread() as hasher:
+        for e, dest in items:
+            if dest.nbytes != e.nbytes:
+                raise CorruptCheckpointError(
+                    f"{source}: tensor {e.name!r} has {e.nbytes} bytes, its dtype and shape {dest.nbytes}"
+                )
+            got = read_into(f, e.offset, dest)
+            if got != e.nbytes:
+                raise CorruptCheckpointError(f"{source}: tensor {e.name!r} is truncated ({got} of {e.nbytes} bytes)")
+            if verify:
+                if e.nbytes >= OVERLAP_BYTES:
+                    checks.append(hasher.submit(check, dest, e, source))
+                else:
+                    check(dest, e, source)
+            while checks and checks[0].done():  # stop at the first failure already known
+                checks.pop(0).result()
+        for done in checks:
+            done.result()  # raises the first CorruptCheckpointError
+
+
 def _block_end(items: Sequence[tuple[int, TensorEntry]], k: int) -> int:
     """The end of the run of adjacent small tensors starting at ``items[k]`` (at least one, at most
     BLOCK_BYTES in all)."""

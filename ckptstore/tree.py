@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -299,6 +299,7 @@ def rebuild(
     blocks: BlockSource | None = None,
     strict: bool = True,
     unmatched: Unmatched | None = None,
+    in_place: InPlaceReader | None = None,
 ) -> Any:
     """Turn a skeleton back into a state tree.
 
@@ -320,19 +321,30 @@ def rebuild(
             a key only the checkpoint has is dropped. Everything else (shapes, dtypes, types, list
             lengths) must still fit.
         unmatched: where a ``strict=False`` rebuild records the key paths it could not match.
+        in_place: reads tensors straight into the memory of the tensors of ``like``'s stateful objects
+            (:func:`fill_targets`), just before each object's ``load_state_dict``, which is then given
+            those very tensors (torch's ``copy_`` of a tensor onto itself returns at once). Arrays that are
+            not inside such an object are never filled in place: there ``like`` is a template only.
 
     Raises:
         StructureMismatchError: ``like`` does not fit the checkpoint; the message names the key path.
+        CorruptCheckpointError: from ``load``, or from ``in_place`` (a tensor read in place fails its
+            checksum); once a tensor was filled in place, either error says that ``like``'s objects were
+            partly overwritten.
     """
     default = adapter_named(framework or "numpy")
     source = blocks if blocks is not None else _WholeArrays(load)
     report = unmatched if unmatched is not None else Unmatched()
+    #: tensor index -> the tensor of `like` it was read into (in place)
+    filled: dict[int, Any] = {}
 
     def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
         if tmpl is not MISSING and is_plain(tmpl):
             # a plain placeholder (0, None, [], {"lr": 0.1}): the checkpoint's value wins
             return walk_plain(node, tmpl, path, fallback)
         if type(node) is TensorRef or type(node) is ShardedRef:
+            if filled and type(node) is TensorRef and filled.get(node.index) is tmpl:
+                return tmpl  # its bytes were read into it: load_state_dict gets it back as it is
             if tmpl is not MISSING and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
                 return _shard_like(node, tmpl, path, source)
             arr = load(node.index) if type(node) is TensorRef else source.read(node)
@@ -430,6 +442,11 @@ def rebuild(
                     report.missing.extend((*path, k) for k in template if k not in saved)
                     report.unexpected.extend((*path, k) for k in saved if k not in template)
                     saved = {k: v for k, v in saved.items() if k in template}
+                elif in_place is not None:
+                    targets = fill_targets(adapter_for_stateful(tmpl), tmpl, saved, template, in_place.spec)
+                    if targets:
+                        filled.update((i, t) for i, (t, _) in targets.items())
+                        in_place.fill([(i, view) for i, (_, view) in targets.items()])
                 state = walk(saved, template, path, hint, False)
                 try:
                     if partial:
@@ -495,6 +512,10 @@ def rebuild(
     tolerant = not strict
     try:
         return walk(skeleton, like, (), default, like is not MISSING)
+    except (CorruptCheckpointError, StructureMismatchError) as e:
+        if filled:
+            raise type(e)(f"{e}; {PARTLY_OVERWRITTEN}") from e
+        raise
     finally:
         # A recursive closure is a reference cycle (walk -> its cell -> walk) that holds ``load``, and with
         # it every array read: without this, a restored state's memory stays until the garbage collector
@@ -503,6 +524,172 @@ def rebuild(
 
 
 _NUMBER_TYPES = frozenset({bool, int, float, complex})
+
+#: What an error raised after tensors were read in place says (see :func:`fill_targets`).
+PARTLY_OVERWRITTEN = (
+    "the objects in `like` were partly overwritten (tensors of its torch modules and optimizers are read in "
+    "place): restore an intact checkpoint into them before using them (restore(fallback=True) and "
+    "store.resume do so)"
+)
+
+
+class InPlaceReader(Protocol):
+    """Reads tensors of a checkpoint straight into existing memory, for :func:`rebuild`."""
+
+    def spec(self, index: int) -> tuple[np.dtype, tuple[int, ...]] | None:
+        """The dtype and shape of tensor ``index``, if it may be read in place (None: it was or will be
+        read the usual way)."""
+        ...
+
+    def fill(self, targets: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Read each tensor ``index``'s bytes into its uint8 view (checksums checked as configured).
+
+        Raises:
+            CorruptCheckpointError: a tensor is truncated or damaged (those before it are filled).
+        """
+        ...
+
+
+def fill_targets(
+    adapter: Adapter | None,
+    obj: Any,
+    saved: Any,
+    template: Any,
+    spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
+) -> dict[int, tuple[Any, np.ndarray]] | None:
+    """The tensors of stateful object ``obj`` that the checkpoint's bytes can be read straight into:
+    ``{index: (tensor of template, uint8 view of its memory)}`` for each tensor ``index`` of ``saved`` (the
+    object's saved state, a skeleton) whose counterpart in ``template`` (``obj.state_dict()``) its
+    framework's ``fill_view`` accepts (torch: a CPU tensor of the same dtype and shape, contiguous).
+
+    Only where ``load_state_dict`` will then accept the state, so that no object is overwritten in part
+    by a state it refuses: the state dict's keys equal the object's, every array has ``template``'s shape,
+    and the adapter's ``state_fits`` (an optimizer's parameter groups) agrees. None (nothing in place)
+    otherwise, or for an object of a framework without ``fill_view``.
+    """
+    fill_view = getattr(adapter, "fill_view", None)
+    if fill_view is None or type(saved) is not dict or not isinstance(template, Mapping):
+        return None
+    if saved.keys() != template.keys():
+        return None
+    fits = getattr(adapter, "state_fits", None)
+    if fits is not None and not fits(obj, saved, template):
+        return None
+    out: dict[int, tuple[Any, np.ndarray]] = {}
+    if not _collect_fills(saved, template, spec, fill_view, out):
+        return None
+    _drop_shared(out)
+    return out
+
+
+def _drop_shared(out: dict[int, tuple[Any, np.ndarray]]) -> None:
+    """Of tensors sharing memory (tied weights), keep only the first of the state dict in place: the others
+    are read the usual way and ``load_state_dict`` copies them after it, in its order, as it did before
+    (the last one wins). Two reads into one memory could also fail the first one's checksum, computed
+    while the second lands."""
+    order = {index: k for k, index in enumerate(out)}
+    groups: list[list[int]] = []
+    end = -1
+    for index, (_, view) in sorted(out.items(), key=lambda item: item[1][1].ctypes.data):
+        start = view.ctypes.data
+        if start < end:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+        end = max(end, start + view.nbytes)
+    for group in groups:
+        first = min(group, key=order.__getitem__)
+        for other in group:
+            if other != first:
+                del out[other]
+
+
+def _collect_fills(
+    node: Any,
+    tmpl: Any,
+    spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
+    fill_view: Callable[[Any, np.dtype, tuple[int, ...]], np.ndarray | None],
+    out: dict[int, tuple[Any, np.ndarray]],
+) -> bool:
+    """:func:`fill_targets`' walk (a plain recursive function: no closure, no reference cycle); False on
+    an array whose shape :func:`rebuild` would refuse."""
+    if type(node) is TensorRef:
+        s = spec(node.index)
+        if s is None or tmpl is MISSING or tmpl is None:
+            return True
+        view = fill_view(tmpl, *s)
+        if view is not None:
+            out[node.index] = (tmpl, view)
+            return True
+        if adapter_for(tmpl) is None:
+            return True
+        try:
+            return tuple(tmpl.shape) == tuple(s[1])
+        except Exception:
+            return False
+    if type(node) is dict and isinstance(tmpl, Mapping):
+        return all(_collect_fills(v, tmpl[k], spec, fill_view, out) for k, v in node.items() if k in tmpl)
+    if (type(node) is list or type(node) is tuple) and isinstance(tmpl, list | tuple) and len(node) == len(tmpl):
+        return all(_collect_fills(v, t, spec, fill_view, out) for v, t in zip(node, tmpl))
+    return True
+
+
+def in_place_indices(
+    skeleton: Any,
+    like: Any,
+    spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
+    *,
+    strict: bool = True,
+) -> set[int]:
+    """The tensors that :func:`rebuild` with ``in_place`` will likely read in place (those of ``like``'s
+    stateful objects, :func:`fill_targets`), found before any tensor is read so that they are not read
+    the usual way first. A guess by a simpler walk than the rebuild's: a tensor guessed wrongly is read
+    the usual way when the rebuild needs it. Calls the objects' ``state_dict()``."""
+    out: set[int] = set()
+    _guess_fills(skeleton, like, spec, strict, out)
+    return out
+
+
+def _guess_fills(
+    node: Any,
+    tmpl: Any,
+    spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
+    strict: bool,
+    out: set[int],
+) -> None:
+    if tmpl is MISSING or tmpl is None or type(tmpl) in _PLAIN_TYPES:
+        return
+    t = type(node)
+    if t is dict and isinstance(tmpl, Mapping):
+        for k, v in node.items():
+            if k in tmpl:
+                _guess_fills(v, tmpl[k], spec, strict, out)
+        return
+    if t is dict or t is Stateful:
+        state = node.state if t is Stateful else node
+        if is_stateful(tmpl):
+            adapter = adapter_for_stateful(tmpl)
+            if getattr(adapter, "fill_view", None) is None:
+                return
+            try:
+                template = tmpl.state_dict()
+            except Exception:  # the rebuild reports it
+                return
+            if type(state) is dict and isinstance(template, Mapping):
+                state = _renamed_state_keys(adapter, tmpl, state, template, strict=strict)  # type: ignore[arg-type]
+            found = fill_targets(adapter, tmpl, state, template, spec)
+            if found:
+                out.update(found)
+        elif t is Stateful and isinstance(tmpl, Mapping | list | tuple):
+            _guess_fills(state, tmpl, spec, strict, out)
+        return
+    if (t is list or t is tuple) and isinstance(tmpl, list | tuple) and len(node) == len(tmpl):
+        for v, x in zip(node, tmpl):
+            _guess_fills(v, x, spec, strict, out)
+        return
+    if t is NamedTuple and isinstance(tmpl, tuple) and getattr(tmpl, "_fields", None) == node.fields:
+        for v, x in zip(node.values, tmpl):
+            _guess_fills(v, x, spec, strict, out)
 
 
 def _as_number(arr: np.ndarray, placeholder: type) -> Any:

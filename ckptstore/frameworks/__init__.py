@@ -9,7 +9,7 @@ Adding a framework means adding a module here with a module-level ``ADAPTER`` an
 ``_MODULES``. An adapter may also save framework objects that are not arrays but hold some (a JAX
 pytree node, a Keras layer, a NumPy generator): it then implements :class:`ObjectAdapter` as well; and
 it may rename or partially load the state of its stateful objects (:class:`StateAdapter`: torch modules
-saved compiled or wrapped in DDP).
+saved compiled or wrapped in DDP), and have their arrays filled in place (``fill_view``).
 """
 
 from __future__ import annotations
@@ -93,6 +93,17 @@ class StateAdapter(Adapter, Protocol):
         """Load a state that may lack some of ``obj``'s keys (``strict=False``) in the framework's own way;
         False when ``obj`` is no object it knows (the caller then fills the missing keys from
         ``obj.state_dict()`` and calls ``load_state_dict``)."""
+        ...
+
+    def fill_view(self, x: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A writable, C-contiguous uint8 view of the memory of ``x`` (an array of the object's state dict)
+        into which the checkpoint's bytes of an array of ``dtype`` and ``shape`` can be read in place; None
+        when ``x`` cannot take them so (another device, dtype, shape or layout)."""
+        ...
+
+    def state_fits(self, obj: Any, saved: dict[Any, Any], template: Any) -> bool:
+        """Whether ``obj.load_state_dict`` will accept a state of the structure of ``saved`` (a skeleton;
+        ``template`` is ``obj.state_dict()``): checked before any array of it is filled in place."""
         ...
 
 

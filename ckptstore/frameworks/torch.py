@@ -143,6 +143,49 @@ class TorchAdapter:
         obj.load_state_dict(state, strict=strict)
         return True
 
+    # --- restoring in place: the checkpoint's bytes read straight into the tensors of `like`'s objects ---
+
+    def fill_view(self, x: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A writable uint8 view of the memory of ``x`` when the checkpoint's bytes of an array of ``dtype``
+        and ``shape`` can be read straight into it: a plain CPU tensor (no subclass) of exactly that dtype
+        and shape, dense, contiguous, not a conjugated or negated view; None otherwise (the array is then
+        read the usual way and ``load_state_dict`` copies it)."""
+        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # no subclass (DTensor, fake...)
+            return None
+        if x.device.type != "cpu" or x.layout is not torch.strided:
+            return None
+        if x.is_nested or x.is_quantized or x.is_conj() or x.is_neg() or not x.is_contiguous():
+            return None
+        if tuple(x.shape) != tuple(shape) or x.numel() == 0:
+            return None
+        if x.dtype not in _NUMPY_OK and x.dtype not in _VIA_INT:
+            return None
+        try:
+            arr = self.to_numpy(x, copy=False)
+        except Exception:  # whatever torch refuses is restored the usual way, which reports it
+            return None
+        if arr.dtype != dtype or not arr.flags.c_contiguous or not arr.flags.writeable:
+            return None
+        if arr.ctypes.data != x.data_ptr():  # not x's own memory after all
+            return None
+        return arr.reshape(-1).view(np.uint8)
+
+    def state_fits(self, obj: Any, saved: dict[Any, Any], template: Any) -> bool:
+        """Whether ``obj.load_state_dict`` can accept a state of ``saved``'s structure (checked before any
+        tensor of it is filled in place): an optimizer's parameter groups must match in number and size."""
+        if not isinstance(obj, torch.optim.Optimizer):
+            return True
+        have, want = saved.get("param_groups"), template.get("param_groups")
+        if not isinstance(have, list | tuple) or not isinstance(want, list | tuple) or len(have) != len(want):
+            return False
+        for a, b in zip(have, want):
+            if not isinstance(a, dict) or not isinstance(b, dict):
+                return False
+            pa, pb = a.get("params"), b.get("params")
+            if not isinstance(pa, list | tuple) or not isinstance(pb, list | tuple) or len(pa) != len(pb):
+                return False
+        return True
+
 
 #: Prefixes wrappers add to every key of a module's state dict: torch.compile's OptimizedModule, and
 #: DistributedDataParallel / DataParallel.
