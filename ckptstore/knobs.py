@@ -73,6 +73,11 @@ class Knobs:
     #: Local files: ask the kernel to start writing back every this many bytes written (0: never), so the
     #: disk works while the tensors are still being copied and the final fsync has little left to do.
     writeback_bytes: int = 64 << 20
+    #: Run the retention pass after each commit on a thread of its own (the save returns at once; the next
+    #: save, ``close`` and the store's own listings wait for it). False: in the save, after the commit, with
+    #: the same failure semantics (logged, reported by the next save). The test suite runs with False except
+    #: where it tests the background itself, so that its tests see one sequence of calls.
+    retention_in_background: bool = True
     #: Background saves (``save(..., blocking=False)``) in flight per store at once; another save waits for
     #: a slot before taking its snapshot, so snapshot memory is at most this many copies of the state.
     async_max_in_flight: int = 1

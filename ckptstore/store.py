@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, overload
 
-from . import distributed, leases, load, pipeline, tree, watch
+from . import distributed, knobs, leases, load, pipeline, tree, watch
 from .asyncsave import SaveHandle, Saver
 from .decisions import Decisions, SavePolicy
 from .errors import (
@@ -81,6 +81,9 @@ class _RetentionThread:
         self._failure: str | None = None
 
     def start(self, step: int) -> None:
+        if not knobs.current.retention_in_background:
+            self._run(step)
+            return
         # Not a daemon: an interpreter exiting after a save finishes the deletions it began.
         self._thread = threading.Thread(target=self._run, args=(step,), name="ckptstore-retention")
         self._thread.start()

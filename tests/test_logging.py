@@ -18,6 +18,7 @@ def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> lis
     return [r.getMessage() for r in caplog.records if r.name.startswith("ckptstore") and r.levelno >= level]
 
 
+@pytest.mark.background_retention
 def test_saves_restores_fallbacks_and_deletions_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ckptstore")
     store = ckptstore.CheckpointStore(tmp_path / "run", max_to_keep=2)

@@ -359,6 +359,7 @@ def test_a_path_the_user_names_through_their_own_link_still_restores(tmp_path: P
     store = ckptstore.CheckpointStore(root, max_to_keep=2)
     for s in (1, 2, 3):
         store.save(s, state(s))
+    store.wait_until_finished()
     (root / "latest").symlink_to(step_name(3))  # relative, as `ln -s` and Lightning's save_last="link" make
     (tmp_path / "last.ckpt").symlink_to(root / step_name(3))
     for path in (root / "latest", tmp_path / "last.ckpt"):
@@ -399,7 +400,7 @@ def test_a_directory_read_torn_by_a_commit_and_a_deletion_is_read_again(
     then commits step 2 and deletes step 1 before step 1's manifest is looked at."""
     root = tmp_path / "run"
     trainer = ckptstore.CheckpointStore(root, max_to_keep=1)
-    trainer.save(1, state(1))
+    save_now(trainer, 1)
     real_scandir = os.scandir
     armed = [True]
 

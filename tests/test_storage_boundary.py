@@ -124,6 +124,7 @@ def test_filesystem_failures_are_storage_errors_with_their_errno(tmp_path: Path,
     np.testing.assert_array_equal(good.restore()["w"], np.arange(4 if 2 in steps else 3))
 
 
+@pytest.mark.background_retention
 def test_a_failed_retention_never_fails_the_save_and_is_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
