@@ -312,6 +312,8 @@ TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("test_knobs_env", "test_an_invalid_value_fails_when_read_not_at_import"): ("slow",),
     ("test_knobs_env", "test_the_command_line_starts_with_an_invalid_value"): ("slow",),
     ("test_knobs_env", "test_an_unknown_variable_is_warned_about_once_with_the_closest_name"): ("slow",),
+    # Keras fits killed with SIGKILL and rerun (two processes each: TensorFlow twice, torch once; 12-25 s each).
+    ("test_integration_keras", "test_fit_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_fit"): ("crash",),
 }
 
 
