@@ -1,12 +1,15 @@
-"""What retention adds to a blocking save: ``max_to_keep=1`` (each save deletes the checkpoint before it)
-against no retention, in one process, rotated (docs/benchmarks.md, "Retention off the critical path").
+"""What retention adds to a blocking save: ``max_to_keep=1`` (each save deletes the checkpoint before it), its
+pass in the background (the default) and in the save, against no retention, in one process, rotated
+(docs/benchmarks.md, "Retention off the critical path").
 
     .venv/bin/python benchmarks/retention_overhead.py [rounds] [dir] [train_s]
 
-Each round saves into two stores, one per policy, in rotated order; between two saves of a store the
-"training" sleeps ``train_s`` seconds (0.5 by default), as a loop that saves every few steps does: the
-deletion that retention starts after a commit runs in the background during it. ``os.sync()`` before each
-timed save. Prints each round's save seconds, then the medians (with their spread) and the ratio.
+Each round saves into three stores, one per variant, in rotated order; before each save the "training"
+sleeps ``train_s`` seconds (0.5 by default), as a loop that saves every few steps does: the deletion that
+retention starts after a commit runs in the background during it. The store without retention has its old
+checkpoint removed during that sleep too (outside the timing), so that every variant writes onto a disk in
+the same state. ``os.sync()`` before each timed save. Prints each round's save seconds, then the medians
+(with their spread) and the ratios.
 """
 
 from __future__ import annotations
@@ -26,32 +29,44 @@ def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     base = sys.argv[2] if len(sys.argv) > 2 else "bench-results"
     train_s = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5
-    state = c.gpt2_state(768, 6)  # about 0.5 GB of float32
-    policies = {"max_to_keep=1": 1, "no retention": None}
+    state = c.gpt2_state(768, 6)  # about 0.33 GB of float32
+    variants = {"no retention": (None, True), "background": (1, True), "in the save": (1, False)}
     stores = {}
-    for name, keep in policies.items():
-        root = os.path.join(base, f"retention-{keep}")
+    for name, (keep, _) in variants.items():
+        root = os.path.join(base, f"retention-{name.replace(' ', '-')}")
         shutil.rmtree(root, ignore_errors=True)
         stores[name] = ckptstore.CheckpointStore(root, max_to_keep=keep)
         stores[name].save(0, state)  # a checkpoint to delete from the first timed save on
-    times: dict[str, list[float]] = {name: [] for name in policies}
-    names = list(policies)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    spent: dict[str, list[float]] = {name: [] for name in variants}  # retention_wait + retention, in the save
+    names = list(variants)
     for r in range(1, rounds + 1):
-        for name in names[r % 2 :] + names[: r % 2]:
+        for name in names[r % 3 :] + names[: r % 3]:
+            store = stores[name]
+            if name == "no retention":  # the old checkpoint goes outside the timing
+                for step in store.steps():
+                    store.delete(step)
             time.sleep(train_s)  # training: the deletion started by the previous save runs meanwhile
             os.sync()
-            t0 = time.perf_counter()
-            stores[name].save(r, state)
-            times[name].append(time.perf_counter() - t0)
+            with ckptstore.knobs.override(retention_in_background=variants[name][1]):
+                t0 = time.perf_counter()
+                info = store.save(r, state)
+                times[name].append(time.perf_counter() - t0)
+            spent[name].append(info.timings["retention_wait"] + info.timings["retention"])
         print(r, "  ".join(f"{n}={times[n][-1]:.3f}s" for n in names), flush=True)
     for store in stores.values():
         store.close()
         shutil.rmtree(store.url, ignore_errors=True)
     med = {n: statistics.median(t) for n, t in times.items()}
     for n in names:
-        spread = f"(min {min(times[n]):.3f}, max {max(times[n]):.3f})"
-        print(f"{n:15s} median {med[n]:.3f} s  {spread}  {c.nbytes(state) / 1e9:.2f} GB")
-    print(f"ratio max_to_keep=1 / no retention: {med['max_to_keep=1'] / med['no retention']:.3f}")
+        q = statistics.quantiles(times[n], n=4)
+        print(
+            f"{n:13s} median {med[n]:.3f} s  (quartiles {q[0]:.3f} .. {q[2]:.3f})  {c.nbytes(state) / 1e9:.2f} GB"
+            f"  retention on the save's path: median {statistics.median(spent[n]) * 1e3:.1f} ms"
+            f" (max {max(spent[n]) * 1e3:.1f} ms)"
+        )
+    for n in names[1:]:
+        print(f"ratio {n} / no retention: {med[n] / med['no retention']:.3f}")
 
 
 if __name__ == "__main__":

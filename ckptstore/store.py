@@ -52,7 +52,10 @@ class CheckpointInfo:
     #: warning, and retried before this save), or None.
     retention_failure: str | None = None
     #: Returned by ``save``: seconds this process spent in each phase ("prepare", "plan", "write",
-    #: "commit"; see :class:`ckptstore.pipeline.Committed`) and in all ("total").
+    #: "commit"; see :class:`ckptstore.pipeline.Committed`) and in all ("total"); on rank 0 also waiting for
+    #: the retention pass of the save before ("retention_wait": zero when the training between two saves
+    #: outlasts it) and running this save's pass ("retention": starting its thread, or the whole pass with
+    #: ``knobs.retention_in_background`` off).
     timings: dict[str, float] = dataclasses.field(default_factory=dict, compare=False)
 
 
@@ -370,18 +373,22 @@ class CheckpointStore:
         name = step_name(step)
         failure = None
         started = time.perf_counter()
+        extra: dict[str, float] = {}
         if coord.rank == 0:
             self._retention_thread.wait()  # the pass the previous save started
             failure = self._retention_thread.take_failure()
             # A pass left undone (cut short, or failed) first: a disk it left full fails the save before its
             # commit, and so before the pass after it. Never raises.
             self._retention.catch_up(self.storage)
+            extra["retention_wait"] = time.perf_counter() - started
         done = pipeline.save(self.storage, name, step, source, overwrite=overwrite, coordinator=coord)
         if coord.rank == 0:
             _remember(self.url, step)
             self._retention.saved(step, done.created)
+            before = time.perf_counter()
             self._retention_thread.start(step)  # deletions off the critical path: see _RetentionThread
-        timings = {**done.timings, "total": time.perf_counter() - started}
+            extra["retention"] = time.perf_counter() - before
+        timings = {**extra, **done.timings, "total": time.perf_counter() - started}
         log.info(
             "saved step %d to %s: %d bytes in %.3f s (%.2f GB/s; %s)",
             step,

@@ -41,7 +41,7 @@ def test_saves_restores_fallbacks_and_deletions_are_logged(tmp_path: Path, caplo
 
 def test_a_save_reports_its_phases(tmp_path: Path) -> None:
     info = ckptstore.CheckpointStore(tmp_path / "run").save(1, {"w": np.ones((256, 256))})
-    assert set(info.timings) == {"prepare", "plan", "write", "commit", "total"}
+    assert set(info.timings) == {"retention_wait", "prepare", "plan", "write", "commit", "retention", "total"}
     assert all(v >= 0 for v in info.timings.values())
     phases = sum(v for k, v in info.timings.items() if k != "total")
     assert phases <= info.timings["total"] + 1e-6
