@@ -571,7 +571,23 @@ def _rm(args: argparse.Namespace) -> int:
 
 @command("prune")
 def _prune(args: argparse.Namespace) -> int:
-    policy = RetentionPolicy(args.keep_last, args.keep_every_n_steps, args.keep_every_n_hours)
+    if args.keep_last is None and args.keep_best is None:
+        print(
+            "ckptstore prune: give --keep-last or --keep-best (without either, retention keeps everything)",
+            file=sys.stderr,
+        )
+        return 2
+    if (args.keep_best is None) != (args.best_metric is None):
+        print("ckptstore prune: --keep-best and --best-metric go together", file=sys.stderr)
+        return 2
+    policy = RetentionPolicy(
+        args.keep_last,
+        args.keep_every_n_steps,
+        args.keep_every_n_hours,
+        keep_best=args.keep_best,
+        best_metric=args.best_metric,
+        best_mode=args.best_mode or "min",
+    )
     store = _store(args)
     storage = store.storage
     steps = store.steps()
@@ -679,9 +695,11 @@ not committed is an error too; the other steps are still deleted.
 examples:
   ckptstore prune ckpts/run1 --keep-last 3 --dry-run
   ckptstore prune ckpts/run1 --keep-last 3 --keep-every-n-steps 10000
+  ckptstore prune ckpts/run1 --keep-last 2 --keep-best 3 --best-metric val_loss --best-mode min
 
 Applies retention once, as CheckpointStore(URL, max_to_keep=N, keep_every_n_steps=K,
-keep_every_n_hours=H) does after each save: what survives is the union of the policies; a checkpoint a
+keep_every_n_hours=H, keep_best=B, best_metric=NAME, best_mode=...) does after each save: what survives is
+the union of the policies (with --keep-best alone: the best B and the newest); a checkpoint a
 reader pins is kept ("kept ...: a reader pins it"); leftovers of crashed writers are removed. Prints each
 checkpoint deleted.
 """,
@@ -771,14 +789,19 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     rm.add_argument("--force", action="store_true", help="delete pinned checkpoints too")
     prune = add("prune", "apply retention once: delete what the policy drops, unless a reader pins it")
-    prune.add_argument(
-        "--keep-last", type=_positive(int), required=True, metavar="N", help="keep the newest N checkpoints"
-    )
+    prune.add_argument("--keep-last", type=_positive(int), metavar="N", help="keep the newest N checkpoints")
     prune.add_argument(
         "--keep-every-n-steps", type=_positive(int), metavar="K", help="also keep every step divisible by K"
     )
     prune.add_argument(
         "--keep-every-n-hours", type=_positive(float), metavar="H", help="also keep one checkpoint per H hours"
+    )
+    prune.add_argument(
+        "--keep-best", type=_positive(int), metavar="N", help="also keep the N best by --best-metric (and the newest)"
+    )
+    prune.add_argument("--best-metric", metavar="NAME", help="the metadata key that ranks checkpoints")
+    prune.add_argument(
+        "--best-mode", choices=("min", "max"), help="min: the lowest value is best (default); max: the highest"
     )
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     return parser

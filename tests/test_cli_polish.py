@@ -318,7 +318,6 @@ def test_prune_of_nothing_and_bad_arguments(
     for argv in (
         ["--keep-last", "0"],
         ["--keep-last", "x"],
-        [],
         ["--keep-last", "1", "--keep-every-n-hours", "nan"],
         ["--keep-last", "1", "--keep-every-n-steps", "-2"],
     ):
@@ -326,6 +325,9 @@ def test_prune_of_nothing_and_bad_arguments(
             main(["prune", str(tmp_path / "empty"), *argv])
         assert e.value.code == 2, argv
     capsys.readouterr()
+    for argv in ([], ["--keep-best", "2"], ["--keep-last", "1", "--best-metric", "loss"]):  # nothing, or half
+        code, out, err = run(capsys, "prune", str(tmp_path / "empty"), *argv)
+        assert code == 2 and out == "" and "ckptstore prune:" in err, argv
     store = memory_url.store()  # an object store's protocol (no store-wide lock, manifest-last)
     for s in (1, 2, 3):
         store.save(s, {"a": np.full(2, s)})
@@ -342,3 +344,19 @@ def test_prune_keep_every_n_hours(capsys: pytest.CaptureFixture[str], store_dir:
     code, out, _ = run(capsys, *argv)
     assert code == 0 and out.splitlines() == [f"deleted {store_dir / f'step_{s:08d}'}" for s in (2, 3, 4, 5)]
     assert steps(store_dir) == [1, 6]
+
+
+def test_prune_keep_best(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    """The issue's table: max_to_keep=2, keep_best=2 (min) over these losses keeps [2, 4, 7, 8]."""
+    store = ckptstore.CheckpointStore(tmp_path / "run")
+    losses = {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.2, 5: 0.8, 6: 0.6, 7: 0.95, 8: 0.85}
+    for step, loss in losses.items():
+        store.save(step, {"a": np.full(2, step)}, metadata={"val_loss": loss})
+    argv = ["prune", str(tmp_path / "run"), "--keep-last", "2", "--keep-best", "2", "--best-metric", "val_loss"]
+    code, out, _ = run(capsys, *argv, "--dry-run")
+    assert code == 0 and out.count("would delete") == 4 and store.steps() == list(losses)
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out.count("deleted") == 4
+    assert store.steps() == [2, 4, 7, 8]
+    code, out, _ = run(capsys, "prune", str(tmp_path / "run"), "--keep-best", "1", "--best-metric", "val_loss")
+    assert code == 0 and store.steps() == [4, 8]  # the best and the newest
