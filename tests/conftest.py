@@ -92,16 +92,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.Ser
 
 def new_bucket(endpoint: str) -> str:
     """Create an empty bucket on ``endpoint``; return its name."""
-    import boto3
-
     name = s3server.new_bucket_name()
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=s3server.ACCESS_KEY,
-        aws_secret_access_key=s3server.SECRET_KEY,
-        region_name=s3server.REGION,
-    )
+    client = s3server.client(endpoint)
     # A server that has just started may answer before its storage is ready (SeaweedFS's filer): retry.
     deadline = time.monotonic() + 20
     while True:
@@ -116,15 +108,7 @@ def new_bucket(endpoint: str) -> str:
 
 def drop_bucket(endpoint: str, name: str) -> None:
     """Abort the bucket's multipart uploads, delete its objects, then the bucket."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=s3server.ACCESS_KEY,
-        aws_secret_access_key=s3server.SECRET_KEY,
-        region_name=s3server.REGION,
-    )
+    client = s3server.client(endpoint)
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=name):
         for upload in page.get("Uploads", []):
             client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])

@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 #: Dummy credentials: moto accepts anything, SeaweedFS is started with these.
 ACCESS_KEY = "testing"
@@ -167,6 +168,15 @@ def seaweedfs(data_dir: Path) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def client(endpoint: str) -> Any:
+    """A boto3 S3 client of the loopback server at ``endpoint``, with the test credentials."""
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
+    )
 
 
 def new_bucket_name() -> str:
