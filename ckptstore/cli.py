@@ -497,16 +497,8 @@ def _check_manifest(path: str, options: dict[str, Any]) -> str | None:
 
 def _pins(storage: Storage) -> dict[int, float]:
     """Steps that a live lease pins, with the latest expiry time of their leases (one listing)."""
-    now = time.time()
-    pins: dict[int, float] = {}
-    for entry in leases.LeaseDir(storage).names():
-        parsed = leases.parse_entry(entry)
-        if parsed is None or parsed[1] != leases.LEASE or parsed[2] <= now:
-            continue
-        step = parse_step(parsed[0])
-        if step is not None:
-            pins[step] = max(pins.get(step, 0.0), parsed[2])
-    return pins
+    pins = leases.live_pins(leases.LeaseDir(storage).names(), time.time())
+    return {step: expiry for name, expiry in pins.items() if (step := parse_step(name)) is not None}
 
 
 def _pinned_text(pins: dict[int, float], step: int) -> str:

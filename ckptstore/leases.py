@@ -89,9 +89,13 @@ def parse_entry(name: str) -> tuple[str, str, float] | None:
     return None
 
 
-def live_pins(names: Iterable[str], now: float) -> set[str]:
-    """The checkpoint names that some unexpired lease pins."""
-    return {p[0] for p in map(parse_entry, names) if p is not None and p[1] == LEASE and p[2] > now}
+def live_pins(names: Iterable[str], now: float) -> dict[str, float]:
+    """The checkpoint names that some unexpired lease pins, each with the latest expiry of its leases."""
+    pins: dict[str, float] = {}
+    for p in map(parse_entry, names):
+        if p is not None and p[1] == LEASE and p[2] > now:
+            pins[p[0]] = max(pins.get(p[0], 0.0), p[2])
+    return pins
 
 
 class Lease:
