@@ -38,6 +38,10 @@ class Knobs:
     #: Remote filesystems: requests in flight at once per file (ranged GETs of a restore, parts of a multipart
     #: upload). Tensor files themselves are written one after another.
     io_threads: int = 4
+    #: Local reads: threads reading one tensor file at once, each a ``chunk_bytes`` piece at a time with a
+    #: positional read (the disk sees a few sequential streams; checksums are hashed meanwhile). 1: the
+    #: caller's thread alone.
+    read_threads: int = 4
     #: Remote reads: bytes per ranged GET (a larger tensor is fetched in parallel pieces of this size).
     read_part_bytes: int = 32 << 20
     #: Remote reads: tensors closer than this in one file are fetched by one ranged GET (fewer requests,

@@ -18,7 +18,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import xxhash
@@ -27,7 +27,7 @@ from . import dtypes, knobs
 from .errors import CorruptCheckpointError
 from .manifest import TensorEntry
 from .skeleton import ArrayLeaf
-from .storage import Readable
+from .storage import MAX_READ_BUFFERS, Readable
 
 HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
 
@@ -257,25 +257,7 @@ def new_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8)
 
 
-def read_tensor(f: Readable, entry: TensorEntry, *, verify: bool, source: str) -> np.ndarray:
-    """Read one tensor's bytes from an open file into a fresh array; check its checksum if ``verify``."""
-    buf = new_buffer(entry.nbytes)
-    view = buf.data
-    f.seek(entry.offset)
-    got = 0
-    while got < entry.nbytes:
-        n = f.readinto(view[got:])
-        if not n:
-            raise CorruptCheckpointError(
-                f"{source}: tensor {entry.name!r} is truncated ({got} of {entry.nbytes} bytes)"
-            )
-        got += n
-    if verify:
-        check(buf, entry, source)
-    return buf.view(dtypes.dtype_of(entry.dtype)).reshape(entry.shape)
-
-
-#: Tensors smaller than this are read in blocks with their neighbours (one call per block, not per tensor).
+#: Tensors smaller than this are read in blocks with their neighbours (one buffer per block, not per tensor).
 SMALL_TENSOR_BYTES = 1 << 20
 #: Largest such block: a small tensor returned as a view keeps at most this much memory alive.
 BLOCK_BYTES = 16 << 20
@@ -284,63 +266,166 @@ BLOCK_BYTES = 16 << 20
 def read_tensors(
     f: Readable, items: Sequence[tuple[int, TensorEntry]], *, verify: bool, source: str
 ) -> dict[int, np.ndarray]:
-    """Read tensors ``(key, entry)`` of one file, sorted by offset; return ``{key: array}``.
+    """Read tensors ``(key, entry)`` of one file, sorted by offset, into fresh arrays; return ``{key: array}``.
 
-    A large tensor is read straight into its own array, and checked on a helper thread while the next
-    one is read. Runs of adjacent small tensors are read with one call into one block and returned as
-    views of it: with 100,000 small tensors, a seek, a read and an allocation per tensor cost more than
-    the bytes.
+    A large tensor gets an array of its own; runs of adjacent small tensors share one block and are
+    returned as views of it (with 100,000 small tensors, an allocation per tensor costs more than the
+    bytes). The reads are :func:`read_parallel`'s.
     """
+    dests: list[tuple[TensorEntry, np.ndarray]] = []
+    k, n = 0, len(items)
+    while k < n:
+        j = _block_end(items, k) if items[k][1].nbytes < SMALL_TENSOR_BYTES else k + 1
+        start, last = items[k][1].offset, items[j - 1][1]
+        block = new_buffer(last.offset + last.nbytes - start)
+        dests.extend((e, block[e.offset - start : e.offset - start + e.nbytes]) for _, e in items[k:j])
+        k = j
+    read_parallel(f, dests, verify=verify, source=source)
     out: dict[int, np.ndarray] = {}
-    checks: list[Future[object]] = []
-    with _HashThread() as hasher:
-        k, n = 0, len(items)
-        while k < n:
-            key, e = items[k]
-            if e.nbytes >= SMALL_TENSOR_BYTES:
-                out[key] = read_tensor(f, e, verify=False, source=source)
-                if verify:
-                    checks.append(hasher.submit(check, out[key], e, source))
-                k += 1
-                continue
-            j = _block_end(items, k)
-            out.update(_read_block(f, items[k:j], verify=verify, source=source))
-            k = j
-        for done in checks:
-            done.result()  # raises the first CorruptCheckpointError
+    for (key, e), (_, part) in zip(items, dests):
+        dtype = dtypes.dtype_of(e.dtype)
+        if part.ctypes.data % dtype.alignment:  # after an odd-sized tensor in a block: never hand out unaligned
+            part = part.copy()
+        out[key] = part.view(dtype).reshape(e.shape)
     return out
 
 
 def fill_tensors(f: Readable, items: Sequence[tuple[TensorEntry, np.ndarray]], *, verify: bool, source: str) -> None:
     """Read tensors of one file, sorted by offset, straight into the caller's memory: ``(entry, dest)``
     with ``dest`` a writable, C-contiguous uint8 array of ``entry.nbytes`` (a view of an existing tensor's
-    storage: nothing is allocated). Checksums, when ``verify``, are checked on the bytes as they landed
-    in ``dest``, a large tensor's on a helper thread while the next one is read.
+    storage: nothing is allocated). The reads and checksums are :func:`read_parallel`'s.
 
-    A failure part-way leaves the tensors before it (and the failing one, in part) overwritten.
+    A failure part-way leaves some tensors (those read before it, and with several threads some after it)
+    overwritten.
 
     Raises:
         CorruptCheckpointError: a tensor is truncated or fails its checksum.
     """
-    checks: list[Future[object]] = []
-    with _HashThread() as hasher:
+    for e, dest in items:
+        if dest.nbytes != e.nbytes:
+            raise CorruptCheckpointError(
+                f"{source}: tensor {e.name!r} has {e.nbytes} bytes, its dtype and shape {dest.nbytes}"
+            )
+    read_parallel(f, items, verify=verify, source=source)
+
+
+@dataclasses.dataclass
+class _Piece:
+    """One positional read: ``nbytes`` of the file from ``offset`` into ``views`` (parts of ``tensors``'
+    destinations, in order)."""
+
+    offset: int
+    nbytes: int = 0
+    views: list[memoryview] = dataclasses.field(default_factory=list)
+    tensors: list[int] = dataclasses.field(default_factory=list)
+
+
+def _pieces(items: Sequence[tuple[TensorEntry, np.ndarray]], piece_bytes: int) -> tuple[list[_Piece], list[int]]:
+    """Cut the reads of ``items`` (sorted by offset) into pieces of at most ``piece_bytes``: a large tensor
+    into several, adjacent small ones gathered into one (at most ``MAX_READ_BUFFERS`` buffers, so that a
+    piece is one ``preadv``). Returns the pieces and, per item, how many pieces hold some of its bytes."""
+    pieces: list[_Piece] = []
+    count = [0] * len(items)
+    cur: _Piece | None = None
+    for t, (e, dest) in enumerate(items):
+        view, pos = dest.data.cast("B"), 0
+        while pos < e.nbytes:
+            at = e.offset + pos
+            full = cur is not None and (cur.nbytes >= piece_bytes or len(cur.views) >= MAX_READ_BUFFERS)
+            if cur is None or full or cur.offset + cur.nbytes != at:
+                cur = _Piece(at)
+                pieces.append(cur)
+            take = min(e.nbytes - pos, piece_bytes - cur.nbytes)
+            cur.views.append(view[pos : pos + take])
+            cur.nbytes += take
+            if not cur.tensors or cur.tensors[-1] != t:
+                cur.tensors.append(t)
+                count[t] += 1
+            pos += take
+    return pieces, count
+
+
+def read_parallel(f: Readable, items: Sequence[tuple[TensorEntry, np.ndarray]], *, verify: bool, source: str) -> None:
+    """Read tensors ``(entry, dest)`` of one file, sorted by offset, into their ``dest`` (uint8 arrays of
+    ``entry.nbytes``), with ``knobs.read_threads`` threads at once.
+
+    The bytes are cut into pieces of ``knobs.chunk_bytes`` (a large tensor into several, runs of small
+    ones gathered into one scatter read), and the threads take the pieces in file order, each with a
+    positional read (``preadv`` on a local file, which releases the GIL): the disk sees a few sequential
+    streams side by side, and with 100,000 small tensors one call reads a thousand. A tensor's checksum
+    is checked, when ``verify``, by the thread that read its last piece, while the others go on reading.
+    The reads land in ``dest`` directly: nothing is staged, so the memory in flight is the destinations'.
+    The first failure stops the threads after their current piece and is raised.
+
+    Raises:
+        CorruptCheckpointError: a tensor is truncated or fails its checksum.
+    """
+    pieces, left = _pieces(items, knobs.current.chunk_bytes)
+    if verify:
         for e, dest in items:
-            if dest.nbytes != e.nbytes:
-                raise CorruptCheckpointError(
-                    f"{source}: tensor {e.name!r} has {e.nbytes} bytes, its dtype and shape {dest.nbytes}"
-                )
-            got = read_into(f, e.offset, dest)
-            if got != e.nbytes:
-                raise CorruptCheckpointError(f"{source}: tensor {e.name!r} is truncated ({got} of {e.nbytes} bytes)")
-            if verify:
-                if e.nbytes >= OVERLAP_BYTES:
-                    checks.append(hasher.submit(check, dest, e, source))
-                else:
-                    check(dest, e, source)
-            while checks and checks[0].done():  # stop at the first failure already known
-                checks.pop(0).result()
-        for done in checks:
-            done.result()  # raises the first CorruptCheckpointError
+            if e.nbytes == 0:
+                check(dest, e, source)
+    lock = threading.Lock()
+
+    def read(p: _Piece) -> None:
+        got = f.readinto_at(p.views, p.offset)
+        if got < p.nbytes:
+            end = p.offset + got
+            e = next(items[t][0] for t in p.tensors if items[t][0].offset + items[t][0].nbytes > end)
+            raise CorruptCheckpointError(
+                f"{source}: tensor {e.name!r} is truncated ({max(0, end - e.offset)} of {e.nbytes} bytes)"
+            )
+        for t in p.tensors:
+            with lock:
+                left[t] -= 1
+                whole = left[t] == 0
+            if whole and verify:
+                check(items[t][1], items[t][0], source)
+
+    run_threads(read, pieces, knobs.current.read_threads)
+
+
+_T = TypeVar("_T")
+
+
+def run_threads(work: Callable[[_T], object], jobs: Sequence[_T], threads: int) -> None:
+    """Run ``work`` on each of ``jobs``, taken in order by up to ``threads`` threads (the caller's among
+    them); the first exception stops the others after their current job and is raised.
+
+    Plain threads, not a ``ThreadPoolExecutor`` (see :class:`_HashThread`); where no thread can be
+    started, the caller does all the work.
+    """
+    todo = iter(jobs)
+    take = threading.Lock()
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        while not failed:
+            with take:
+                job = next(todo, None)
+            if job is None:
+                return
+            try:
+                work(job)
+            except BaseException as e:
+                failed.append(e)
+                return
+
+    helpers: list[threading.Thread] = []
+    for _ in range(min(threads, len(jobs)) - 1):
+        thread = threading.Thread(target=serve, name="ckptstore-read", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no new threads here (interpreter finalizing)
+            break
+        helpers.append(thread)
+    try:
+        serve()
+    finally:
+        for thread in helpers:
+            thread.join()
+    if failed:
+        raise failed[0]
 
 
 def _block_end(items: Sequence[tuple[int, TensorEntry]], k: int) -> int:
@@ -356,32 +441,6 @@ def _block_end(items: Sequence[tuple[int, TensorEntry]], k: int) -> int:
         end += e2.nbytes
         j += 1
     return j
-
-
-def _read_block(
-    f: Readable, run: Sequence[tuple[int, TensorEntry]], *, verify: bool, source: str
-) -> dict[int, np.ndarray]:
-    """Adjacent small tensors read with one call, returned as (aligned) views of one block."""
-    start = run[0][1].offset
-    last = run[-1][1]
-    block = new_buffer(last.offset + last.nbytes - start)
-    got = read_into(f, start, block)
-    base = block.ctypes.data
-    out: dict[int, np.ndarray] = {}
-    for key, e in run:
-        lo = e.offset - start
-        if lo + e.nbytes > got:
-            raise CorruptCheckpointError(
-                f"{source}: tensor {e.name!r} is truncated ({max(0, got - lo)} of {e.nbytes} bytes)"
-            )
-        part = block[lo : lo + e.nbytes]
-        if verify:
-            check(part, e, source)
-        dtype = dtypes.dtype_of(e.dtype)
-        if (base + lo) % dtype.alignment:  # after an odd-sized tensor: copy, never hand out unaligned
-            part = part.copy()
-        out[key] = part.view(dtype).reshape(e.shape)
-    return out
 
 
 def map_tensors(

@@ -166,7 +166,8 @@ def drop_phantom(found: Any, rel: str, phantoms: bool) -> Any:
 
 
 def check_reads(storage: Storage, rel: str, data: bytes) -> None:
-    """Every way of reading a file gives its bytes: open_read with seek/readinto/read, read_range."""
+    """Every way of reading a file gives its bytes: open_read with seek/readinto/read/readinto_at,
+    read_range."""
     n = len(data)
     f = storage.open_read(rel)
     try:
@@ -178,6 +179,13 @@ def check_reads(storage: Storage, rel: str, data: bytes) -> None:
         assert f.read() == data[-10:], "read to the end"
         f.seek(0)
         assert f.read(5) == data[:5]
+        # Positional scatter reads: into several buffers (one empty), and short at the end of the file.
+        bufs = [bytearray(7), bytearray(0), bytearray(300)]
+        assert f.readinto_at([memoryview(b) for b in bufs], 20) == 307
+        assert b"".join(bufs) == data[20:327], "readinto_at fills the buffers in order"
+        tail = bytearray(50)
+        assert f.readinto_at([memoryview(tail)], n - 30) == 30, "readinto_at at the end reads fewer bytes"
+        assert bytes(tail[:30]) == data[-30:]
     finally:
         f.close()
     assert storage.read_range(rel, 10, 500) == data[10:500]

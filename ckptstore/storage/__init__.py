@@ -28,6 +28,7 @@ from ..errors import CkptStoreError, StorageError
 from . import _s3
 from ._base import (
     LOCK_NAME,
+    MAX_READ_BUFFERS,
     STEP_RE,
     TMP_PREFIX,
     TRASH_PREFIX,
@@ -43,6 +44,7 @@ from ._local import LocalOps, LocalStorage
 
 __all__ = [
     "LOCK_NAME",
+    "MAX_READ_BUFFERS",
     "STEP_RE",
     "TMP_PREFIX",
     "TRASH_PREFIX",

@@ -18,10 +18,13 @@ checkpoint directory), are theirs: those are followed for reading.
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import re
+import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, BinaryIO, ClassVar, Protocol, TypeVar
 
 from ..errors import CkptStoreError, StorageError, storage_error, storage_errors
@@ -81,7 +84,18 @@ class Readable(Protocol):
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
     def read(self, size: int = -1, /) -> bytes: ...
     def readinto(self, buffer: Any, /) -> int | None: ...
+    def readinto_at(self, buffers: Sequence[memoryview], offset: int, /) -> int:
+        """Fill ``buffers`` (writable byte views), in order, from the file's bytes at ``offset``, until they
+        are full or the file ends; return the bytes read. Positional: several threads may call it at once
+        (on a local file, each call is one ``preadv``, which releases the GIL), and the file position is
+        left undefined."""
+        ...
+
     def close(self) -> None: ...
+
+
+#: Most buffers one positional read fills (Linux's IOV_MAX); longer lists are read in several calls.
+MAX_READ_BUFFERS = 1024
 
 
 class Storage(ABC):
@@ -286,10 +300,13 @@ class _NamedFile:
 class NamedReader:
     """A file being read whose failures are StorageErrors naming it."""
 
-    __slots__ = ("_f", "_failures", "_what")
+    __slots__ = ("_f", "_failures", "_fd", "_lock", "_what")
 
     def __init__(self, f: Any, what: str, storage: Storage) -> None:
         self._f, self._what, self._failures = f, what, storage.failures
+        # An OS file's positional reads need no lock; any other file's are a seek and reads under one.
+        self._fd = f.fileno() if isinstance(f, io.FileIO) and hasattr(os, "preadv") else None
+        self._lock = threading.Lock()
 
     def seek(self, offset: int, whence: int = 0, /) -> int:
         try:
@@ -316,6 +333,27 @@ class NamedReader:
             raise storage_error(e, self._what) from e
         return None if n is None else int(n)
 
+    def readinto_at(self, buffers: Sequence[memoryview], offset: int, /) -> int:
+        try:
+            if self._fd is not None:
+                return _preadv_all(self._fd, buffers, offset)
+            with self._lock:
+                self._f.seek(offset)
+                got = 0
+                for buf in buffers:
+                    filled = 0
+                    while filled < len(buf):
+                        n = self._f.readinto(buf[filled:])
+                        if not n:
+                            return got + filled
+                        filled += n
+                    got += filled
+                return got
+        except CkptStoreError:
+            raise
+        except self._failures as e:
+            raise storage_error(e, self._what) from e
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._f.close()
@@ -325,3 +363,22 @@ class NamedReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _preadv_all(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+    """``os.preadv`` until ``buffers`` are full or the file ends (a call may return fewer bytes)."""
+    views = list(buffers)
+    got, i = 0, 0
+    while i < len(views):
+        n = os.preadv(fd, views[i : i + MAX_READ_BUFFERS], offset + got)
+        if not n:
+            break
+        got += n
+        while n and i < len(views):  # skip the buffers filled; cut the one filled in part
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+    return got
