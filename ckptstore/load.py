@@ -130,8 +130,8 @@ def read(
     selected = keys is not None or key_map is not None
     sharded = block_read.block_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
     wanted = sorted(set(subset.tensor_indices(skeleton))) if selected else range(len(m.tensors))
-    # Tensors of `like`'s torch modules and optimizers are read straight into their memory by the rebuild
-    # (local disk only, for now): not here.
+    # Tensors of `like`'s torch modules and optimizers are read straight into their memory by the rebuild:
+    # not here.
     deferred: set[int] = set()
     if like is not tree.MISSING and in_place_possible(storage, mmap=mmap):
         deferred = tree.in_place_indices(skeleton, like, functools.partial(_spec, m), strict=strict) - set(sharded)
@@ -161,8 +161,8 @@ def read(
 
 def in_place_possible(storage: Storage, *, mmap: bool) -> bool:
     """Whether a restore reads the tensors of ``like``'s stateful objects straight into their memory: on
-    local disk, unless ``mmap`` (object stores and other filesystems read as before)."""
-    return storage.supports_mmap and not storage.ranged_reads and not mmap
+    every storage, unless ``mmap`` on one that maps files (the tensors are then mapped, as asked)."""
+    return not (mmap and storage.supports_mmap)
 
 
 def _spec(m: Manifest, index: int) -> tuple[np.dtype, tuple[int, ...]] | None:
@@ -214,9 +214,14 @@ class _Tensors:
                 self.arrays[index] = view.view(dtypes.dtype_of(self.m.tensors[index].dtype)).reshape(
                     self.m.tensors[index].shape
                 )
+            dests = [(self.m.tensors[i], v) for i, v in items]
+            if self.storage.ranged_reads:  # parallel ranged GETs, each part copied into its tensor
+                fetch = functools.partial(self.storage.read_range, rel)
+                remote_read.fill_tensors(fetch, dests, verify=self.verify, source=source)
+                continue
             f = self.storage.open_read(rel)
             try:
-                tensorio.fill_tensors(f, [(self.m.tensors[i], v) for i, v in items], verify=self.verify, source=source)
+                tensorio.fill_tensors(f, dests, verify=self.verify, source=source)
             finally:
                 f.close()
 

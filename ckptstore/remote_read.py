@@ -1,13 +1,14 @@
 """Reading tensors from a remote file with parallel ranged GETs.
 
-Local files are read in place (seek + readinto, one pass in offset order). On an object store each read is
-a request with a latency of its own, so the tensors wanted from one file are turned into a few requests:
+Local files are read with positional reads (:func:`tensorio.read_parallel`). On an object store each read
+is a request with a latency of its own, so the tensors wanted from one file are turned into a few requests:
 
 * tensors closer together than ``knobs.read_coalesce_bytes`` share one request (a few unwanted bytes in
   between cost less than another round trip);
 * a request never spans more than ``knobs.read_part_bytes``; a larger tensor is fetched in parts;
-* ``knobs.io_threads`` requests are in flight at once, and each part is copied into its tensor's buffer as
-  it arrives, so memory holds the tensors being restored plus at most ``io_threads`` parts in transit.
+* ``knobs.io_threads`` requests are in flight at once, and each part is copied into its tensor's memory (a
+  fresh buffer, or the existing tensor of a restore in place) as it arrives, so memory holds the tensors
+  being restored plus at most ``io_threads`` parts in transit.
 
 Only the byte ranges of the tensors asked for are requested (plus the small gaps coalesced over), so
 restoring a subset of a checkpoint reads only that subset.
@@ -82,19 +83,39 @@ def read_tensors(
     """Read the tensors ``entries`` (key, entry) of one file through ``fetch(start, end) -> bytes``, with
     up to ``knobs.io_threads`` requests at once; return ``{key: array}``."""
     bufs = {key: tensorio.new_buffer(e.nbytes) for key, e in entries}
-    by_key = dict(entries)
-    requests = plan(entries, knobs.current.read_part_bytes, knobs.current.read_coalesce_bytes)
+    fill_tensors(fetch, [(e, bufs[key]) for key, e in entries], verify=verify, source=source)
+    return {key: bufs[key].view(dtypes.dtype_of(e.dtype)).reshape(e.shape) for key, e in entries}
+
+
+def fill_tensors(
+    fetch: Callable[[int, int], bytes],
+    items: Sequence[tuple[TensorEntry, np.ndarray]],
+    *,
+    verify: bool,
+    source: str,
+) -> None:
+    """Read tensors ``(entry, dest)`` of one file into ``dest`` (writable uint8 arrays of ``entry.nbytes``:
+    fresh buffers, or existing tensors' memory) through ``fetch(start, end) -> bytes``, with up to
+    ``knobs.io_threads`` requests at once; check each one's checksum, when ``verify``, once it is whole.
+
+    Raises:
+        CorruptCheckpointError: a tensor is truncated or fails its checksum (tensors before it, and some
+            after it, are then overwritten).
+    """
+    requests = plan(
+        list(enumerate(e for e, _ in items)), knobs.current.read_part_bytes, knobs.current.read_coalesce_bytes
+    )
 
     def run(r: Request) -> None:
         data = fetch(r.start, r.end)
         if len(data) != r.end - r.start:
-            names = sorted({by_key[p.key].name for p in r.pieces})
+            names = sorted({items[p.key][0].name for p in r.pieces})
             raise CorruptCheckpointError(
                 f"{source}: bytes {r.start}-{r.end} (tensors {names}) are truncated: got {len(data)}"
             )
         view = memoryview(data)
         for p in r.pieces:
-            bufs[p.key][p.dest : p.dest + p.n] = np.frombuffer(view[p.src : p.src + p.n], dtype=np.uint8)
+            items[p.key][1][p.dest : p.dest + p.n] = np.frombuffer(view[p.src : p.src + p.n], dtype=np.uint8)
 
     threads = max(1, min(knobs.current.io_threads, len(requests)))
     if threads == 1:
@@ -104,13 +125,9 @@ def read_tensors(
         with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-read") as pool:
             # list(): re-raise the first failure here (the pool waits for the others on exit).
             list(pool.map(run, requests))
-    out = {}
-    for key, e in entries:
-        buf = bufs[key]
-        if verify:
-            tensorio.check(buf, e, source)
-        out[key] = buf.view(dtypes.dtype_of(e.dtype)).reshape(e.shape)
-    return out
+    if verify:
+        for e, dest in items:
+            tensorio.check(dest, e, source)
 
 
 def read_span(fetch: Callable[[int, int], bytes], start: int, out: np.ndarray) -> int:

@@ -21,6 +21,7 @@ import ckptstore
 from ckptstore import knobs, load, tensorio
 from ckptstore.errors import CorruptCheckpointError, CorruptCheckpointWarning, StructureMismatchError
 from ckptstore.storage import step_name
+from tests.conftest import Location
 
 
 def net() -> torch.nn.Module:
@@ -204,10 +205,13 @@ def test_a_state_the_object_refuses_leaves_it_untouched(tmp_path: Path) -> None:
 # --- a damaged tensor part-way --------------------------------------------------------------------------
 
 
-def two_checkpoints(tmp_path: Path) -> tuple[ckptstore.CheckpointStore, dict[str, torch.Tensor], dict[str, Any]]:
+def two_checkpoints(
+    tmp_path: Path, url: str | None = None, options: dict[str, Any] | None = None
+) -> tuple[ckptstore.CheckpointStore, dict[str, torch.Tensor], dict[str, Any]]:
     """Steps 1 and 2 (other values), each in several tensor files; step 2's optimizer state damaged in the
-    middle of a late tensor. Returns the store, step 1's tensors and step 2's."""
-    store = ckptstore.CheckpointStore(tmp_path / "run")
+    middle of a late tensor. Returns the store (at ``url``, else under tmp_path), step 1's tensors and
+    step 2's."""
+    store = ckptstore.CheckpointStore(url or tmp_path / "run", storage_options=options)
     with knobs.override(max_file_bytes=1024):  # several files a checkpoint: the damage is in a later one
         m1, o1 = trained(0, ADAMW)
         store.save(1, {"model": m1, "opt": o1, "step": 1})
@@ -218,12 +222,14 @@ def two_checkpoints(tmp_path: Path) -> tuple[ckptstore.CheckpointStore, dict[str
     assert len(man.files) >= 3
     late = man.tensors[-2]  # the optimizer's state of the last layer: after every tensor of the module
     assert late.name.startswith("opt/") and man.files[late.file].name != man.files[man.tensors[0].file].name
-    path = os.path.join(store.url, name, man.files[late.file].name)
-    with open(path, "r+b") as f:
-        f.seek(late.offset + late.nbytes // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x10]))
+    rel = f"{name}/{man.files[late.file].name}"
+    data = bytearray(store.storage.read_range(rel, 0, man.files[late.file].size))
+    data[late.offset + late.nbytes // 2] ^= 0x10
+    if url is None:
+        Path(store.url, rel).write_bytes(data)
+    else:  # the object rewritten as it is (the manifest still lists it, with its old checksum)
+        fs = store.storage.fs  # type: ignore[attr-defined]
+        fs.pipe(f"{store.url.removeprefix('s3://')}/{rel}", bytes(data))
     return (
         store,
         {k: v.clone() for k, v in tensors_of(m1, o1).items()},
@@ -315,3 +321,40 @@ def test_restore_into_an_existing_model_adds_little_peak_memory(tmp_path: Path) 
     nbytes, in_place, fresh = map(int, p.stdout.split())
     assert fresh > 0.8 * nbytes  # the measurement sees a restore into fresh memory (control)
     assert in_place < 0.25 * nbytes, f"peak grew {in_place / nbytes:.0%} of the state"
+
+
+# --- on an object store ---------------------------------------------------------------------------------
+
+
+def test_on_s3_module_and_optimizer_are_filled_in_place(s3_url: Location, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranged GETs land in the existing tensors: no fresh buffer, the same storage, exact values."""
+    m, opt = trained(0, ADAMW)
+    store = ckptstore.CheckpointStore(s3_url.url, storage_options=s3_url.storage_options)
+    with knobs.override(read_part_bytes=256, read_coalesce_bytes=0):  # many parts, several at once
+        store.save(1, {"model": m, "opt": opt, "step": 1})
+        want = {k: v.clone() for k, v in tensors_of(m, opt).items()}
+        m2, opt2 = trained(1, ADAMW)
+        ptrs = {k: v.data_ptr() for k, v in tensors_of(m2, opt2).items()}
+        allocated = Allocations(monkeypatch)
+        out = store.restore(like={"model": m2, "opt": opt2, "step": 0})
+    assert out["step"] == 1
+    got = tensors_of(m2, opt2)
+    assert_same_values(got, want)
+    assert {k: v.data_ptr() for k, v in got.items()} == ptrs
+    assert allocated.nbytes == 0
+
+
+def test_on_s3_a_damaged_tensor_part_way_then_fallback_leaves_the_older_checkpoint(
+    s3_url: Location, tmp_path: Path
+) -> None:
+    store, step1, step2 = two_checkpoints(tmp_path, s3_url.url, s3_url.storage_options)
+    m, opt, ptrs = fresh_target()
+    with pytest.raises(CorruptCheckpointError, match=r"checksum.*the objects in `like` were partly overwritten"):
+        store.restore(2, like={"model": m, "opt": opt, "step": 0})
+    assert torch.equal(m.state_dict()["0.weight"], step2["model/0.weight"])
+    with pytest.warns(CorruptCheckpointWarning, match=r"restored step 1 .*step 2: .*partly overwritten"):
+        out = store.restore(like={"model": m, "opt": opt, "step": 0}, fallback=True)
+    assert out["step"] == 1
+    got = tensors_of(m, opt)
+    assert_same_values(got, step1)
+    assert {k: v.data_ptr() for k, v in got.items()} == ptrs
