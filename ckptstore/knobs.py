@@ -42,6 +42,9 @@ class Knobs:
     #: positional read (the disk sees a few sequential streams; checksums are hashed meanwhile). 1: the
     #: caller's thread alone.
     read_threads: int = 4
+    #: Restores into accelerator memory: the bounce buffer's size; its two halves take turns, one read into
+    #: from the file while the other's bytes are copied to the device (see :mod:`ckptstore.bounce`).
+    bounce_bytes: int = 128 << 20
     #: Remote reads: bytes per ranged GET (a larger tensor is fetched in parallel pieces of this size).
     read_part_bytes: int = 32 << 20
     #: Remote reads: tensors closer than this in one file are fetched by one ranged GET (fewer requests,

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from . import block_read, dtypes, knobs, manifest, remote_read, subset, tensorio, tree
+from . import block_read, bounce, dtypes, knobs, manifest, remote_read, subset, tensorio, tree
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PartialRestoreWarning,
 )
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, Manifest, TensorEntry
 from .skeleton import render_path
 from .storage import Storage, parse_step
 from .subset import KeyMap
@@ -200,28 +200,35 @@ class _Tensors:
     def spec(self, index: int) -> tuple[np.dtype, tuple[int, ...]] | None:
         return _spec(self.m, index) if index in self.deferred and index not in self.arrays else None
 
-    def fill(self, targets: Sequence[tuple[int, np.ndarray]]) -> None:
-        by_file: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for index, view in targets:
-            by_file.setdefault(self.m.tensors[index].file, []).append((index, view))
+    def fill(self, targets: Sequence[tuple[int, np.ndarray | bounce.DeviceTarget]]) -> None:
+        by_file: dict[int, list[tuple[int, np.ndarray | bounce.DeviceTarget]]] = {}
+        for index, target in targets:
+            by_file.setdefault(self.m.tensors[index].file, []).append((index, target))
         if self._sizes is None:
             self._sizes = self.storage.sizes(self.name)
         for file_index, items in by_file.items():
             rel, source = checked_file(self.storage, self.name, self.m.files[file_index], self._sizes)
             items.sort(key=lambda item: self.m.tensors[item[0]].offset)
-            for index, view in items:
-                self.deferred.discard(index)  # filled: a later load() gets the array in `like`, not a copy
-                self.arrays[index] = view.view(dtypes.dtype_of(self.m.tensors[index].dtype)).reshape(
-                    self.m.tensors[index].shape
+            host: list[tuple[TensorEntry, np.ndarray]] = []
+            device: list[tuple[TensorEntry, bounce.DeviceTarget]] = []
+            for index, target in items:
+                e = self.m.tensors[index]
+                if isinstance(target, np.ndarray):
+                    self.deferred.discard(index)  # filled: a later load() gets the array in `like`, not a copy
+                    self.arrays[index] = target.view(dtypes.dtype_of(e.dtype)).reshape(e.shape)
+                    host.append((e, target))
+                else:  # (a later load() of it reads it again, to host memory)
+                    device.append((e, target))
+            if self.storage.ranged_reads and host:  # parallel ranged GETs, each part copied into its tensor
+                remote_read.fill_tensors(
+                    functools.partial(self.storage.read_range, rel), host, verify=self.verify, source=source
                 )
-            dests = [(self.m.tensors[i], v) for i, v in items]
-            if self.storage.ranged_reads:  # parallel ranged GETs, each part copied into its tensor
-                fetch = functools.partial(self.storage.read_range, rel)
-                remote_read.fill_tensors(fetch, dests, verify=self.verify, source=source)
-                continue
             f = self.storage.open_read(rel)
             try:
-                tensorio.fill_tensors(f, dests, verify=self.verify, source=source)
+                if host and not self.storage.ranged_reads:
+                    tensorio.fill_tensors(f, host, verify=self.verify, source=source)
+                if device:
+                    bounce.fill(f, device, verify=self.verify, source=source)
             finally:
                 f.close()
 

@@ -14,6 +14,7 @@ state their adapter gives (:class:`ckptstore.frameworks.ObjectAdapter`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import dtypes, shard
+from .bounce import DeviceTarget
 from .errors import CkptStoreError, CorruptCheckpointError, ShardingError, StructureMismatchError, UnsupportedTypeError
 from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named, object_adapter_for
 from .skeleton import ArrayLeaf, KeyPath, NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path
@@ -46,8 +48,10 @@ def type_name(x: Any) -> str:
 
 
 def is_stateful(x: Any) -> bool:
-    """Whether ``x`` is saved through ``state_dict()`` and restored through ``load_state_dict()``."""
-    return callable(getattr(x, "state_dict", None)) and callable(getattr(x, "load_state_dict", None))
+    """Whether ``x`` is saved through ``state_dict()`` and restored through ``load_state_dict()``: both are
+    methods (or functions). A callable that ``__getattr__`` makes up for any name is none: ``nnx.Rngs``
+    answers ``rngs.state_dict`` with a random stream, which draws a key when called."""
+    return inspect.isroutine(getattr(x, "state_dict", None)) and inspect.isroutine(getattr(x, "load_state_dict", None))
 
 
 def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]]:
@@ -541,8 +545,9 @@ class InPlaceReader(Protocol):
         read the usual way)."""
         ...
 
-    def fill(self, targets: Sequence[tuple[int, np.ndarray]]) -> None:
-        """Read each tensor ``index``'s bytes into its uint8 view (checksums checked as configured).
+    def fill(self, targets: Sequence[tuple[int, np.ndarray | DeviceTarget]]) -> None:
+        """Read each tensor ``index``'s bytes into its uint8 view, or its device target through a bounce
+        buffer (checksums checked as configured).
 
         Raises:
             CorruptCheckpointError: a tensor is truncated or damaged (those before it are filled).
@@ -556,7 +561,7 @@ def fill_targets(
     saved: Any,
     template: Any,
     spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
-) -> dict[int, tuple[Any, np.ndarray]] | None:
+) -> dict[int, tuple[Any, np.ndarray | DeviceTarget]] | None:
     """The tensors of stateful object ``obj`` that the checkpoint's bytes can be read straight into:
     ``{index: (tensor of template, uint8 view of its memory)}`` for each tensor ``index`` of ``saved`` (the
     object's saved state, a skeleton) whose counterpart in ``template`` (``obj.state_dict()``) its
@@ -575,28 +580,28 @@ def fill_targets(
     fits = getattr(adapter, "state_fits", None)
     if fits is not None and not fits(obj, saved, template):
         return None
-    out: dict[int, tuple[Any, np.ndarray]] = {}
+    out: dict[int, tuple[Any, np.ndarray | DeviceTarget]] = {}
     if not _collect_fills(saved, template, spec, fill_view, out):
         return None
     _drop_shared(out)
     return out
 
 
-def _drop_shared(out: dict[int, tuple[Any, np.ndarray]]) -> None:
+def _drop_shared(out: dict[int, tuple[Any, np.ndarray | DeviceTarget]]) -> None:
     """Of tensors sharing memory (tied weights), keep only the first of the state dict in place: the others
     are read the usual way and ``load_state_dict`` copies them after it, in its order, as it did before
     (the last one wins). Two reads into one memory could also fail the first one's checksum, computed
     while the second lands."""
     order = {index: k for k, index in enumerate(out)}
     groups: list[list[int]] = []
-    end = -1
-    for index, (_, view) in sorted(out.items(), key=lambda item: item[1][1].ctypes.data):
-        start = view.ctypes.data
-        if start < end:
+    end: tuple[str, int] = ("", -1)
+    for index, (_, view) in sorted(out.items(), key=lambda item: _address(item[1][1])):
+        start = _address(view)
+        if start < end:  # (on the same device: the device's name sorts first)
             groups[-1].append(index)
         else:
             groups.append([index])
-        end = max(end, start + view.nbytes)
+        end = max(end, (start[0], start[1] + view.nbytes))
     for group in groups:
         first = min(group, key=order.__getitem__)
         for other in group:
@@ -604,12 +609,16 @@ def _drop_shared(out: dict[int, tuple[Any, np.ndarray]]) -> None:
                 del out[other]
 
 
+def _address(target: np.ndarray | DeviceTarget) -> tuple[str, int]:
+    return ("cpu", target.ctypes.data) if isinstance(target, np.ndarray) else target.address
+
+
 def _collect_fills(
     node: Any,
     tmpl: Any,
     spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
-    fill_view: Callable[[Any, np.dtype, tuple[int, ...]], np.ndarray | None],
-    out: dict[int, tuple[Any, np.ndarray]],
+    fill_view: Callable[[Any, np.dtype, tuple[int, ...]], np.ndarray | DeviceTarget | None],
+    out: dict[int, tuple[Any, np.ndarray | DeviceTarget]],
 ) -> bool:
     """:func:`fill_targets`' walk (a plain recursive function: no closure, no reference cycle); False on
     an array whose shape :func:`rebuild` would refuse."""

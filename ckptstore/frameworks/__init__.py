@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..bounce import DeviceTarget
 from ..errors import CkptStoreError, short_repr
 
 __all__ = [
@@ -95,10 +96,11 @@ class StateAdapter(Adapter, Protocol):
         ``obj.state_dict()`` and calls ``load_state_dict``)."""
         ...
 
-    def fill_view(self, x: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
-        """A writable, C-contiguous uint8 view of the memory of ``x`` (an array of the object's state dict)
-        into which the checkpoint's bytes of an array of ``dtype`` and ``shape`` can be read in place; None
-        when ``x`` cannot take them so (another device, dtype, shape or layout)."""
+    def fill_view(self, x: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | DeviceTarget | None:
+        """Where the checkpoint's bytes of an array of ``dtype`` and ``shape`` can be read in place into
+        ``x`` (an array of the object's state dict): a writable, C-contiguous uint8 view of its memory in
+        host memory, a :class:`~ckptstore.bounce.DeviceTarget` in a device's; None when ``x`` cannot take
+        them so (another dtype, shape or layout)."""
         ...
 
     def state_fits(self, obj: Any, saved: dict[Any, Any], template: Any) -> bool:
@@ -115,6 +117,7 @@ _MODULES: dict[str, str] = {
     "jaxlib": "jax",
     "tensorflow": "tf",
     "keras": "keras",
+    "flax": "flax",
 }
 # framework= names -> adapter module.
 _NAMES: dict[str, str] = {

@@ -8,6 +8,8 @@ only by the prefixes wrappers add: ``_orig_mod.`` (``torch.compile``) and ``modu
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -145,14 +147,15 @@ class TorchAdapter:
 
     # --- restoring in place: the checkpoint's bytes read straight into the tensors of `like`'s objects ---
 
-    def fill_view(self, x: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
-        """A writable uint8 view of the memory of ``x`` when the checkpoint's bytes of an array of ``dtype``
-        and ``shape`` can be read straight into it: a plain CPU tensor (no subclass) of exactly that dtype
-        and shape, dense, contiguous, not a conjugated or negated view; None otherwise (the array is then
-        read the usual way and ``load_state_dict`` copies it)."""
+    def fill_view(self, x: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | DeviceTensor | None:
+        """Where the checkpoint's bytes of an array of ``dtype`` and ``shape`` can be read straight into
+        ``x``: a plain tensor (no subclass) of exactly that dtype and shape, dense, contiguous, not a
+        conjugated or negated view. A writable uint8 view of its memory on the CPU; on another device, a
+        :class:`DeviceTensor` filled through a bounce buffer (:mod:`ckptstore.bounce`). None otherwise
+        (the array is then read the usual way and ``load_state_dict`` copies it)."""
         if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # no subclass (DTensor, fake...)
             return None
-        if x.device.type != "cpu" or x.layout is not torch.strided:
+        if x.layout is not torch.strided or x.device.type == "meta":
             return None
         if x.is_nested or x.is_quantized or x.is_conj() or x.is_neg() or not x.is_contiguous():
             return None
@@ -160,6 +163,8 @@ class TorchAdapter:
             return None
         if x.dtype not in _NUMPY_OK and x.dtype not in _VIA_INT:
             return None
+        if x.device.type != "cpu":
+            return self.device_target(x) if _numpy_dtype(x.dtype) == dtype else None
         try:
             arr = self.to_numpy(x, copy=False)
         except Exception:  # whatever torch refuses is restored the usual way, which reports it
@@ -169,6 +174,12 @@ class TorchAdapter:
         if arr.ctypes.data != x.data_ptr():  # not x's own memory after all
             return None
         return arr.reshape(-1).view(np.uint8)
+
+    @staticmethod
+    def device_target(x: Any) -> DeviceTensor:
+        """``x`` (contiguous) as a target of the bounce-buffer pipeline: what ``fill_view`` gives for a tensor
+        on an accelerator. A CPU tensor works the same way (how the pipeline is tested without a GPU)."""
+        return DeviceTensor(x)
 
     def state_fits(self, obj: Any, saved: dict[Any, Any], template: Any) -> bool:
         """Whether ``obj.load_state_dict`` can accept a state of ``saved``'s structure (checked before any
@@ -209,3 +220,59 @@ def _wrapper_prefix(keys: list[Any]) -> str:
 
 
 ADAPTER = TorchAdapter()
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    via = _VIA_INT.get(dtype)
+    return via[1] if via is not None else np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+class DeviceTensor:
+    """A tensor filled from a bounce buffer (:class:`ckptstore.bounce.DeviceTarget`): host-to-device
+    copies, non-blocking from pinned memory, on the device's current stream."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.bytes = x.detach().reshape(-1).view(torch.uint8)  # (contiguous: a view of x's own memory)
+        self.nbytes = self.bytes.numel()
+        self.address = (str(x.device), x.data_ptr())
+
+    def copy_in(self, offset: int, host: np.ndarray) -> None:
+        src = torch.from_numpy(host)
+        self.bytes[offset : offset + host.nbytes].copy_(src, non_blocking=self.bytes.device.type != "cpu")
+
+    def bounce_buffer(self, nbytes: int) -> BounceBuffer:
+        return BounceBuffer.get(nbytes, self.bytes.device)
+
+
+class BounceBuffer:
+    """Host memory for copies to a device: pinned when CUDA is there (pinning needs it), kept per process
+    for the next restore (pinning 128 MiB takes tens of milliseconds), and grown when too small."""
+
+    _kept: BounceBuffer | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        self._tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.host = self._tensor.numpy()
+        self.device = device
+
+    @classmethod
+    def get(cls, nbytes: int, device: torch.device) -> BounceBuffer:
+        with cls._lock:
+            kept = cls._kept
+            if kept is None or kept.host.nbytes < nbytes or kept.device.type != device.type:
+                cls._kept = kept = None  # drop the old one before allocating its replacement
+                cls._kept = kept = cls(nbytes, device)
+            return kept
+
+    def fence(self) -> Callable[[], None]:
+        if self.device.type != "cuda":
+            return _done  # the copies ran already
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event.synchronize
+
+
+def _done() -> None:
+    pass
