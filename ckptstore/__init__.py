@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import distributed, errors, knobs
 from .directory import restore, save
+from .export import export_hf
 from .leases import Lease, pin
 from .rng import RNGState
 from .shard import Shard
@@ -25,6 +26,7 @@ __all__ = [
     "checkpoints_iterator",
     "distributed",
     "errors",
+    "export_hf",
     "knobs",
     "pin",
     "restore",

@@ -56,11 +56,19 @@ class DeviceTarget(Protocol):
         ...
 
 
-def fill(f: Readable, items: Sequence[tuple[TensorEntry, DeviceTarget]], *, verify: bool, source: str) -> None:
+def fill(
+    f: Readable,
+    items: Sequence[tuple[TensorEntry, DeviceTarget]],
+    *,
+    verify: bool,
+    source: str,
+    advance: Callable[[int], None] | None = None,
+) -> None:
     """Read tensors ``(entry, target)`` of one file, sorted by offset, into their device ``target``s through
     a bounce buffer of ``knobs.bounce_bytes`` in two halves: a window of the file is read (by
     ``knobs.read_threads`` threads, as :func:`tensorio.read_parallel` reads) into one half while the other
-    half's copies run.
+    half's copies run. ``advance(nbytes)`` is called as each window's copies are issued (a restore's
+    progress).
 
     Raises:
         CorruptCheckpointError: a tensor is truncated or fails its checksum (the tensors before it, and
@@ -105,6 +113,8 @@ def fill(f: Readable, items: Sequence[tuple[TensorEntry, DeviceTarget]], *, veri
                         raise CorruptCheckpointError(f"{source}: tensor {e.name!r} fails its checksum (xxh3-64)")
                 target.copy_in(at, part)
             fences[h] = buffer.fence()
+            if advance is not None:
+                advance(size)
     finally:  # nothing may still read the buffer once the caller goes on (or reuses it)
         for wait in fences:
             if wait is not None:

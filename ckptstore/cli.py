@@ -6,14 +6,17 @@
     ckptstore show URL [--step N] [--json]   the tree of one checkpoint: key path, dtype and shape, or value
     ckptstore verify URL [--step N]          check every byte of every checkpoint (or one); exit status 1 if
                                              damaged or missing
+    ckptstore export URL --to DIR [--step N] [--keys model] [--format hf] [--max-shard-size SIZE]
+                                             a model's weights as the Hugging Face hub lays them out
     ckptstore watch URL [--timeout S] [--every]   print each new checkpoint's path as it is committed
     ckptstore rm URL STEP... [--dry-run] [--force]  delete checkpoints; one a reader pins is refused
     ckptstore prune URL --keep-last N [--keep-every-n-steps K] [--keep-every-n-hours H] [--dry-run]
                                              apply retention once; pinned checkpoints are kept
 
-URL is a store root or (for ``show`` and ``verify``) one checkpoint directory; ``-o key=value`` passes fsspec
-storage options (values are parsed as JSON where they can be: ``-o anon=true``). ``python -m ckptstore``
-runs the same command.
+URL is a store root or (for ``show``, ``verify`` and ``export``) one checkpoint directory; ``-o key=value``
+passes fsspec storage options (values are parsed as JSON where they can be: ``-o anon=true``). ``verify``
+and ``export`` show a progress bar on stderr when it is a terminal (``--progress``: always,
+``--no-progress``: never). ``python -m ckptstore`` runs the same command.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from typing import Any
 
 from . import leases, load
 from .errors import CheckpointNotFoundError, CkptStoreError, ConfigError
+from .export import DEFAULT_MAX_SHARD_SIZE, export_hf
 from .manifest import Manifest
+from .progress import Progress, bar
 from .retention import Retention, RetentionPolicy, delete_unpinned, metric_value, rank_best
 from .skeleton import NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path, walk
 from .storage import Storage, open_parent, parse_step, step_name, url_to_fs
@@ -431,7 +436,8 @@ def _verify(args: argparse.Namespace) -> int:
     damaged = missing = 0
     for storage, name in targets:
         try:
-            r = verify_checkpoint(storage, name)
+            with _progress(args, f"verify {name}", leave=False) as shown:  # cleared before the line below
+                r = verify_checkpoint(storage, name, progress=shown)
             size = _human(r.nbytes)
         except ConfigError:
             raise  # a bad CKPTSTORE_* setting is no damage of the checkpoint's
@@ -451,6 +457,35 @@ def _verify(args: argparse.Namespace) -> int:
     if missing:
         print(f"ckptstore verify: {missing} of {len(targets)} checkpoint(s) missing", file=sys.stderr)
     return 1 if damaged or missing else 0
+
+
+def _progress(args: argparse.Namespace, desc: str, *, leave: bool = True) -> Progress:
+    """The progress bar of a command: on stderr when it is a terminal, always with --progress, never with
+    --no-progress (and never without tqdm)."""
+    if args.progress is False:
+        return Progress()
+    return bar(desc, force=args.progress is True, leave=leave)
+
+
+# --- export ---------------------------------------------------------------------------------------------
+
+
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    with _progress(args, "export") as shown:
+        files = export_hf(
+            args.url,
+            args.to,
+            step=args.step,
+            keys=args.keys or None,
+            exclude=args.exclude,
+            max_shard_size=args.max_shard_size,
+            progress=shown,
+            storage_options=_options(args.option),
+        )
+    for path in files:
+        print(_printable(f"{path}  {_human(path.stat().st_size)}"))
+    return 0
 
 
 @command("watch")
@@ -623,6 +658,7 @@ examples:
   ckptstore ls ckpts/run1 --json               the same as JSON (with each one's state: ok or damaged)
   ckptstore show ckpts/run1 --step 4000        the tree of one checkpoint
   ckptstore verify ckpts/run1                  check every byte of every checkpoint
+  ckptstore export ckpts/run1 --to hf/run1     the latest model as Hugging Face weights (model.safetensors)
   ckptstore watch ckpts/run1 --every           print each new checkpoint's path as it is committed
   ckptstore rm ckpts/run1 1000 2000            delete two checkpoints (a pinned one is refused)
   ckptstore prune ckpts/run1 --keep-last 3 --dry-run   what retention would delete
@@ -664,7 +700,22 @@ examples:
   ckptstore verify ckpts/run1 --step 4000      one: "ok", "DAMAGED" and why, or "missing"
   ckptstore verify ckpts/run1/step_00004000    one checkpoint directory
 
-exit status 1 if a checkpoint is damaged or missing.
+exit status 1 if a checkpoint is damaged or missing. A progress bar per checkpoint on stderr when it is a
+terminal (--progress: always; --no-progress: never).
+""",
+    "export": """\
+examples:
+  ckptstore export ckpts/run1 --to hf/run1                the latest step's state["model"]
+  ckptstore export ckpts/run1 --step 4000 --keys model --to hf/run1 --max-shard-size 2GB
+  ckptstore export ckpts/run1 --to hf/run1 --exclude lm_head.weight   without the tied copy
+
+Writes model.safetensors (metadata {"format": "pt"}), or model-00001-of-0000N.safetensors shards and
+model.safetensors.index.json above --max-shard-size (tensor bytes per file: 2GB, 500MiB, or bytes; by
+default 5GiB). The names are those of the model's own state_dict(): the key chosen by --keys and the
+prefixes of torch.compile (_orig_mod.) and DDP (module.) are left out. DIR must be new or empty; add
+config.json (config.save_pretrained(DIR)) and the tokenizer after, and AutoModel*.from_pretrained(DIR)
+loads it. Prints each file written. A progress bar on stderr when it is a terminal (--progress: always;
+--no-progress: never).
 """,
     "watch": """\
 examples:
@@ -772,7 +823,24 @@ def build_parser() -> argparse.ArgumentParser:
     show = add("show", "show the tree of a checkpoint")
     show.add_argument("--step", type=int, help="default: the latest")
     show.add_argument("--json", action="store_true", help=as_json)
-    add("verify", "check every byte of the checkpoints").add_argument("--step", type=int, help="default: every step")
+    verify = add("verify", "check every byte of the checkpoints")
+    verify.add_argument("--step", type=int, help="default: every step")
+    progress_help = "a progress bar on stderr (default: when stderr is a terminal)"
+    verify.add_argument("--progress", action=argparse.BooleanOptionalAction, help=progress_help)
+    export = add("export", "write a checkpoint's model as Hugging Face weights (model.safetensors)")
+    export.add_argument("--to", required=True, metavar="DIR", help="a new or empty directory")
+    export.add_argument("--step", type=int, help="default: the latest")
+    export.add_argument(
+        "--keys", default="model", help="the subtree holding the model's state dict (default: model; '' for all)"
+    )
+    export.add_argument("--format", choices=("hf",), default="hf", help="hf: the Hugging Face hub's layout")
+    export.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE", help="tensor bytes per file (default 5GiB)"
+    )
+    export.add_argument(
+        "--exclude", action="append", default=[], metavar="NAME", help="leave this tensor out (repeatable)"
+    )
+    export.add_argument("--progress", action=argparse.BooleanOptionalAction, help=progress_help)
     watch = add("watch", "print each new checkpoint's path as it is committed")
     watch.add_argument("--timeout", type=float, help="stop after waiting this many seconds for a new one")
     watch.add_argument("--every", action="store_true", help="every checkpoint in step order, not the newest only")

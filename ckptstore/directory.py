@@ -8,6 +8,7 @@ from typing import Any
 
 from . import distributed, load, pipeline, tree
 from .errors import CheckpointExistsError, CheckpointNotFoundError
+from .progress import ProgressArg
 from .storage import open_parent, parse_step
 from .subset import KeyMap
 
@@ -51,12 +52,14 @@ def restore(
     mmap: bool = False,
     strict: bool = True,
     key_map: KeyMap | None = None,
+    progress: ProgressArg = None,
 ) -> Any:
     """Restore the checkpoint directory at ``path`` (as yielded by ``checkpoints_iterator``, or given by
-    ``CheckpointInfo.path``). ``like``, ``framework``, ``verify``, ``keys``, ``mmap``, ``strict`` and
-    ``key_map`` are as for ``CheckpointStore.restore``: with ``strict=False``, dict keys of ``like`` and of
-    the checkpoint that differ are tolerated and named by a ``PartialRestoreWarning``; ``key_map`` renames
-    the checkpoint's key paths first; a torch module fits a checkpoint saved compiled or DDP-wrapped.
+    ``CheckpointInfo.path``). ``like``, ``framework``, ``verify``, ``keys``, ``mmap``, ``strict``,
+    ``key_map`` and ``progress`` are as for ``CheckpointStore.restore``: with ``strict=False``, dict keys of
+    ``like`` and of the checkpoint that differ are tolerated and named by a ``PartialRestoreWarning``;
+    ``key_map`` renames the checkpoint's key paths first; a torch module fits a checkpoint saved compiled or
+    DDP-wrapped.
 
     Raises:
         CheckpointNotFoundError: ``path`` holds no committed checkpoint.
@@ -80,4 +83,5 @@ def restore(
         strict=strict,
         key_map=key_map,
         stacklevel=2,
+        progress=progress,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import posixpath
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,8 @@ from .errors import (
     PartialRestoreWarning,
 )
 from .manifest import MANIFEST_NAME, Manifest, TensorEntry
+from .progress import ProgressArg
+from .progress import scope as progress_scope
 from .skeleton import render_path
 from .storage import Storage, parse_step
 from .subset import KeyMap
@@ -73,9 +75,11 @@ def load_tensors(
     *,
     verify: bool = False,
     mmap: bool = False,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[int, np.ndarray]:
     """Read tensors (all, or those at ``indices``) of a checkpoint into host arrays, file by file in
-    offset order. Sizes of the files are always checked; checksums when ``verify``."""
+    offset order. Sizes of the files are always checked; checksums when ``verify``. ``advance(nbytes)``
+    counts the bytes as they land (a restore's progress)."""
     wanted = range(len(m.tensors)) if indices is None else sorted(set(indices))
     by_file: dict[int, list[int]] = {}
     for i in wanted:
@@ -88,13 +92,15 @@ def load_tensors(
         items = [(i, m.tensors[i]) for i in idx]
         if mmap and storage.supports_mmap:  # arrays on the mapped file: nothing copied
             out.update(tensorio.map_tensors(storage.map_file(rel), items, verify=verify, source=source))
+            if advance is not None:
+                advance(sum(e.nbytes for _, e in items))
         elif storage.ranged_reads:  # parallel ranged requests of just these tensors' bytes
             fetch = functools.partial(storage.read_range, rel)
-            out.update(remote_read.read_tensors(fetch, items, verify=verify, source=source))
+            out.update(remote_read.read_tensors(fetch, items, verify=verify, source=source, advance=advance))
         else:
             f = storage.open_read(rel)
             try:
-                out.update(tensorio.read_tensors(f, items, verify=verify, source=source))
+                out.update(tensorio.read_tensors(f, items, verify=verify, source=source, advance=advance))
             finally:
                 f.close()
     return out
@@ -113,6 +119,7 @@ def read(
     strict: bool = True,
     key_map: KeyMap | None = None,
     stacklevel: int = 2,
+    progress: ProgressArg = None,
 ) -> Any:
     """Restore the state tree of checkpoint directory ``name`` (only the subtrees ``keys`` select, and
     only their tensors read, when given: see :mod:`.subset`). With ``mmap`` on local disk, arrays are
@@ -121,7 +128,8 @@ def read(
     ``key_map`` renames the (selected) checkpoint's key paths before they meet ``like``
     (:func:`subset.remap`); with ``strict=False`` dict keys that differ from ``like``'s are tolerated
     (:func:`tree.rebuild`) and named by a :class:`PartialRestoreWarning` (``stacklevel`` as for
-    ``warnings.warn``, counted from this function)."""
+    ``warnings.warn``, counted from this function). ``progress`` (:mod:`.progress`) counts the bytes of
+    the tensors read (the blocks of sharded arrays are not counted)."""
     if m is None:
         m = read_manifest(storage, name)
     skeleton = m.tree if keys is None else subset.select(m.tree, keys)
@@ -136,24 +144,25 @@ def read(
     if like is not tree.MISSING and in_place_possible(storage, mmap=mmap):
         deferred = tree.in_place_indices(skeleton, like, functools.partial(_spec, m), strict=strict) - set(sharded)
     eager = [i for i in wanted if i not in sharded and i not in deferred] if sharded or selected or deferred else None
-    tensors = _Tensors(
-        storage, name, m, load_tensors(storage, name, m, eager, verify=verify, mmap=mmap), verify, deferred
-    )
-
+    total = sum(m.tensors[i].nbytes for i in wanted if i not in sharded)
     unmatched = tree.Unmatched()
-    with block_read.BlockReader(storage, name, m, tensors.load, verify=verify) as blocks:
-        if sharded:
-            blocks.prefetch(block_read.wanted_blocks(skeleton, like))
-        state = tree.rebuild(
-            skeleton,
-            tensors.load,
-            like=like,
-            framework=framework,
-            blocks=blocks,
-            strict=strict,
-            unmatched=unmatched,
-            in_place=tensors if deferred else None,
-        )
+    with progress_scope(progress, total, f"restore step {m.step}") as shown:
+        advance = None if progress is None or progress is False else shown.advance
+        tensors = _Tensors(storage, name, m, verify, deferred, advance)
+        tensors.arrays.update(load_tensors(storage, name, m, eager, verify=verify, mmap=mmap, advance=advance))
+        with block_read.BlockReader(storage, name, m, tensors.load, verify=verify) as blocks:
+            if sharded:
+                blocks.prefetch(block_read.wanted_blocks(skeleton, like))
+            state = tree.rebuild(
+                skeleton,
+                tensors.load,
+                like=like,
+                framework=framework,
+                blocks=blocks,
+                strict=strict,
+                unmatched=unmatched,
+                in_place=tensors if deferred else None,
+            )
     if unmatched:
         warnings.warn(_partial_warning(storage.url_of(name), unmatched), stacklevel=stacklevel + 1)
     return state
@@ -178,10 +187,17 @@ class _Tensors:
     the rebuild does not read in place after all is read when it is asked for."""
 
     def __init__(
-        self, storage: Storage, name: str, m: Manifest, arrays: dict[int, np.ndarray], verify: bool, deferred: set[int]
+        self,
+        storage: Storage,
+        name: str,
+        m: Manifest,
+        verify: bool,
+        deferred: set[int],
+        advance: Callable[[int], None] | None,
     ) -> None:
         self.storage, self.name, self.m, self.verify = storage, name, m, verify
-        self.arrays, self.deferred = arrays, deferred
+        self.arrays: dict[int, np.ndarray] = {}
+        self.deferred, self.advance = deferred, advance
         self._sizes: dict[str, int] | None = None
 
     def load(self, index: int) -> np.ndarray:
@@ -190,7 +206,9 @@ class _Tensors:
             return arr
         if index in self.deferred:  # not read in place after all (or asked for again): read it now
             self.deferred.discard(index)
-            self.arrays.update(load_tensors(self.storage, self.name, self.m, [index], verify=self.verify))
+            self.arrays.update(
+                load_tensors(self.storage, self.name, self.m, [index], verify=self.verify, advance=self.advance)
+            )
             return self.arrays[index]
         raise CorruptCheckpointError(
             f"{self.storage.url_of(self.name)}: the tree refers to tensor #{index}, the manifest lists "
@@ -219,16 +237,16 @@ class _Tensors:
                     host.append((e, target))
                 else:  # (a later load() of it reads it again, to host memory)
                     device.append((e, target))
+            check, adv = self.verify, self.advance
             if self.storage.ranged_reads and host:  # parallel ranged GETs, each part copied into its tensor
-                remote_read.fill_tensors(
-                    functools.partial(self.storage.read_range, rel), host, verify=self.verify, source=source
-                )
+                fetch = functools.partial(self.storage.read_range, rel)
+                remote_read.fill_tensors(fetch, host, verify=check, source=source, advance=adv)
             f = self.storage.open_read(rel)
             try:
                 if host and not self.storage.ranged_reads:
-                    tensorio.fill_tensors(f, host, verify=self.verify, source=source)
+                    tensorio.fill_tensors(f, host, verify=check, source=source, advance=adv)
                 if device:
-                    bounce.fill(f, device, verify=self.verify, source=source)
+                    bounce.fill(f, device, verify=check, source=source, advance=adv)
             finally:
                 f.close()
 

@@ -79,11 +79,12 @@ def read_tensors(
     *,
     verify: bool,
     source: str,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[int, np.ndarray]:
     """Read the tensors ``entries`` (key, entry) of one file through ``fetch(start, end) -> bytes``, with
     up to ``knobs.io_threads`` requests at once; return ``{key: array}``."""
     bufs = {key: tensorio.new_buffer(e.nbytes) for key, e in entries}
-    fill_tensors(fetch, [(e, bufs[key]) for key, e in entries], verify=verify, source=source)
+    fill_tensors(fetch, [(e, bufs[key]) for key, e in entries], verify=verify, source=source, advance=advance)
     return {key: bufs[key].view(dtypes.dtype_of(e.dtype)).reshape(e.shape) for key, e in entries}
 
 
@@ -93,10 +94,12 @@ def fill_tensors(
     *,
     verify: bool,
     source: str,
+    advance: Callable[[int], None] | None = None,
 ) -> None:
     """Read tensors ``(entry, dest)`` of one file into ``dest`` (writable uint8 arrays of ``entry.nbytes``:
     fresh buffers, or existing tensors' memory) through ``fetch(start, end) -> bytes``, with up to
     ``knobs.io_threads`` requests at once; check each one's checksum, when ``verify``, once it is whole.
+    ``advance(nbytes)`` is called as each request's tensor bytes land (a restore's progress).
 
     Raises:
         CorruptCheckpointError: a tensor is truncated or fails its checksum (tensors before it, and some
@@ -116,6 +119,8 @@ def fill_tensors(
         view = memoryview(data)
         for p in r.pieces:
             items[p.key][1][p.dest : p.dest + p.n] = np.frombuffer(view[p.src : p.src + p.n], dtype=np.uint8)
+        if advance is not None:
+            advance(sum(p.n for p in r.pieces))
 
     threads = max(1, min(knobs.current.io_threads, len(requests)))
     if threads == 1:

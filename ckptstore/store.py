@@ -26,6 +26,7 @@ from .errors import (
     StorageError,
 )
 from .manifest import Manifest
+from .progress import ProgressArg
 from .retention import Retention, RetentionPolicy
 from .storage import Storage, open_storage, step_name
 from .subset import KeyMap
@@ -510,6 +511,7 @@ class CheckpointStore:
         mmap: bool = False,
         strict: bool = True,
         key_map: KeyMap | None = None,
+        progress: ProgressArg = None,
     ) -> Any:
         """Restore checkpoint ``step`` (default: the latest committed).
 
@@ -561,6 +563,10 @@ class CheckpointStore:
                 selects by the saved names) before they meet ``like``: a dict ``{saved prefix: new
                 prefix}`` (``{"model": "net"}``; a new prefix of None drops what it covers) or a function
                 of a saved path giving its new path or None (dropped).
+            progress: the bytes read, as they land: True for a progress bar on stderr (when it is a
+                terminal and tqdm is installed), or a function ``(done_bytes, total_bytes)`` called from
+                the reading threads, one call at a time (see :mod:`ckptstore.progress`). Blocks of sharded
+                arrays are not counted. With ``fallback``, each checkpoint tried counts anew.
 
         Raises:
             CheckpointNotFoundError: no such committed checkpoint.
@@ -571,7 +577,9 @@ class CheckpointStore:
         if step is None and coord.world_size > 1:  # every rank restores the same step: rank 0's latest
             step = distributed.agree(coord, lambda: self._resolve(None))
         if fallback:
-            return self._restore_fallback(step, like, framework, keys, strict=strict, key_map=key_map)[0]
+            return self._restore_fallback(
+                step, like, framework, keys, strict=strict, key_map=key_map, progress=progress
+            )[0]
         name = step_name(self._resolve(step))
         started = time.perf_counter()
         m = _manifest(self.storage, name)
@@ -587,6 +595,7 @@ class CheckpointStore:
             strict=strict,
             key_map=key_map,
             stacklevel=2,
+            progress=progress,
         )
         _log_restore(self.storage.url_of(name), m, keys, time.perf_counter() - started)
         return state
@@ -600,6 +609,7 @@ class CheckpointStore:
         *,
         strict: bool = True,
         key_map: KeyMap | None = None,
+        progress: ProgressArg = None,
     ) -> tuple[Any, int]:
         """The newest intact checkpoint at or before ``step`` (default: the latest) restored, and its step."""
         newest = self._resolve(step)
@@ -633,6 +643,7 @@ class CheckpointStore:
                         strict=strict,
                         key_map=key_map,
                         stacklevel=3,
+                        progress=progress,
                     )
                 except _SKIPPABLE as e:
                     skipped.append(f"step {s}: {e}")
@@ -697,9 +708,10 @@ class CheckpointStore:
         except StorageError:
             return None
 
-    def verify(self, step: int | None = None) -> list[int]:
+    def verify(self, step: int | None = None, *, progress: ProgressArg = None) -> list[int]:
         """Check every byte of checkpoint ``step``, or of every committed checkpoint when ``step`` is None:
         each tensor file's size, safetensors header (against the manifest) and each tensor's checksum.
+        ``progress``: the bytes checked, per checkpoint, as for :meth:`restore`.
 
         Returns:
             The steps verified, ascending. A checkpoint deleted meanwhile (retention) is left out.
@@ -712,14 +724,14 @@ class CheckpointStore:
         if step is not None:
             step = _check_step(step)
             name = step_name(step)
-            verify_checkpoint(self.storage, name, _manifest(self.storage, name))
+            verify_checkpoint(self.storage, name, _manifest(self.storage, name), progress=progress)
             return [step]
         done: list[int] = []
         damaged: list[str] = []
         for s in self.steps():
             name = step_name(s)
             try:
-                verify_checkpoint(self.storage, name, _manifest(self.storage, name))
+                verify_checkpoint(self.storage, name, _manifest(self.storage, name), progress=progress)
             except _SKIPPABLE as e:  # one this reader may not read is reported with the damaged ones
                 if isinstance(e, AccessDeniedError) or self.storage.is_committed(name):
                     damaged.append(str(e))

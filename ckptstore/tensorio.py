@@ -264,7 +264,12 @@ BLOCK_BYTES = 16 << 20
 
 
 def read_tensors(
-    f: Readable, items: Sequence[tuple[int, TensorEntry]], *, verify: bool, source: str
+    f: Readable,
+    items: Sequence[tuple[int, TensorEntry]],
+    *,
+    verify: bool,
+    source: str,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[int, np.ndarray]:
     """Read tensors ``(key, entry)`` of one file, sorted by offset, into fresh arrays; return ``{key: array}``.
 
@@ -280,7 +285,7 @@ def read_tensors(
         block = new_buffer(last.offset + last.nbytes - start)
         dests.extend((e, block[e.offset - start : e.offset - start + e.nbytes]) for _, e in items[k:j])
         k = j
-    read_parallel(f, dests, verify=verify, source=source)
+    read_parallel(f, dests, verify=verify, source=source, advance=advance)
     out: dict[int, np.ndarray] = {}
     for (key, e), (_, part) in zip(items, dests):
         dtype = dtypes.dtype_of(e.dtype)
@@ -290,7 +295,14 @@ def read_tensors(
     return out
 
 
-def fill_tensors(f: Readable, items: Sequence[tuple[TensorEntry, np.ndarray]], *, verify: bool, source: str) -> None:
+def fill_tensors(
+    f: Readable,
+    items: Sequence[tuple[TensorEntry, np.ndarray]],
+    *,
+    verify: bool,
+    source: str,
+    advance: Callable[[int], None] | None = None,
+) -> None:
     """Read tensors of one file, sorted by offset, straight into the caller's memory: ``(entry, dest)``
     with ``dest`` a writable, C-contiguous uint8 array of ``entry.nbytes`` (a view of an existing tensor's
     storage: nothing is allocated). The reads and checksums are :func:`read_parallel`'s.
@@ -306,7 +318,7 @@ def fill_tensors(f: Readable, items: Sequence[tuple[TensorEntry, np.ndarray]], *
             raise CorruptCheckpointError(
                 f"{source}: tensor {e.name!r} has {e.nbytes} bytes, its dtype and shape {dest.nbytes}"
             )
-    read_parallel(f, items, verify=verify, source=source)
+    read_parallel(f, items, verify=verify, source=source, advance=advance)
 
 
 @dataclasses.dataclass
@@ -345,7 +357,14 @@ def _pieces(items: Sequence[tuple[TensorEntry, np.ndarray]], piece_bytes: int) -
     return pieces, count
 
 
-def read_parallel(f: Readable, items: Sequence[tuple[TensorEntry, np.ndarray]], *, verify: bool, source: str) -> None:
+def read_parallel(
+    f: Readable,
+    items: Sequence[tuple[TensorEntry, np.ndarray]],
+    *,
+    verify: bool,
+    source: str,
+    advance: Callable[[int], None] | None = None,
+) -> None:
     """Read tensors ``(entry, dest)`` of one file, sorted by offset, into their ``dest`` (uint8 arrays of
     ``entry.nbytes``), with ``knobs.read_threads`` threads at once.
 
@@ -355,7 +374,8 @@ def read_parallel(f: Readable, items: Sequence[tuple[TensorEntry, np.ndarray]], 
     streams side by side, and with 100,000 small tensors one call reads a thousand. A tensor's checksum
     is checked, when ``verify``, by the thread that read its last piece, while the others go on reading.
     The reads land in ``dest`` directly: nothing is staged, so the memory in flight is the destinations'.
-    The first failure stops the threads after their current piece and is raised.
+    The first failure stops the threads after their current piece and is raised. ``advance(nbytes)`` is
+    called (from the reading threads) as each piece lands: a restore's progress.
 
     Raises:
         CorruptCheckpointError: a tensor is truncated or fails its checksum.
@@ -381,6 +401,8 @@ def read_parallel(f: Readable, items: Sequence[tuple[TensorEntry, np.ndarray]], 
                 whole = left[t] == 0
             if whole and verify:
                 check(items[t][1], items[t][0], source)
+        if advance is not None:
+            advance(p.nbytes)
 
     run_threads(read, pieces, knobs.current.read_threads)
 

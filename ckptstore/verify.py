@@ -16,6 +16,7 @@ from typing import Any
 from . import load, tensorio
 from .errors import CorruptCheckpointError
 from .manifest import FileEntry, Manifest, TensorEntry
+from .progress import ProgressArg, scope
 from .storage import Storage
 
 __all__ = ["VerifyResult", "verify_checkpoint"]
@@ -31,8 +32,13 @@ class VerifyResult:
     nbytes: int
 
 
-def verify_checkpoint(storage: Storage, name: str, m: Manifest | None = None) -> VerifyResult:
+def verify_checkpoint(
+    storage: Storage, name: str, m: Manifest | None = None, *, progress: ProgressArg = None
+) -> VerifyResult:
     """Check every byte of checkpoint directory ``name``; return what was checked.
+
+    ``progress`` (see :mod:`ckptstore.progress`): the bytes of the tensor files as they are checked, each
+    file's header then each tensor; the total is the files' sizes by the manifest.
 
     Raises:
         CheckpointNotFoundError: ``name`` has no manifest.
@@ -46,20 +52,23 @@ def verify_checkpoint(storage: Storage, name: str, m: Manifest | None = None) ->
     for t in m.tensors:
         by_file[t.file].append(t)
     nbytes = 0
-    for index, fe in enumerate(m.files):
-        rel, source = load.checked_file(storage, name, fe, sizes)
-        f = storage.open_read(rel)
-        try:
-            header = tensorio.read_header(f, fe.size, source)
-            f.seek(0)
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            data_start = _check_header(header, 8 + header_len, by_file[index], source)
-            for t in sorted(by_file[index], key=lambda t: t.offset):
-                tensorio.hash_stream(f, t, source)
-        finally:
-            f.close()
-        _check_coverage(by_file[index], data_start, fe, source)
-        nbytes += fe.size
+    with scope(progress, sum(fe.size for fe in m.files), desc=f"verify {name}", leave=False) as shown:
+        for index, fe in enumerate(m.files):
+            rel, source = load.checked_file(storage, name, fe, sizes)
+            f = storage.open_read(rel)
+            try:
+                header = tensorio.read_header(f, fe.size, source)
+                f.seek(0)
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                data_start = _check_header(header, 8 + header_len, by_file[index], source)
+                shown.advance(data_start)
+                for t in sorted(by_file[index], key=lambda t: t.offset):
+                    tensorio.hash_stream(f, t, source)
+                    shown.advance(t.nbytes)
+            finally:
+                f.close()
+            _check_coverage(by_file[index], data_start, fe, source)
+            nbytes += fe.size
     return VerifyResult(m.step, len(m.files), len(m.tensors), nbytes)
 
 

@@ -259,11 +259,18 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_preemption": ("multiprocess", "crash"),
     # Hostile manifests built and decoded at full size (timing and memory bounds): 25 s in all.
     "test_reliability_manifest": ("slow",),
+    # Real frameworks imported and trained (flax, transformers): several seconds each.
+    "test_integration_flax": ("slow",),
+    "test_export_hf": ("slow",),
 }
 
 # Single tests of otherwise in-process modules: (module, function name).
 TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("test_concurrency", "test_two_writers_different_steps"): ("multiprocess",),
+    ("test_integration_flax", "test_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_run"): ("crash",),
+    ("test_progress", "test_cli_verify_shows_no_bar_without_a_terminal"): ("slow",),
+    ("test_progress", "test_cli_verify_shows_a_bar_on_a_terminal"): ("slow",),
+    ("test_progress", "test_importing_ckptstore_imports_no_tqdm"): ("slow",),
     ("test_concurrency", "test_two_writers_same_step_exactly_one_wins"): ("multiprocess",),
     ("test_concurrency", "test_writer_retention_and_readers_together"): ("multiprocess",),
     ("test_leases", "test_a_dead_readers_lease_expires"): ("crash",),

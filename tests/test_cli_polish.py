@@ -94,10 +94,10 @@ def test_help_has_examples_everywhere(capsys: pytest.CaptureFixture[str]) -> Non
         main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "examples:" in out
-    for name in ("ls", "show", "verify", "watch", "rm", "prune"):
+    for name in ("ls", "show", "verify", "watch", "rm", "prune", "export"):
         assert f"ckptstore {name} " in out, name  # the top-level examples show every subcommand
     subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(subcommands) == set(_COMMANDS) == {"ls", "show", "verify", "watch", "rm", "prune"}
+    assert set(subcommands) == set(_COMMANDS) == {"ls", "show", "verify", "watch", "rm", "prune", "export"}
     for name in subcommands:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import StructureMismatchError, UnsupportedTypeError
 from . import Walk
+from ._prefixes import wrapper_prefix as _wrapper_prefix
 
 # Torch dtypes NumPy lacks: reinterpret their bits through a same-width integer type.
 _VIA_INT: dict[torch.dtype, tuple[torch.dtype, np.dtype]] = {
@@ -200,25 +201,6 @@ class TorchAdapter:
 
 #: Prefixes wrappers add to every key of a module's state dict: torch.compile's OptimizedModule, and
 #: DistributedDataParallel / DataParallel.
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-def _wrapper_prefix(keys: list[Any]) -> str:
-    """The longest chain of wrapper prefixes (``module._orig_mod.``) that every key starts with (and goes on
-    after); "" for none, or for no keys."""
-    if not keys or not all(type(k) is str for k in keys):
-        return ""
-    prefix = ""
-    while True:
-        for p in _WRAPPER_PREFIXES:
-            longer = prefix + p
-            if all(k.startswith(longer) and len(k) > len(longer) for k in keys):
-                prefix = longer
-                break
-        else:
-            return prefix
-
-
 ADAPTER = TorchAdapter()
 
 
