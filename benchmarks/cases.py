@@ -495,7 +495,8 @@ def case_prepare_into(spec: Spec) -> dict[str, Any]:
 
 
 def case_restore_into(spec: Spec) -> dict[str, Any]:
-    """A resume: the checkpoint restored into a model and an AdamW built (and stepped) before the clock."""
+    """A resume: the checkpoint restored into a model and an AdamW built (and stepped) before the clock, from
+    the page cache (``cache`` "warm") or the disk ("cold": the files evicted first)."""
     import torch
 
     src, tool = spec["src"], spec["tool"]
@@ -514,9 +515,11 @@ def case_restore_into(spec: Spec) -> dict[str, Any]:
 
         store = ckptstore.CheckpointStore(os.path.join(src, "ckptstore"))
         verify = "verify=False" not in tool
+        threads = 1 if "1 thread" in tool else ckptstore.knobs.current.read_threads
 
         def fn() -> Any:
-            return store.restore(1, like={"model": m, "opt": opt}, verify=verify)
+            with ckptstore.knobs.override(read_threads=threads):
+                return store.restore(1, like={"model": m, "opt": opt}, verify=verify)
 
     elif tool == "readinto (ceiling)":
         views = [t.numpy().reshape(-1).view(np.uint8) for t in tensors]
@@ -531,11 +534,12 @@ def case_restore_into(spec: Spec) -> dict[str, Any]:
 
     else:
         raise ValueError(tool)
-    c.prime([src])
     if spec.get("second"):  # a first restore, untimed and dropped
+        c.prime([src])
         fn()
+    method = c.drop_caches([src]) if spec.get("cache") == "cold" else (c.prime([src]) or "primed")
     seconds, _, mem = c.timed(fn)
-    return {"seconds": seconds, "bytes": sum(t.nbytes for t in tensors), "cache_method": "primed", **mem}
+    return {"seconds": seconds, "bytes": sum(t.nbytes for t in tensors), "cache_method": method, **mem}
 
 
 CASES: dict[str, Callable[[Spec], dict[str, Any]]] = {
