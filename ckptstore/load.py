@@ -143,12 +143,20 @@ def read(
     deferred: set[int] = set()
     if like is not tree.MISSING and in_place_possible(storage, mmap=mmap):
         deferred = tree.in_place_indices(skeleton, like, functools.partial(_spec, m), strict=strict) - set(sharded)
-    eager = [i for i in wanted if i not in sharded and i not in deferred] if sharded or selected or deferred else None
+    # Tensors that the rebuild converts or assigns into `like`'s objects are read one by one as it asks for
+    # them (local files: one read each costs little there), so the state is never whole in memory twice.
+    assigned: set[int] = set()
+    streamed: set[int] = set()
+    if like is not tree.MISSING and not storage.ranged_reads and not mmap:
+        assigned, streamed = tree.streamed_indices(skeleton, like)
+        streamed = (streamed | assigned) - deferred - set(sharded)
+    later = deferred | streamed
+    eager = [i for i in wanted if i not in sharded and i not in later] if sharded or selected or later else None
     total = sum(m.tensors[i].nbytes for i in wanted if i not in sharded)
     unmatched = tree.Unmatched()
     with progress_scope(progress, total, f"restore step {m.step}") as shown:
         advance = None if progress is None or progress is False else shown.advance
-        tensors = _Tensors(storage, name, m, verify, deferred, advance)
+        tensors = _Tensors(storage, name, m, verify, deferred, advance, streamed, assigned)
         tensors.arrays.update(load_tensors(storage, name, m, eager, verify=verify, mmap=mmap, advance=advance))
         with block_read.BlockReader(storage, name, m, tensors.load, verify=verify) as blocks:
             if sharded:
@@ -161,7 +169,7 @@ def read(
                 blocks=blocks,
                 strict=strict,
                 unmatched=unmatched,
-                in_place=tensors if deferred else None,
+                in_place=tensors if later else None,
             )
     if unmatched:
         warnings.warn(_partial_warning(storage.url_of(name), unmatched), stacklevel=stacklevel + 1)
@@ -182,9 +190,11 @@ def _spec(m: Manifest, index: int) -> tuple[np.dtype, tuple[int, ...]] | None:
 
 
 class _Tensors:
-    """A checkpoint's tensors for :func:`tree.rebuild`: those read up front (``arrays``), and those
-    ``deferred`` for the rebuild to read in place (:class:`tree.InPlaceReader`); a deferred tensor that
-    the rebuild does not read in place after all is read when it is asked for."""
+    """A checkpoint's tensors for :func:`tree.rebuild`: those read up front (``arrays``), those ``deferred``
+    for the rebuild to read in place (:class:`tree.InPlaceReader`), and those ``streamed``: read when the
+    rebuild asks for them and not kept (it converts them or assigns them into an object of ``like``:
+    those ``assigned``). A deferred tensor that the rebuild does not read in place after all is read when
+    it is asked for."""
 
     def __init__(
         self,
@@ -194,15 +204,23 @@ class _Tensors:
         verify: bool,
         deferred: set[int],
         advance: Callable[[int], None] | None,
+        streamed: set[int] = frozenset(),  # type: ignore[assignment]
+        assigned: set[int] = frozenset(),  # type: ignore[assignment]
     ) -> None:
         self.storage, self.name, self.m, self.verify = storage, name, m, verify
         self.arrays: dict[int, np.ndarray] = {}
         self.deferred, self.advance = deferred, advance
+        self.streamed, self.assigned = streamed, assigned
+        self.touched = False
         self._sizes: dict[str, int] | None = None
 
     def load(self, index: int) -> np.ndarray:
         arr = self.arrays.get(index)
         if arr is not None:
+            return arr
+        if index in self.streamed:
+            arr = self._read_one(index)
+            self.touched = self.touched or index in self.assigned
             return arr
         if index in self.deferred:  # not read in place after all (or asked for again): read it now
             self.deferred.discard(index)
@@ -214,6 +232,19 @@ class _Tensors:
             f"{self.storage.url_of(self.name)}: the tree refers to tensor #{index}, the manifest lists "
             f"{len(self.m.tensors)}"
         )
+
+    def _read_one(self, index: int) -> np.ndarray:
+        e = self.m.tensors[index]
+        if self._sizes is None:
+            self._sizes = self.storage.sizes(self.name)
+        rel, source = checked_file(self.storage, self.name, self.m.files[e.file], self._sizes)
+        f = self.storage.open_read(rel)
+        try:
+            return tensorio.read_tensors(f, [(index, e)], verify=self.verify, source=source, advance=self.advance)[
+                index
+            ]
+        finally:
+            f.close()
 
     def spec(self, index: int) -> tuple[np.dtype, tuple[int, ...]] | None:
         return _spec(self.m, index) if index in self.deferred and index not in self.arrays else None

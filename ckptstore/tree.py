@@ -21,11 +21,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import dtypes, shard
+from . import blocks, dtypes, shard
 from .bounce import DeviceTarget
 from .errors import CkptStoreError, CorruptCheckpointError, ShardingError, StructureMismatchError, UnsupportedTypeError
 from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named, object_adapter_for
 from .skeleton import ArrayLeaf, KeyPath, NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path
+from .skeleton import walk as walk_tree
 
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
 #: Most decimal digits of an int outside 64 bits: the manifest stores such an int as its decimal text and
@@ -80,8 +81,8 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
             return [walk(v, (*path, i)) for i, v in enumerate(x)]
         if t is tuple:
             return tuple(walk(v, (*path, i)) for i, v in enumerate(x))
-        if t is shard.Shard or shard.is_dtensor(x):
-            return TensorRef(add_shard(x, path))
+        if t is shard.Shard or shard.is_dtensor(x) or shard.is_global_jax(x):
+            return add_shard(x, path)
         adapter = adapter_for(x)
         if adapter is not None:
             return TensorRef(add_array(adapter, x, path))
@@ -143,13 +144,29 @@ def flatten(state: Any, *, snapshot: bool = False) -> tuple[Any, list[ArrayLeaf]
         arrays.append(ArrayLeaf(path, host, code))
         return len(arrays) - 1
 
-    def add_shard(x: Any, path: KeyPath) -> int:
+    def add_shard(x: Any, path: KeyPath) -> Any:
+        """The node of a sharded leaf (a Shard, a DTensor, a JAX global array). A JAX global array puts
+        this process's distinct blocks in a row of ``arrays``, the reference naming the first
+        (``pipeline.prepare`` groups them again); replicated everywhere, it is the plain array it is."""
         try:
-            s = x if type(x) is shard.Shard else shard.from_dtensor(x)
+            if type(x) is shard.Shard:
+                s: Any = x
+            elif shard.is_dtensor(x):
+                s = shard.from_dtensor(x)
+            else:
+                s = shard.from_global_jax(x)
         except (UnsupportedTypeError, ShardingError) as e:
             raise type(e)(f"{render_path(path)}: {e}") from None
-        if type(s) is not shard.Shard:  # a DTensor replicated on every mesh dimension: a plain array
-            return add_array(adapter_for(s), s, path)  # type: ignore[arg-type]
+        if type(s) is list:
+            if not s:
+                raise ShardingError(f"{render_path(path)}: a JAX array of which this process holds no block")
+            first, *_ = [add_block(b, path) for b in s]
+            return TensorRef(first)
+        if type(s) is not shard.Shard:  # replicated on every device or rank: a plain array
+            return walk(s, path)
+        return TensorRef(add_block(s, path))
+
+    def add_block(s: shard.Shard, path: KeyPath) -> int:
         adapter = adapter_for(s.local)
         if adapter is None:
             raise UnsupportedTypeError(f"{render_path(path)} is a Shard of a {type_name(s.local)}, not of an array")
@@ -349,7 +366,7 @@ def rebuild(
         if type(node) is TensorRef or type(node) is ShardedRef:
             if filled and type(node) is TensorRef and filled.get(node.index) is tmpl:
                 return tmpl  # its bytes were read into it: load_state_dict gets it back as it is
-            if tmpl is not MISSING and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
+            if tmpl is not MISSING and is_block_template(tmpl):
                 return _shard_like(node, tmpl, path, source)
             arr = load(node.index) if type(node) is TensorRef else source.read(node)
             if tmpl is MISSING or tmpl is None:
@@ -517,7 +534,7 @@ def rebuild(
     try:
         return walk(skeleton, like, (), default, like is not MISSING)
     except (CorruptCheckpointError, StructureMismatchError) as e:
-        if filled:
+        if filled or (in_place is not None and in_place.touched):
             raise type(e)(f"{e}; {PARTLY_OVERWRITTEN}") from e
         raise
     finally:
@@ -531,9 +548,9 @@ _NUMBER_TYPES = frozenset({bool, int, float, complex})
 
 #: What an error raised after tensors were read in place says (see :func:`fill_targets`).
 PARTLY_OVERWRITTEN = (
-    "the objects in `like` were partly overwritten (tensors of its torch modules and optimizers are read in "
-    "place): restore an intact checkpoint into them before using them (restore(fallback=True) and "
-    "store.resume do so)"
+    "the objects in `like` were partly overwritten (the tensors of its stateful objects are read into them "
+    "as the restore goes): restore an intact checkpoint into them before using them (restore(fallback=True) "
+    "and store.resume do so)"
 )
 
 
@@ -544,6 +561,9 @@ class InPlaceReader(Protocol):
         """The dtype and shape of tensor ``index``, if it may be read in place (None: it was or will be
         read the usual way)."""
         ...
+
+    #: Whether a tensor was read into (or given to be assigned into) an object of ``like`` already.
+    touched: bool
 
     def fill(self, targets: Sequence[tuple[int, np.ndarray | DeviceTarget]]) -> None:
         """Read each tensor ``index``'s bytes into its uint8 view, or its device target through a bounce
@@ -701,6 +721,52 @@ def _guess_fills(
             _guess_fills(v, x, spec, strict, out)
 
 
+def streamed_indices(skeleton: Any, like: Any) -> tuple[set[int], set[int]]:
+    """The tensors that :func:`rebuild` turns into other memory or assigns into ``like``'s framework
+    objects rather than returning as read: those under an object restored through its framework's
+    ``restore_object`` (Keras layers and optimizers, Flax NNX objects, JAX pytree nodes) and those whose
+    counterpart in ``like`` is an array of a framework other than NumPy (a JAX array, a torch tensor not
+    filled in place). Each is worth reading only when the rebuild asks for it, and dropping after: the
+    state then never lies whole in host memory beside the objects it is restored into. NumPy templates
+    and arrays without one are the result itself, and are read up front as before.
+
+    Returns: the tensors under such objects (assigned into them: a failure after one was read leaves them
+    partly overwritten), and the others."""
+    into: set[int] = set()
+    out: set[int] = set()
+    _guess_streamed(skeleton, like, out, into)
+    return into, out
+
+
+def _guess_streamed(node: Any, tmpl: Any, out: set[int], into: set[int]) -> None:
+    if tmpl is MISSING or tmpl is None or type(tmpl) in _PLAIN_TYPES:
+        return
+    t = type(node)
+    if t is TensorRef:
+        adapter = adapter_for(tmpl)
+        if adapter is not None and adapter.name != "numpy":
+            out.add(node.index)
+        return
+    if t is Stateful:
+        if not is_stateful(tmpl) and object_adapter_for(tmpl) is not None:
+            into.update(ref.index for _, ref in walk_tree(node.state) if type(ref) is TensorRef)
+        elif isinstance(tmpl, Mapping | list | tuple):
+            _guess_streamed(node.state, tmpl, out, into)
+        return
+    if t is dict and isinstance(tmpl, Mapping):
+        for k, v in node.items():
+            if k in tmpl:
+                _guess_streamed(v, tmpl[k], out, into)
+        return
+    if (t is list or t is tuple) and isinstance(tmpl, list | tuple) and len(node) == len(tmpl):
+        for v, x in zip(node, tmpl):
+            _guess_streamed(v, x, out, into)
+        return
+    if t is NamedTuple and isinstance(tmpl, tuple) and getattr(tmpl, "_fields", None) == node.fields:
+        for v, x in zip(node.values, tmpl):
+            _guess_streamed(v, x, out, into)
+
+
 def _as_number(arr: np.ndarray, placeholder: type) -> Any:
     """A 0-d array saved where ``like`` holds a Python number, as a Python number: of the placeholder's type
     where that type holds the value (a float placeholder takes any real number, an int one an integer or
@@ -820,10 +886,37 @@ class _WholeArrays:
         return np.ascontiguousarray(arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))])
 
 
+def is_block_template(tmpl: Any) -> bool:
+    """Whether an array restored into ``tmpl`` is read block by block: a :class:`ckptstore.Shard`, a
+    DTensor, or a JAX template of a global array (:func:`global_layout`)."""
+    return type(tmpl) is shard.Shard or shard.is_dtensor(tmpl) or global_layout(tmpl) is not None
+
+
+#: Modules whose values may be templates of JAX global arrays (``jax.ShapeDtypeStruct``, ``jax.Array``).
+_JAX_MODULES = frozenset({"jax", "jaxlib"})
+
+
+def global_layout(tmpl: Any) -> tuple[Any, tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]] | None:
+    """For a JAX template restored block by block (a ``jax.ShapeDtypeStruct``, a ``jax.Array`` over devices
+    of other processes): its framework's adapter, the global shape, and the distinct blocks ``(offsets,
+    shape)`` of this process's devices; None for any other value."""
+    module = type(tmpl).__module__
+    if module.partition(".")[0] not in _JAX_MODULES:
+        return None
+    adapter = adapter_for_module(module)
+    layout = getattr(adapter, "block_layout", None)
+    found = layout(tmpl) if layout is not None else None
+    return None if found is None else (adapter, *found)
+
+
 def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: BlockSource) -> Any:
-    """This rank's block of a saved array, shaped by a Shard or DTensor template."""
+    """This rank's block of a saved array, shaped by a Shard or DTensor template; or, for a JAX template of
+    a global array, the global array whose blocks on this process's devices are read (and only those)."""
     gshape = source.global_shape(node)
-    if type(tmpl) is shard.Shard:
+    found = None if type(tmpl) is shard.Shard or shard.is_dtensor(tmpl) else global_layout(tmpl)
+    if found is not None:
+        adapter, want, wanted = found
+    elif type(tmpl) is shard.Shard:
         offsets, shape, want, local_tmpl = tmpl.offsets, tmpl.local_shape, tmpl.global_shape, tmpl.local
     else:
         offsets, shape, _ = shard.dtensor_block(tmpl)
@@ -832,6 +925,23 @@ def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: 
         raise StructureMismatchError(
             f"{render_path(path)}: the checkpoint's array has shape {gshape}, `like`'s global shape is {want}"
         )
+    if found is not None:
+        regions = [(off, n, source.read(node, off, n)) for off, n in blocks.read_regions(wanted)]
+        parts = {}
+        for off, n in wanted:
+            at, _, arr = next(
+                r for r in regions if all(a <= o and o + k <= a + m for o, k, a, m in zip(off, n, r[0], r[1]))
+            )
+            parts[off] = arr if arr.shape == n else arr[tuple(slice(o - a, o - a + k) for o, a, k in zip(off, at, n))]
+        try:
+            return adapter.from_blocks(tmpl, parts)
+        except CkptStoreError:
+            raise
+        except Exception as e:  # the framework refuses the blocks (a dtype it cannot hold, ...)
+            raise StructureMismatchError(
+                f"{render_path(path)}: the checkpoint's array cannot be restored into `like`'s "
+                f"{type_name(tmpl)} ({type(e).__name__}: {e})"
+            ) from e
     arr = source.read(node, offsets, shape)
     local = _convert(adapter_for(local_tmpl) or adapter_named("numpy"), arr, local_tmpl, path)
     if type(tmpl) is shard.Shard:
