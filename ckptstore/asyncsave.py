@@ -34,7 +34,6 @@ import numpy as np
 from . import knobs, tensorio
 from .errors import AsyncSaveError
 from .pipeline import Prepared
-from .skeleton import ArrayLeaf
 
 __all__ = ["SaveHandle", "Saver", "SnapshotBuffer"]
 
@@ -133,10 +132,14 @@ def copy_all(copies: list[tuple[np.ndarray, np.ndarray]], nbytes: int) -> None:
 
 
 class SnapshotBuffer:
-    """One host buffer that a snapshot's arrays are copied into, back to back; grown when too small."""
+    """One host buffer that a snapshot's arrays are copied into, back to back; grown when too small. With
+    tensors on an accelerator (``DeviceArray`` leaves of a state walked with ``defer_devices``), the
+    buffer is their framework's pinned memory, and each is copied device-to-host straight into it, while
+    the host arrays are copied meanwhile."""
 
     def __init__(self) -> None:
         self._buf: np.ndarray | None = None
+        self._fence: Callable[[], Callable[[], None]] | None = None  # set for a framework's pinned buffer
 
     @property
     def nbytes(self) -> int:
@@ -147,9 +150,14 @@ class SnapshotBuffer:
         arrays. Non-contiguous arrays are copied element-wise into C order."""
         sizes = [leaf.array.nbytes for leaf in prepared.arrays]
         total = sum(n + (-n % _ALIGN) for n in sizes)
-        if self._buf is None or self._buf.nbytes < total:
-            self._buf = None  # drop the old buffer before allocating its replacement
-            self._buf = tensorio.new_buffer(total)
+        # A DeviceArray where the walk left an accelerator's tensor (typed as the host array it becomes).
+        device: Any = next((leaf.array for leaf in prepared.arrays if not isinstance(leaf.array, np.ndarray)), None)
+        if self._buf is None or self._buf.nbytes < total or (device is not None and self._fence is None):
+            self._buf = self._fence = None  # drop the old buffer before allocating its replacement
+            if device is not None:
+                self._buf, self._fence = device.host_buffer(total)
+            else:
+                self._buf = tensorio.new_buffer(total)
         buf = self._buf
         staged = []
         copies = []
@@ -157,14 +165,19 @@ class SnapshotBuffer:
         for leaf, n in zip(prepared.arrays, sizes):
             src = leaf.array
             dst = buf[pos : pos + n].view(src.dtype).reshape(src.shape)
-            copies.append((dst, src))
-            staged.append(ArrayLeaf(leaf.path, dst, leaf.dtype))
+            if isinstance(src, np.ndarray):
+                copies.append((dst, src))
+            else:  # a DeviceArray: its copy starts now and runs while the host arrays are copied
+                src.copy_to(buf[pos : pos + n])
+            staged.append(dataclasses.replace(leaf, array=dst))
             pos += n + (-n % _ALIGN)
         copy_all(copies, total)
+        if device is not None and self._fence is not None:
+            self._fence()()  # every device-to-host copy has landed
         return dataclasses.replace(prepared, arrays=staged)
 
     def release(self) -> None:
-        self._buf = None
+        self._buf = self._fence = None
 
 
 class Saver:

@@ -62,9 +62,12 @@ class Prepared:
         return sum(a.array.nbytes for a in self.arrays)
 
 
-def prepare(state: Any, metadata: dict[str, Any] | None, *, snapshot: bool = False) -> Prepared:
-    """Walk the state and check the metadata; raise before anything is written if either is unsupported."""
-    skeleton, arrays = tree.flatten(state, snapshot=snapshot)
+def prepare(
+    state: Any, metadata: dict[str, Any] | None, *, snapshot: bool = False, defer_devices: bool = False
+) -> Prepared:
+    """Walk the state and check the metadata; raise before anything is written if either is unsupported.
+    ``snapshot``, ``defer_devices``: see :func:`tree.flatten`."""
+    skeleton, arrays = tree.flatten(state, snapshot=snapshot, defer_devices=defer_devices)
     meta = _check_metadata(metadata)
     found = manifest.survey(skeleton) + manifest.survey(meta)
     if found.problem:  # refused now, or saved and never restorable

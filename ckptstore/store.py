@@ -279,7 +279,7 @@ class CheckpointStore:
             raise CkptStoreError("blocking=False is not supported for saves across ranks (yet)")
 
         def prepare() -> pipeline.Prepared:  # on the caller's thread, before the snapshot is taken
-            prepared = pipeline.prepare(state, metadata)
+            prepared = pipeline.prepare(state, metadata, defer_devices=True)
             pipeline.ensure_free(self.storage, step_name(step), overwrite)
             return prepared
 

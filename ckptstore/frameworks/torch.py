@@ -176,6 +176,18 @@ class TorchAdapter:
             return None
         return arr.reshape(-1).view(np.uint8)
 
+    def device_array(self, x: Any) -> DeviceArray | None:
+        """A tensor on an accelerator as a :class:`DeviceArray`, which an async save's snapshot copies
+        straight into its pinned buffer (one device-to-host copy, not one into fresh memory and another
+        into the buffer); None for a CPU tensor, copied the usual way."""
+        if not isinstance(x, torch.Tensor) or x.device.type in ("cpu", "meta"):
+            return None
+        if x.is_nested or x.layout is not torch.strided or x.is_quantized:
+            return None  # to_numpy names what is wrong
+        if x.dtype not in _NUMPY_OK and x.dtype not in _VIA_INT:
+            return None
+        return DeviceArray(x)
+
     @staticmethod
     def device_target(x: Any) -> DeviceTensor:
         """``x`` (contiguous) as a target of the bounce-buffer pipeline: what ``fill_view`` gives for a tensor
@@ -207,6 +219,31 @@ ADAPTER = TorchAdapter()
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     via = _VIA_INT.get(dtype)
     return via[1] if via is not None else np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+class DeviceArray:
+    """A tensor's bytes to be copied to host memory later, into a snapshot buffer (``asyncsave``): what an
+    async save's walk of the state keeps for a tensor on an accelerator. Quacks as far as the snapshot
+    needs like the NumPy array it becomes (``dtype``, ``shape``, ``nbytes``)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.tensor = x.detach()
+        self.dtype = _numpy_dtype(x.dtype)
+        self.shape = tuple(x.shape)
+        self.ndim = len(self.shape)
+        self.nbytes = x.numel() * x.element_size()
+
+    def copy_to(self, dst: np.ndarray) -> None:
+        """Start copying the tensor's bytes into ``dst`` (uint8 of ``nbytes``, in a :meth:`host_buffer`);
+        done at the buffer's ``fence``."""
+        src = self.tensor.resolve_conj().resolve_neg().contiguous()
+        torch.from_numpy(dst).copy_(src.reshape(-1).view(torch.uint8), non_blocking=src.device.type == "cuda")
+
+    def host_buffer(self, nbytes: int) -> tuple[np.ndarray, Callable[[], Callable[[], None]]]:
+        """Host memory for snapshots of this device's tensors (pinned where CUDA is) and its fence: a
+        function giving a wait for the copies issued so far."""
+        buffer = BounceBuffer(nbytes, self.tensor.device)
+        return buffer.host, buffer.fence
 
 
 class DeviceTensor:
