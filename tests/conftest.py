@@ -267,6 +267,16 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
 # Single tests of otherwise in-process modules: (module, function name).
 TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("test_concurrency", "test_two_writers_different_steps"): ("multiprocess",),
+    ("test_integration_lightning", "test_fit_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_fit"): (
+        "crash",
+        "slow",
+    ),
+    ("test_integration_lightning", "test_ddp_job_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_job"): (
+        "crash",
+        "multiprocess",
+        "slow",
+    ),
+    ("test_integration_lightning", "test_checkpoints_hold_what_lightnings_own_checkpoints_hold"): ("slow",),
     ("test_integration_flax", "test_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_run"): ("crash",),
     ("test_progress", "test_cli_verify_shows_no_bar_without_a_terminal"): ("slow",),
     ("test_progress", "test_cli_verify_shows_a_bar_on_a_terminal"): ("slow",),
