@@ -262,6 +262,7 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     # Real frameworks imported and trained (flax, transformers): several seconds each.
     "test_integration_flax": ("slow",),
     "test_export_hf": ("slow",),
+    "test_integration_lightning": ("slow",),
 }
 
 # Single tests of otherwise in-process modules: (module, function name).
