@@ -810,10 +810,10 @@ def test_cli_never_prints_a_traceback_for_an_unexpected_error(
             raise ValueError("cannot create a NumPy array of shape [0, 2**62, 2**62]")
         return real_info(self, step)
 
-    def verify(storage: Any, name: str, *args: Any) -> Any:
+    def verify(storage: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         if name == "step_00000002":
             raise OverflowError("size overflows")
-        return real_verify(storage, name, *args)
+        return real_verify(storage, name, *args, **kwargs)
 
     monkeypatch.setattr(CheckpointStore, "info", info)
     monkeypatch.setattr(ckptstore.verify, "verify_checkpoint", verify)
