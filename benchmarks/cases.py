@@ -451,13 +451,18 @@ def case_hashcost(spec: Spec) -> dict[str, Any]:
 
 
 def _model_and_opt(spec: Spec, seed: int) -> tuple[Any, Any]:
-    """A GPT-2-shaped module of fp32 parameters and an AdamW that has stepped once (its exp_avg and
-    exp_avg_sq exist): the state a resume restores into."""
+    """A GPT-2-shaped module of fp32 parameters (or, with ``n_small``, that many parameters of 64 floats)
+    and an AdamW that has stepped once (its exp_avg and exp_avg_sq exist): the state a resume restores
+    into."""
     import torch
 
     torch.manual_seed(seed)
     m = torch.nn.Module()
-    for k, shape in c.gpt2_shapes(spec["d_model"], spec["n_layer"]).items():
+    if spec.get("n_small"):  # many small tensors: n parameters of 64 floats (with AdamW's: 4n tensors)
+        shapes = {f"p{i}": (64,) for i in range(spec["n_small"])}
+    else:
+        shapes = c.gpt2_shapes(spec["d_model"], spec["n_layer"])
+    for k, shape in shapes.items():
         m.register_parameter(k.replace(".", "_"), torch.nn.Parameter(torch.rand(shape)))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     for p in m.parameters():

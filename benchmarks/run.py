@@ -303,6 +303,16 @@ def plan(r: Runner) -> None:
                     specs[label] = {"case": "restore_into", "tool": t, "src": src, "second": second, "cache": cache}
                     specs[label].update(into)
             r.measure("into", specs, runs)
+        # Many small tensors: 25,000 parameters of 64 floats and their AdamW state, 100,000 tensors.
+        small_into = {"n_small": 25_000 if not a.quick else 5_000, "d_model": 0, "n_layer": 0}
+        src = str(w / "into-small")
+        if r.child({"case": "prepare_into", "src": src, **small_into}) is not None:
+            tools = ["torch.load+load_state_dict", "ckptstore in place", "readinto (ceiling)"]
+            specs = {
+                t: {"case": "restore_into", "tool": t, "src": src, "second": False, "cache": "warm", **small_into}
+                for t in tools
+            }
+            r.measure("into-small", specs, runs)
 
     if want("async"):
         print("5. async save: stall of a training loop", flush=True)
@@ -459,6 +469,19 @@ def summary(r: Runner) -> list[tuple[str, str, str, str]]:
                 rows.append(
                     (f"3. restore {res['label']}", f"{g:.2f} GB/s", f"{g / ceil:.2f}", f"{g / base:.2f}x torch.load")
                 )
+    for res in r.results:
+        if res["group"] == "into-small":
+            g, base = gbps("into-small", res["label"]), gbps("into-small", "torch.load+load_state_dict")
+            ceil = gbps("into-small", "readinto (ceiling)")
+            n = res["spec"]["n_small"] * 4
+            rows.append(
+                (
+                    f"8. restore into {n} small tensors {res['label']}",
+                    f"{med(r.get('into-small', res['label'])) * 1000:.0f} ms",
+                    f"{g / ceil:.2f}",
+                    f"{g / base:.2f}x torch.load+load_state_dict",
+                )
+            )
     for res in r.results:
         if res["group"] == "into":
             second = next((x for x in (" [2nd]", " (cold)") if res["label"].endswith(x)), "")

@@ -528,10 +528,12 @@ class CheckpointStore:
                 ``"jax"``, ``"tf"`` arrays.
             verify: check every tensor's checksum (xxh3-64) while reading (file sizes are always
                 checked). It costs about 15% of a restore from the page cache, less from disk or network;
-                pass False to skip it. Tensors are checked before anything is rebuilt, except on local disk
-                (without ``mmap``) the tensors of ``like``'s torch modules and optimizers: those are read
-                straight into the existing tensors (no second copy in memory) and checked as they are
-                read, so a damaged one leaves the objects partly overwritten, and the
+                pass False to skip it. Tensors are checked before anything is rebuilt, except those of
+                ``like``'s stateful objects (without ``mmap``): a torch module's or optimizer's are read
+                straight into its existing tensors (on a GPU through a reused bounce buffer), and a Keras
+                model's, a Flax NNX object's (and any array converted to a framework's) are read one at
+                a time as they are assigned, so that the state is never twice in memory. Those are
+                checked as they are read, so a damaged one leaves the objects partly overwritten, and the
                 CorruptCheckpointError says so ("the objects in `like` were partly overwritten"): restore
                 an intact checkpoint into them (``fallback=True`` does) before using them.
             fallback: if the checkpoint is damaged, unreadable (permission denied) or deleted while being
@@ -629,8 +631,8 @@ class CheckpointStore:
                 started = time.perf_counter()
                 try:
                     m = _manifest(self.storage, name)
-                    # Every tensor is checked before the tree is rebuilt, except those read in place into
-                    # ``like``'s torch objects (local disk): a damaged one leaves them partly overwritten,
+                    # Every tensor is checked before the tree is rebuilt, except those read into `like`'s
+                    # stateful objects as the rebuild goes: a damaged one leaves them partly overwritten,
                     # and the next checkpoint tried overwrites them again in full (the same keys).
                     state = load.read(
                         self.storage,
