@@ -21,6 +21,7 @@ from .errors import (
     AccessDeniedError,
     CheckpointNotFoundError,
     CkptStoreError,
+    ConfigError,
     CorruptCheckpointError,
     CorruptCheckpointWarning,
     StorageError,
@@ -203,6 +204,7 @@ class CheckpointStore:
         )
         self._retention = Retention(self.policy)
         self.coordinator = coordinator
+        self._twin: tuple[Any, distributed.Coordinator] | None = None  # see _background_twin
         self.storage = open_storage(url_or_path, storage_options)
         self._saver = Saver()
         self._retention_thread = _RetentionThread(self._retention, self.storage)
@@ -276,7 +278,9 @@ class CheckpointStore:
             self._saver.wait()  # saves commit in the order they were asked for
             return self._save(step, lambda: pipeline.prepare(state, metadata), overwrite, coord)
         if coord.world_size > 1:
-            raise CkptStoreError("blocking=False is not supported for saves across ranks (yet)")
+            if knobs.current.async_max_in_flight != 1:  # two saves' collectives would interleave
+                raise ConfigError("saves across ranks with blocking=False need knobs.async_max_in_flight == 1")
+            coord = self._background_twin(coord)
 
         def prepare() -> pipeline.Prepared:  # on the caller's thread, before the snapshot is taken
             prepared = pipeline.prepare(state, metadata, defer_devices=True)
@@ -284,6 +288,33 @@ class CheckpointStore:
             return prepared
 
         return self._saver.start(step, prepare, lambda snap: self._save(step, lambda: snap, overwrite, coord))
+
+    def _background_twin(self, coord: distributed.Coordinator) -> distributed.Coordinator:
+        """A coordinator of ``coord``'s ranks whose collectives run on a gloo group of their own, for the
+        background half of saves across ranks: issued from the save's thread, they never meet the
+        training's collectives on ``coord``'s group (issued meanwhile from the training's thread), nor the
+        save decisions' (:mod:`.decisions`, on the caller's thread too). Made at the first background save,
+        on the caller's thread (making a group is itself a collective: every rank makes it at the same
+        save), and kept for the next ones."""
+        key = (type(coord), getattr(coord, "group", None))
+        if self._twin is not None and self._twin[0] == key:
+            return self._twin[1]
+        twin: distributed.Coordinator
+        make = getattr(coord, "background", None)
+        if make is not None:
+            twin = make()
+        elif isinstance(coord, distributed.TorchDistributed):
+            import torch.distributed as dist
+
+            ranks = None if coord.group is None else dist.get_process_group_ranks(coord.group)
+            twin = distributed.TorchDistributed(dist.new_group(ranks, backend="gloo"))
+        else:
+            raise ConfigError(
+                f"blocking=False across ranks needs a coordinator whose collectives can run on a group of their "
+                f"own (torch.distributed's, or one with a background() method); {type(coord).__name__} has none"
+            )
+        self._twin = (key, twin)
+        return twin
 
     def should_save(self, step: int) -> bool:
         """Whether to save ``step`` now, by the store's save policy.

@@ -274,6 +274,77 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
             alone.save(phase["step"] + 1, {"w": np.arange(4)})
         out["steps"] = store.storage.committed_steps()
         dist.barrier()
+    elif mode == "async":
+        import torch
+
+        handles, out["sums"] = [], []
+        for step in phase["steps"]:
+            s = state(step, rank, world)
+            handles.append(store.save(step, s, metadata={"step": step}, blocking=False))
+            # The training goes on at once: collectives of its own on the default group while the save's
+            # run in the background, and its arrays changed in place (the checkpoint must not see it).
+            t = torch.ones(8)
+            for _ in range(phase["allreduces"]):
+                dist.all_reduce(t)
+            out["sums"].append(float(t[0]))
+            for leaf in (s["model"]["w"], s["model"]["emb"], s["opt"]["m"], s["grid"]):
+                leaf.local[...] = -1
+            s["bias"][...] = -1
+            s["flags"].fill_(-1)
+            s["dt"].to_local().fill_(-1)
+        out["infos"] = [[h.result(timeout=60).step, h.result().metadata] for h in handles]
+    elif mode == "async_fail":
+        # One rank's disk fails in a background save: every rank's handle has the error; a failure that no
+        # handle reported is raised by every rank's next save; after it, saves work again.
+        real_write_file = ckptstore.tensorio.write_file
+        out["errors"] = []
+        for step in (7, 8):
+            if rank == world - 1:
+                ckptstore.tensorio.write_file = failing_write_file  # type: ignore[assignment]
+            handle = store.save(step, state(step, rank, world), blocking=False)
+            if step == 7:
+                e = handle.exception(timeout=60)
+                out["errors"].append(None if e is None else [type(e).__name__, str(e)])
+            else:
+                try:
+                    store.save(9, state(9, rank, world))  # waits for step 8's save, which failed
+                except ckptstore.errors.CkptStoreError as e:
+                    out["errors"].append([type(e).__name__, str(e)])
+            ckptstore.tensorio.write_file = real_write_file
+        store.save(9, state(9, rank, world), blocking=False).result(timeout=60)
+    elif mode == "async_preempt":
+        # SIGTERM on one rank while a background save is in flight (the loop of docs/training-loop.md):
+        # that save completes, every rank agrees on the preemption and saves once more, then stops at the
+        # same step.
+        import signal
+
+        import torch
+
+        real_write_file = ckptstore.tensorio.write_file
+
+        def slow_write(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(1.0)  # the signal comes while this rank is still writing
+            return real_write_file(*args, **kwargs)
+
+        ps = ckptstore.CheckpointStore(store.url, save_on_preemption=True)
+        out["stopped_at"] = None
+        for step in range(1, 200):
+            t = torch.ones(1)
+            dist.all_reduce(t)  # the training's collective
+            wanted = ps.should_save(step)  # (only on preemption: no interval); every rank, every step
+            if step == 5 or wanted:
+                if step == 5:
+                    ckptstore.tensorio.write_file = slow_write  # type: ignore[assignment]
+                ps.save(step, state(step, rank, world), blocking=False)
+                if step == 5 and rank == world - 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            if ps.reached_preemption(step):
+                ps.wait_until_finished()
+                out["stopped_at"] = step
+                break
+        ckptstore.tensorio.write_file = real_write_file
+        out["steps"] = ps.steps()
+        ps.close()
     elif mode == "kill":
         store.save(1, state(1, rank, world))
         dist.barrier()

@@ -213,6 +213,54 @@ def test_rank_killed_mid_save_commits_nothing(
     assert no_leftovers(local_url.url) == []  # rank 0 removed the shared staging directory
 
 
+# --- async saves across ranks ---------------------------------------------------------------------
+
+
+def test_async_saves_across_ranks_commit_the_snapshot_while_the_training_runs_its_collectives(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    _, reports = launch(
+        zygote, tmp_path, local_url, 2, [{"mode": "async", "steps": [1, 2, 3], "allreduces": 30}], max_to_keep=2
+    )
+    for rank, rep in enumerate(reports):
+        assert rep[0]["sums"] == [2.0**30] * 3, rank  # the training's own all-reduces, undisturbed
+        assert [step for step, _ in rep[0]["infos"]] == [1, 2, 3]
+        assert [meta for _, meta in rep[0]["infos"]] == [{"step": 1}, {"step": 2}, {"step": 3}]
+    store = local_url.store()
+    assert store.steps() == [2, 3]  # retention after each commit
+    check_full(store.restore(), 3)  # the snapshots: not the arrays as the training changed them after
+    check_full(store.restore(2), 2)
+    assert no_leftovers(local_url.url) == []
+
+
+def test_an_async_save_failing_on_one_rank_fails_on_every_rank(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    _, reports = launch(zygote, tmp_path, local_url, 2, [{"mode": "async_fail"}])
+    for rank, rep in enumerate(reports):
+        handle_error, next_save_error = rep[0]["errors"]
+        assert handle_error is not None and handle_error[0] == "StorageError", (rank, handle_error)
+        assert "No space left" in handle_error[1]
+        assert next_save_error[0] == "AsyncSaveError" and "step 8" in next_save_error[1], (rank, next_save_error)
+    store = local_url.store()
+    assert store.steps() == [9]
+    check_full(store.restore(), 9)
+    assert no_leftovers(local_url.url) == []
+
+
+def test_a_signal_during_an_async_save_completes_it_on_every_rank(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    codes, reports = launch(zygote, tmp_path, local_url, 2, [{"mode": "async_preempt"}])
+    assert codes == [0, 0]
+    stopped = {rep[0]["stopped_at"] for rep in reports}
+    assert len(stopped) == 1 and None not in stopped  # the same step on every rank
+    last = stopped.pop()
+    assert last > 5 and all(rep[0]["steps"] == [5, last] for rep in reports)
+    check_full(local_url.store().restore(5), 5)  # the save in flight when the signal came: complete
+    check_full(local_url.store().restore(last), last)
+
+
 # --- S3 (moto over HTTP) ----------------------------------------------------------------------------
 
 
