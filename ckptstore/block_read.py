@@ -2,10 +2,11 @@
 
 A sharded array is stored as blocks (one tensor each, row-major, in any of the checkpoint's files); a
 rank that restores into a :class:`ckptstore.Shard` or DTensor template wants one block of the global
-array, which may overlap several stored blocks partly. For each overlap the reader finds the contiguous
-byte runs in the stored block (row-major: an overlap that spans whole trailing dimensions is one run),
-and reads each run, or one span covering several runs where the bytes in between are few (a ranged GET
-costs far more than a few wasted bytes).
+array, and a JAX process restoring into a template of a global array the blocks of its devices (their
+bounding box, read once, where they fill it); each may overlap several stored blocks partly. For each
+overlap the reader finds the contiguous byte runs in the stored block (row-major: an overlap that spans
+whole trailing dimensions is one run), and reads each run, or one span covering several runs where the
+bytes in between are few (a ranged GET costs far more than a few wasted bytes).
 
 With ``verify`` a stored block is read whole once and checked against its checksum before any part of it
 is used, so verification costs reading every overlapping stored block whole.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,17 @@ Dims = tuple[int, ...]
 Ref = TensorRef | ShardedRef
 
 
-def block_indices(skeleton: Any) -> set[int]:
-    """Indices (in the manifest's tensor list) of the stored blocks of sharded arrays."""
-    return {index for ref in iter_refs(skeleton) if type(ref) is ShardedRef for index, _ in ref.blocks}
+def block_indices(skeleton: Any, like: Any = tree.MISSING) -> set[int]:
+    """Indices (in the manifest's tensor list) of the tensors to read block by block, only where wanted:
+    the stored blocks of sharded arrays, and, given ``like``, the plain tensors whose template is restored
+    block by block (a Shard, a DTensor, a JAX template of a global array): pass them to
+    :class:`BlockReader` as ``ranged`` so that a process reads only its blocks' bytes of those too."""
+    found = {index for ref in iter_refs(skeleton) if type(ref) is ShardedRef for index, _ in ref.blocks}
+    if like is not tree.MISSING:
+        found.update(
+            ref.index for ref, at, _ in wanted_blocks(skeleton, like) if type(ref) is TensorRef and at is not None
+        )
+    return found
 
 
 def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims | None]]:
@@ -53,6 +62,9 @@ def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims
             elif tmpl is not missing and shard.is_dtensor(tmpl):
                 offsets, shape, _ = shard.dtensor_block(tmpl)
                 out.append((node, offsets, shape))
+            elif tmpl is not missing and (found := tree.global_layout(tmpl)) is not None:
+                # what tree._shard_like will ask for: this process's devices' blocks, or their bounding box
+                out.extend((node, offsets, shape) for offsets, shape in blocks.read_regions(found[2]))
             elif t is ShardedRef:
                 out.append((node, None, None))
         elif t is Stateful:
@@ -77,9 +89,18 @@ class BlockReader:
     """
 
     def __init__(
-        self, storage: Storage, name: str, m: Manifest, load: Callable[[int], np.ndarray], *, verify: bool
+        self,
+        storage: Storage,
+        name: str,
+        m: Manifest,
+        load: Callable[[int], np.ndarray],
+        *,
+        verify: bool,
+        ranged: Collection[int] = (),
     ) -> None:
         self.storage, self.name, self.m, self.load, self.verify = storage, name, m, load, verify
+        #: Plain tensors read as one stored block, only where wanted, never through ``load``.
+        self.ranged = ranged
         self._files: dict[int, Readable] = {}
         self._sizes: dict[str, int] | None = None
         self._checked: set[int] = set()
@@ -99,8 +120,13 @@ class BlockReader:
         self.close()
 
     def prefetch(self, wanted: list[tuple[Ref, Dims | None, Dims | None]]) -> None:
-        """Read (and verify) these blocks now; :meth:`read` hands each out once."""
+        """Read (and verify) these blocks now; :meth:`read` hands each out once. A block that does not fit
+        its array (a template of another shape) is left to the rebuild, which names its key path."""
         for ref, offsets, shape in wanted:
+            if offsets is not None and shape is not None:
+                gshape = self.global_shape(ref)
+                if len(offsets) != len(gshape) or any(o + n > g for o, n, g in zip(offsets, shape, gshape)):
+                    continue
             self._ready[(id(ref), offsets, shape)] = self._read(ref, offsets, shape)
 
     def global_shape(self, node: Ref) -> Dims:
@@ -128,6 +154,8 @@ class BlockReader:
             offsets, shape = (0,) * len(gshape), gshape
         if len(offsets) != len(gshape) or any(o + n > g for o, n, g in zip(offsets, shape, gshape)):
             raise StructureMismatchError(f"block at {offsets} of shape {shape} lies outside the array's {gshape}")
+        if isinstance(node, TensorRef) and node.index in self.ranged:  # a stored array of one block
+            node = ShardedRef(gshape, self._entry(node.index).dtype, ((node.index, (0,) * len(gshape)),))
         if isinstance(node, TensorRef):
             arr = self.load(node.index)
             if tuple(shape) == tuple(arr.shape):

@@ -196,3 +196,18 @@ def _overlap(
             if intersect(off, shape, off2, shape2) is not None:
                 return (off, shape), (off2, shape2)
     return None
+
+
+def read_regions(blocks: Sequence[tuple[Dims, Dims]]) -> list[tuple[Dims, Dims]]:
+    """What to read for ``blocks`` ``(offsets, shape)`` (distinct and not overlapping, as a sharding's
+    blocks are): their bounding box when they fill it exactly (one read: a stored block that several of
+    them overlap is fetched, and verified, once), else the blocks themselves."""
+    if len(blocks) < 2:
+        return list(blocks)
+    ndim = len(blocks[0][0])
+    lo = tuple(min(off[k] for off, _ in blocks) for k in range(ndim))
+    hi = tuple(max(off[k] + shape[k] for off, shape in blocks) for k in range(ndim))
+    box = tuple(h - low for low, h in zip(lo, hi))
+    if sum(math.prod(shape) for _, shape in blocks) == math.prod(box):
+        return [(lo, box)]
+    return list(blocks)

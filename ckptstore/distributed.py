@@ -2,9 +2,10 @@
 
 A :class:`Coordinator` is the little a save needs of a job's processes: gather small plain values to rank
 0, scatter rank 0's orders, broadcast its verdict. :class:`TorchDistributed` does this with
-torch.distributed's collectives; :data:`SINGLE` is the one-process default (a world of one).
-:func:`resolve` picks torch.distributed when the caller's program has initialised it (torch is never
-imported to find out). The save itself, the same for one process or many, is :mod:`ckptstore.pipeline`.
+torch.distributed's collectives, :class:`JaxDistributed` through the key-value store of JAX's distributed
+runtime; :data:`SINGLE` is the one-process default (a world of one). :func:`resolve` picks the runtime the
+caller's program has initialised (neither torch nor jax is imported to find out). The save itself, the
+same for one process or many, is :mod:`ckptstore.pipeline`.
 
 Errors cross ranks as plain values (:func:`failure`): a rank that raises sends its error instead of its
 result, and every rank then raises (:func:`raise_failure`: the failing rank its own exception, the others
@@ -16,7 +17,9 @@ after the process group's timeout): they raise :class:`~ckptstore.errors.Distrib
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SINGLE",
     "Coordinator",
+    "JaxDistributed",
     "SingleProcess",
     "TorchDistributed",
     "agree",
@@ -201,6 +205,129 @@ class TorchDistributed:
         return f"TorchDistributed(rank={self.rank}, world_size={self.world_size})"
 
 
+class JaxDistributed:
+    """A coordinator over JAX's distributed runtime: the processes of ``jax.distributed.initialize``.
+
+    It passes values through the key-value store of JAX's coordination service (what Orbax's multihost
+    utilities do; JAX's public ``multihost_utils`` only moves arrays, through compiled collectives, with
+    no timeout). Values are pickled: they are small plain lists made by ckptstore itself, between the
+    processes of one job. Every wait is bounded by ``timeout_s``: a process that died or never joins makes
+    the others raise DistributedError within that time, and sooner where JAX's coordination service notices
+    the death first (its heartbeats: ``initialize(heartbeat_timeout_seconds=...)``; it may then end the other
+    processes itself).
+
+    Args:
+        timeout_s: the longest one collective waits for the other processes (default 600 s; a save's
+            collectives wait for the slowest process's writing, so allow for it).
+
+    Raises:
+        DistributedError: JAX's distributed runtime is not initialised (``jax.distributed.initialize``).
+    """
+
+    def __init__(self, timeout_s: float = 600.0, *, channel: str = "main") -> None:
+        client = _jax_client()
+        if client is None:
+            raise DistributedError("JAX's distributed runtime is not initialised (call jax.distributed.initialize)")
+        import jax
+
+        self._client = client
+        self.rank = int(jax.process_index())
+        self.world_size = int(jax.process_count())
+        self.timeout_s = float(timeout_s)
+        self.channel = channel
+        self._joining: str | None = None
+
+    def background(self) -> JaxDistributed:
+        """A twin for the background half of async saves (``save(blocking=False)``): its collectives are
+        numbered in a sequence of their own, so that they never pair with those the caller's thread runs
+        meanwhile (a restore, the save decisions)."""
+        return JaxDistributed(self.timeout_s, channel="background")
+
+    def check_in(self, what: str) -> None:
+        """Mark the next gather as the start of ``what`` (a save): there process 0 waits for the others as
+        :meth:`TorchDistributed.check_in` does, logging after ``knobs.join_warn_s`` which processes have not
+        joined (the usual cause: a save called on process 0 alone, which needs ``coordinator=SINGLE``), and
+        failing after ``timeout_s`` with the same words. Not a collective of its own."""
+        self._joining = what
+
+    def _keys(self, op: str) -> str:
+        # Collectives are numbered in one sequence per process and channel, whatever coordinator object
+        # runs them: every process calls them in the same order, so the n-th of each meets the n-th of the
+        # others (making a coordinator takes no number). The background channel is async saves' thread's.
+        n = _jax_collectives[self.channel] = _jax_collectives.get(self.channel, 0) + 1
+        return f"ckptstore/jax/{self.channel}/{n}/{op}"
+
+    def _put(self, key: str, obj: Any) -> None:
+        self._client.key_value_set_bytes(key, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _get(self, key: str, who: int, joining: str | None = None) -> Any:
+        get = self._client.blocking_key_value_get_bytes
+        hint = (
+            f"; a {joining} that process 0 makes alone (`if jax.process_index() == 0: store.save(...)`) needs "
+            "`CheckpointStore(..., coordinator=ckptstore.distributed.SINGLE)`"
+            if joining
+            else ""
+        )
+        first = min(knobs.current.join_warn_s, self.timeout_s) if joining else self.timeout_s
+        started = time.monotonic()
+        try:
+            try:
+                data = get(key, max(int(first * 1000), 1))
+            except Exception:  # the runtime's timeout, or at once its error after a peer died
+                if first >= self.timeout_s or time.monotonic() - started < first * 0.9:
+                    raise
+                log.warning("rank %d has not joined this %s after %g s%s", who, joining, first, hint)
+                data = get(key, max(int((self.timeout_s - first) * 1000), 1))
+        except Exception as e:
+            raise DistributedError(
+                f"rank {self.rank}: no word from rank {who} within {self.timeout_s:g} s "
+                f"(JaxDistributed.timeout_s), or the runtime failed ({type(e).__name__}: {e}){hint}"
+            ) from e
+        self._client.key_value_delete(key)
+        return pickle.loads(data)  # ckptstore's own small values, from a process of this job
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        base = self._keys("gather")
+        joining, self._joining = self._joining, None
+        if self.rank != 0:
+            self._put(f"{base}/{self.rank}", obj)
+            return None
+        return [obj] + [self._get(f"{base}/{r}", r, joining) for r in range(1, self.world_size)]
+
+    def scatter(self, objs: list[Any] | None) -> Any:
+        base = self._keys("scatter")
+        if self.rank != 0:
+            return self._get(f"{base}/{self.rank}", 0)
+        if objs is None or len(objs) != self.world_size:
+            raise CkptStoreError("scatter needs one value per rank on rank 0")
+        for r in range(1, self.world_size):
+            self._put(f"{base}/{r}", objs[r])
+        return objs[0]
+
+    def broadcast(self, obj: Any) -> Any:
+        # One key per receiver: each deletes its own, so nothing is left in the service's memory.
+        return self.scatter([obj] * self.world_size if self.rank == 0 else None)
+
+    def __repr__(self) -> str:
+        return f"JaxDistributed(rank={self.rank}, world_size={self.world_size})"
+
+
+#: How many collectives JaxDistributed coordinators of this process ran (their keys' prefix).
+_jax_collectives: dict[str, int] = {}
+
+
+def _jax_client() -> Any:
+    """The client of JAX's distributed runtime if this program imported jax and initialised it, else None
+    (never imports jax; the client is private API, present in jax 0.4 to 0.10)."""
+    if "jax" not in sys.modules:
+        return None
+    try:
+        from jax._src import distributed as jax_distributed
+    except Exception:
+        return None
+    return getattr(jax_distributed.global_state, "client", None)
+
+
 #: The gloo groups :func:`side_group` made, by (default process group, group served): the objects themselves
 #: are the key (held, so their ids are never reused); a new ``init_process_group`` makes a new key.
 _side_groups: dict[tuple[Any, Any], Any] = {}
@@ -239,17 +366,48 @@ def side_group(group: Any = None) -> Any:
 
 
 def resolve(coordinator: Coordinator | None) -> Coordinator:
-    """``coordinator`` if given; else torch.distributed's world if this program has imported torch and
-    initialised a process group of more than one process; else :data:`SINGLE`."""
+    """``coordinator`` if given; else the world of the distributed runtime this program initialised:
+    torch.distributed's (if torch is imported and a process group of more than one process exists) or
+    JAX's (if jax is imported and ``jax.distributed.initialize`` made more than one process); else
+    :data:`SINGLE`. Neither framework is imported to find out.
+
+    Raises:
+        DistributedError: both are initialised and disagree on this process's rank or the number of
+            processes (pass ``coordinator=`` to say which one a save uses).
+    """
     if coordinator is not None:
         if not isinstance(coordinator, Coordinator):
             raise CkptStoreError(f"coordinator must have rank, world_size, gather, scatter, broadcast: {coordinator!r}")
         return coordinator
     torch = sys.modules.get("torch")
     dist = getattr(torch, "distributed", None)
-    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    torch_world = dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    jax_world = _jax_world()
+    if torch_world and jax_world is not None:
+        assert dist is not None
+        torch_at = (int(dist.get_rank()), int(dist.get_world_size()))
+        if torch_at != jax_world:
+            raise DistributedError(
+                f"torch.distributed (rank {torch_at[0]} of {torch_at[1]}) and JAX's distributed runtime "
+                f"(process {jax_world[0]} of {jax_world[1]}) are both initialised and disagree; pass "
+                "coordinator=ckptstore.distributed.TorchDistributed() or JaxDistributed() to say which one saves"
+            )
+    if torch_world:
         return TorchDistributed()
+    if jax_world is not None:
+        return JaxDistributed()
     return SINGLE
+
+
+def _jax_world() -> tuple[int, int] | None:
+    """``(process index, process count)`` of JAX's distributed runtime if initialised with more than one
+    process, else None."""
+    if _jax_client() is None:
+        return None
+    import jax
+
+    count = int(jax.process_count())
+    return (int(jax.process_index()), count) if count > 1 else None
 
 
 def agree(coordinator: Coordinator, fn: Callable[[], Any]) -> Any:

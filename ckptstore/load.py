@@ -136,7 +136,8 @@ def read(
     if key_map is not None:
         skeleton = subset.remap(skeleton, key_map)
     selected = keys is not None or key_map is not None
-    sharded = block_read.block_indices(skeleton)  # blocks of sharded arrays: read later, only where wanted
+    # Blocks of sharded arrays, and plain tensors that `like` wants as blocks: read later, only where wanted.
+    sharded = block_read.block_indices(skeleton, like)
     wanted = sorted(set(subset.tensor_indices(skeleton))) if selected else range(len(m.tensors))
     # Tensors of `like`'s torch modules and optimizers are read straight into their memory by the rebuild:
     # not here.
@@ -158,7 +159,7 @@ def read(
         advance = None if progress is None or progress is False else shown.advance
         tensors = _Tensors(storage, name, m, verify, deferred, advance, streamed, assigned)
         tensors.arrays.update(load_tensors(storage, name, m, eager, verify=verify, mmap=mmap, advance=advance))
-        with block_read.BlockReader(storage, name, m, tensors.load, verify=verify) as blocks:
+        with block_read.BlockReader(storage, name, m, tensors.load, verify=verify, ranged=sharded) as blocks:
             if sharded:
                 blocks.prefetch(block_read.wanted_blocks(skeleton, like))
             state = tree.rebuild(

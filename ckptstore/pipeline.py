@@ -41,7 +41,18 @@ from .errors import (
     storage_error,
 )
 from .manifest import FileEntry, Manifest, TensorEntry
-from .skeleton import ArrayLeaf, NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, map_refs, render_path, walk
+from .skeleton import (
+    ArrayLeaf,
+    NamedTuple,
+    Scalar,
+    ShardedRef,
+    Stateful,
+    TensorRef,
+    iter_refs,
+    map_refs,
+    render_path,
+    walk,
+)
 from .storage import Staging, Storage, new_token
 
 __all__ = ["Committed", "Prepared", "assign", "commit_manifest", "ensure_free", "prepare", "save"]
@@ -52,10 +63,15 @@ class Prepared:
     """A state taken apart and checked, ready to be written (nothing has touched storage yet)."""
 
     skeleton: Any
+    #: The arrays to write: one per leaf, or, where a leaf holds several blocks (a JAX global array: one
+    #: per distinct block on this process's devices), its blocks in a row (see ``starts``).
     arrays: list[ArrayLeaf]
     metadata: dict[str, Any]
     #: The skeleton and the metadata surveyed (nesting, what decoding them may cost).
     survey: manifest.Survey
+    #: Where some leaf holds several blocks: the index in ``arrays`` of each leaf's first block, in the
+    #: leaves' order (the skeleton's references name these); None: one array per leaf, in order.
+    starts: tuple[int, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -72,7 +88,22 @@ def prepare(
     found = manifest.survey(skeleton) + manifest.survey(meta)
     if found.problem:  # refused now, or saved and never restorable
         raise UnsupportedTypeError(f"the state cannot be saved: {found.problem}")
-    return Prepared(skeleton, arrays, meta, found)
+    starts = None
+    if any(a.global_shape is not None for a in arrays):  # sharded leaves (rare): some may hold several blocks
+        firsts = sorted(ref.index for ref in iter_refs(skeleton) if type(ref) is TensorRef)
+        if len(firsts) != len(arrays):
+            starts = tuple(firsts)
+            leaf_of = {first: k for k, first in enumerate(firsts)}
+            skeleton = map_refs(skeleton, lambda ref: TensorRef(leaf_of[ref.index]))
+    return Prepared(skeleton, arrays, meta, found, starts)
+
+
+def _blocks_of(prepared: Prepared) -> list[list[int]]:
+    """The indices in ``prepared.arrays`` of each leaf's blocks (one each for a leaf of one array)."""
+    if prepared.starts is None:
+        return [[i] for i in range(len(prepared.arrays))]
+    ends = (*prepared.starts[1:], len(prepared.arrays))
+    return [list(range(a, b)) for a, b in zip(prepared.starts, ends)]
 
 
 def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -169,7 +200,7 @@ def save(
     try:
         prepared = source()
         # A world of one hands its arrays over as they are: nothing crosses a process boundary.
-        report: list[Any] = ["ok", _describe(prepared) if c.world_size > 1 else prepared.arrays, name]
+        report: list[Any] = ["ok", _describe(prepared) if c.world_size > 1 else prepared, name]
     except Exception as e:
         own, report = e, failure(c.rank, e)
     clock.lap("prepare")
@@ -243,8 +274,25 @@ def _with_cause(e: BaseException, cause: BaseException) -> BaseException:
 
 
 def _describe(prepared: Prepared) -> list[tuple[Any, ...]]:
-    """This rank's arrays as plain values: ``(key path, dtype, shape, global shape | None, offsets | None)``."""
-    return [(a.path, a.dtype, a.array.shape, a.global_shape, a.offsets) for a in prepared.arrays]
+    """This rank's leaves as plain values: ``(key path, dtype, shape, global shape | None, offsets | None)``,
+    and for a leaf of several blocks a sixth value: ``[(offsets, shape), ...]`` of its blocks after the
+    first."""
+    if prepared.starts is None:
+        return [(a.path, a.dtype, a.array.shape, a.global_shape, a.offsets) for a in prepared.arrays]
+    out: list[tuple[Any, ...]] = []
+    for indices in _blocks_of(prepared):
+        a = prepared.arrays[indices[0]]
+        more = [(prepared.arrays[i].offsets, prepared.arrays[i].array.shape) for i in indices[1:]]
+        out.append((a.path, a.dtype, a.array.shape, a.global_shape, a.offsets, *([more] if more else [])))
+    return out
+
+
+def _leaf_blocks(leaf: Sequence[Any]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """A reported leaf's blocks, ``(offsets, shape)`` each (see :func:`_describe`)."""
+    blocks = [(tuple(leaf[4]), tuple(leaf[2]))]
+    if len(leaf) > 5:
+        blocks.extend((tuple(o), tuple(n)) for o, n in leaf[5])
+    return blocks
 
 
 #: A slot of the manifest's tensor list: (leaf index, offsets of the block or None for a replicated array,
@@ -280,8 +328,11 @@ def _path_text(path: Any) -> str:
 def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | None]]:
     """Check the ranks' arrays against each other and give every distinct block, and every replicated
     array, to one rank: blocks held by one rank to it, the rest largest first to the least loaded rank
-    that holds them. Returns the layout and each rank's tasks ``[slot, leaf index]`` (None: every leaf, in
-    order, slot = leaf index).
+    that holds them. A leaf may hold several blocks on one rank (a JAX global array: one per distinct block
+    on the process's devices), and several ranks may hold one block (replicas): each distinct block is
+    written once. Returns the layout and each rank's tasks ``[slot, index of the array in that rank's
+    prepared arrays]`` (the leaf index where every leaf is one array; None: every leaf, in order, slot =
+    leaf index).
 
     Raises:
         ShardingError: the ranks disagree, or an array's blocks overlap, leave a gap or reach outside it.
@@ -297,10 +348,20 @@ def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | No
                 f"(paths not on both, or out of order: {[_path_text(p) for p in diff]})"
             )
     load = [0] * world
+    # Per rank, the index in its prepared arrays of each leaf's first block.
+    bases: list[list[int]] = []
+    for rep in reports:
+        n, base = 0, []
+        for leaf in rep:
+            base.append(n)
+            n += 1 + (len(leaf[5]) if len(leaf) > 5 else 0)
+        bases.append(base)
+    #: slot -> {rank: index of the array in that rank's prepared arrays}
+    sources: dict[int, dict[int, int]] = {}
     slots: list[tuple[int, tuple[int, ...] | None, tuple[int, ...], str, int]] = []
     leaves: list[int | tuple[tuple[int, ...], list[int]]] = []
     shared: list[tuple[int, int, list[int]]] = []  # (nbytes, slot, holders) still to assign
-    for i, (key_path, dtype, shape, gshape, _) in enumerate(first):
+    for i, (key_path, dtype, shape, gshape, *_) in enumerate(first):
         path = _path_text(key_path)
         itemsize = _itemsize(dtype)
         kinds = {tuple(rep[i][3]) if rep[i][3] is not None else None for rep in reports}
@@ -317,18 +378,21 @@ def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | No
                 )
             leaves.append(len(slots))
             shared.append((math.prod(shape) * itemsize, len(slots), list(range(world))))
+            sources[len(slots)] = {r: bases[r][i] for r in range(world)}
             slots.append((i, None, tuple(shape), dtype, -1))
             continue
-        holders: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        holders: dict[tuple[tuple[int, ...], tuple[int, ...]], dict[int, int]] = {}
         for r, rep in enumerate(reports):
-            holders.setdefault((tuple(rep[i][4]), tuple(rep[i][2])), []).append(r)
+            for k, block in enumerate(_leaf_blocks(rep[i])):
+                holders.setdefault(block, {})[r] = bases[r][i] + k
         blocks = sorted(holders)
         problem = check_partition(blocks, tuple(gshape))
         if problem is not None:
             raise ShardingError(f"{path}: the ranks' shards of global shape {tuple(gshape)} do not fit: {problem}")
         block_slots = []
         for offsets, bshape in blocks:
-            owners = holders[(offsets, bshape)]
+            sources[len(slots)] = holders[(offsets, bshape)]
+            owners = sorted(sources[len(slots)])
             nbytes = math.prod(bshape) * itemsize
             if len(owners) == 1:
                 load[owners[0]] += nbytes
@@ -344,31 +408,41 @@ def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | No
         leaf, where, shape, dtype, _ = slots[slot]
         slots[slot] = (leaf, where, shape, dtype, writer)
     per_rank: list[list[list[int]]] = [[] for _ in range(world)]
-    for slot, (leaf, _, _, _, writer) in enumerate(slots):
-        per_rank[writer].append([slot, leaf])
+    for slot, (_, _, _, _, writer) in enumerate(slots):
+        per_rank[writer].append([slot, sources[slot][writer]])
     tasks: list[list[list[int]] | None] = list(per_rank)
     return _Layout(slots, leaves), tasks
 
 
-def _assign_one(arrays: list[ArrayLeaf]) -> tuple[_Layout, list[list[list[int]] | None]]:
+def _assign_one(prepared: Prepared) -> tuple[_Layout, list[list[list[int]] | None]]:
     """:func:`assign` for a world of one: everything to rank 0, in order; a Shard must cover its array."""
+    arrays = prepared.arrays
     if all(a.global_shape is None for a in arrays):  # the common case, kept cheap for 100,000 small arrays
         return _Layout([], list(range(len(arrays))), in_order=True), [None]
     slots: list[_Slot] = []
     leaves: list[int | tuple[tuple[int, ...], list[int]]] = []
-    for i, a in enumerate(arrays):
-        shape = tuple(a.array.shape)
+    tasks: list[list[int]] = []
+    for indices in _blocks_of(prepared):
+        a = arrays[indices[0]]
+        i = len(leaves)
         if a.global_shape is None or a.offsets is None:
             leaves.append(len(slots))
-            slots.append((i, None, shape, a.dtype, 0))
+            tasks.append([len(slots), indices[0]])
+            slots.append((i, None, tuple(a.array.shape), a.dtype, 0))
             continue
-        gshape, block = tuple(a.global_shape), (tuple(a.offsets), shape)
-        problem = check_partition([block], gshape)
+        gshape = tuple(a.global_shape)
+        blocks = [(tuple(arrays[k].offsets or ()), tuple(arrays[k].array.shape)) for k in indices]
+        problem = check_partition(blocks, gshape)
         if problem is not None:
-            raise ShardingError(f"{render_path(a.path)}: the shards of global shape {gshape} do not fit: {problem}")
-        leaves.append((gshape, [len(slots)]))
-        slots.append((i, block[0], block[1], a.dtype, 0))
-    return _Layout(slots, leaves), [[[slot, s[0]] for slot, s in enumerate(slots)]]
+            raise ShardingError(
+                f"{render_path(a.path)}: the shards of global shape {gshape} do not fit: {problem} (a save by "
+                "one process of arrays spread over several needs every process, with their coordinator)"
+            )
+        leaves.append((gshape, list(range(len(slots), len(slots) + len(blocks)))))
+        for k, (offsets, shape) in zip(indices, blocks):
+            tasks.append([len(slots), k])
+            slots.append((i, offsets, shape, a.dtype, 0))
+    return _Layout(slots, leaves), [tasks]
 
 
 def _check_visible(storage: Storage, staging: Staging, files: list[FileEntry], results: list[Any]) -> None:
@@ -415,9 +489,12 @@ def _write_share(
     with its tensor entry (``file``: the index among this rank's files)."""
     leaves = prepared.arrays if tasks is None else [prepared.arrays[leaf] for _, leaf in tasks]
     names = tensorio.tensor_names(leaves)
+    #: The name of each sharded leaf's first block here, by its key path (the blocks of one JAX array share
+    #: that very object; ``#2`` is for another leaf whose path renders alike, not for a second block).
+    first: dict[int, str] = {}
     for k, a in enumerate(leaves):
         if a.offsets is not None:  # blocks of one array are told apart by their offsets
-            names[k] += "@" + ",".join(map(str, a.offsets))
+            names[k] = first.setdefault(id(a.path), names[k]) + "@" + ",".join(map(str, a.offsets))
     plans = tensorio.plan_files(leaves, f"tensors-{token}-r{rank:05d}", knobs.current.max_file_bytes)
     files: list[list[Any]] = []
     entries: list[tuple[int, TensorEntry]] = []
@@ -497,7 +574,8 @@ def _tree(prepared: Prepared, layout: _Layout) -> Any:
         if isinstance(leaf, int):
             return TensorRef(leaf)
         gshape, block_slots = leaf
-        dtype = layout.slots[block_slots[0]][3] if block_slots else prepared.arrays[node.index].dtype
+        first = node.index if prepared.starts is None else prepared.starts[node.index]
+        dtype = layout.slots[block_slots[0]][3] if block_slots else prepared.arrays[first].dtype
         return ShardedRef(gshape, dtype, tuple((s, layout.slots[s][1] or ()) for s in block_slots))
 
     return map_refs(prepared.skeleton, ref)

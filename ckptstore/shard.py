@@ -1,11 +1,11 @@
-"""Sharded arrays: :class:`Shard` (one process's block of a global array), block geometry, and the bridge
-to torch's DTensor.
+"""Sharded arrays: :class:`Shard` (one process's block of a global array), block geometry, and the bridges
+to torch's DTensor and to JAX's global arrays (a ``jax.Array`` over devices of several processes).
 
 A global array of shape ``global_shape`` is cut into rectangular blocks; a rank holds the block whose
 first element sits at ``offsets``. Blocks of one array must not overlap and, together, cover it (identical
 blocks held by several ranks, as a DTensor replicated over one mesh dimension has them, count once).
-This module imports no ML framework: DTensors are recognised by their type's module name and torch is
-imported only when one is met.
+This module imports no ML framework: DTensors and JAX arrays are recognised by their type's module name,
+torch is imported only when a DTensor is met, and JAX arrays are only asked for their shards.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from .blocks import Dims
 from .errors import ShardingError, UnsupportedTypeError
 
-__all__ = ["Shard", "is_dtensor"]
+__all__ = ["Shard", "is_dtensor", "is_global_jax"]
 
 
 def _dims(value: Any, what: str) -> Dims:
@@ -139,3 +139,27 @@ def dtensor_like(template: Any, local: Any) -> Any:
         shape=template.shape,
         stride=template.stride(),
     )
+
+
+# --- JAX global arrays ----------------------------------------------------------------------------------
+
+
+def is_global_jax(x: Any) -> bool:
+    """Whether ``x`` is a ``jax.Array`` whose devices belong to several processes (``jax.distributed``):
+    recognised by its type's module name, never importing jax."""
+    return type(x).__module__.partition(".")[0] == "jaxlib" and getattr(x, "is_fully_addressable", True) is False
+
+
+def from_global_jax(x: Any) -> Any | list[Shard]:
+    """A JAX global array as what this process saves: its distinct addressable blocks as :class:`Shard` s
+    of single-device arrays, in offsets order (replicas on several of its devices count once), or, where
+    every device holds the whole array (fully replicated), one device's copy, a plain array."""
+    if x.sharding.is_fully_replicated:
+        return x.addressable_data(0)
+    gshape = tuple(int(d) for d in x.shape)
+    distinct: dict[Dims, Shard] = {}
+    for s in x.addressable_shards:
+        offsets = tuple(int(sl.start or 0) for sl in s.index)
+        if offsets not in distinct:  # replicas of a block on several local devices: one of them
+            distinct[offsets] = Shard(s.data, gshape, offsets)
+    return [distinct[o] for o in sorted(distinct)]

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import dtypes, shard
+from . import blocks, dtypes, shard
 from .bounce import DeviceTarget
 from .errors import CkptStoreError, CorruptCheckpointError, ShardingError, StructureMismatchError, UnsupportedTypeError
 from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named, object_adapter_for
@@ -83,8 +83,8 @@ def flatten(state: Any, *, snapshot: bool = False, defer_devices: bool = False) 
             return [walk(v, (*path, i)) for i, v in enumerate(x)]
         if t is tuple:
             return tuple(walk(v, (*path, i)) for i, v in enumerate(x))
-        if t is shard.Shard or shard.is_dtensor(x):
-            return TensorRef(add_shard(x, path))
+        if t is shard.Shard or shard.is_dtensor(x) or shard.is_global_jax(x):
+            return add_shard(x, path)
         adapter = adapter_for(x)
         if adapter is not None:
             return TensorRef(add_array(adapter, x, path))
@@ -149,13 +149,29 @@ def flatten(state: Any, *, snapshot: bool = False, defer_devices: bool = False) 
         arrays.append(ArrayLeaf(path, host, code))
         return len(arrays) - 1
 
-    def add_shard(x: Any, path: KeyPath) -> int:
+    def add_shard(x: Any, path: KeyPath) -> Any:
+        """The node of a sharded leaf (a Shard, a DTensor, a JAX global array). A JAX global array puts
+        this process's distinct blocks in a row of ``arrays``, the reference naming the first
+        (``pipeline.prepare`` groups them again); replicated everywhere, it is the plain array it is."""
         try:
-            s = x if type(x) is shard.Shard else shard.from_dtensor(x)
+            if type(x) is shard.Shard:
+                s: Any = x
+            elif shard.is_dtensor(x):
+                s = shard.from_dtensor(x)
+            else:
+                s = shard.from_global_jax(x)
         except (UnsupportedTypeError, ShardingError) as e:
             raise type(e)(f"{render_path(path)}: {e}") from None
-        if type(s) is not shard.Shard:  # a DTensor replicated on every mesh dimension: a plain array
-            return add_array(adapter_for(s), s, path)  # type: ignore[arg-type]
+        if type(s) is list:
+            if not s:
+                raise ShardingError(f"{render_path(path)}: a JAX array of which this process holds no block")
+            first, *_ = [add_block(b, path) for b in s]
+            return TensorRef(first)
+        if type(s) is not shard.Shard:  # replicated on every device or rank: a plain array
+            return walk(s, path)
+        return TensorRef(add_block(s, path))
+
+    def add_block(s: shard.Shard, path: KeyPath) -> int:
         adapter = adapter_for(s.local)
         if adapter is None:
             raise UnsupportedTypeError(f"{render_path(path)} is a Shard of a {type_name(s.local)}, not of an array")
@@ -355,7 +371,7 @@ def rebuild(
         if type(node) is TensorRef or type(node) is ShardedRef:
             if filled and type(node) is TensorRef and filled.get(node.index) is tmpl:
                 return tmpl  # its bytes were read into it: load_state_dict gets it back as it is
-            if tmpl is not MISSING and (type(tmpl) is shard.Shard or shard.is_dtensor(tmpl)):
+            if tmpl is not MISSING and is_block_template(tmpl):
                 return _shard_like(node, tmpl, path, source)
             arr = load(node.index) if type(node) is TensorRef else source.read(node)
             if tmpl is MISSING or tmpl is None:
@@ -882,10 +898,37 @@ class _WholeArrays:
         return np.ascontiguousarray(arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))])
 
 
+def is_block_template(tmpl: Any) -> bool:
+    """Whether an array restored into ``tmpl`` is read block by block: a :class:`ckptstore.Shard`, a
+    DTensor, or a JAX template of a global array (:func:`global_layout`)."""
+    return type(tmpl) is shard.Shard or shard.is_dtensor(tmpl) or global_layout(tmpl) is not None
+
+
+#: Modules whose values may be templates of JAX global arrays (``jax.ShapeDtypeStruct``, ``jax.Array``).
+_JAX_MODULES = frozenset({"jax", "jaxlib"})
+
+
+def global_layout(tmpl: Any) -> tuple[Any, tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]] | None:
+    """For a JAX template restored block by block (a ``jax.ShapeDtypeStruct``, a ``jax.Array`` over devices
+    of other processes): its framework's adapter, the global shape, and the distinct blocks ``(offsets,
+    shape)`` of this process's devices; None for any other value."""
+    module = type(tmpl).__module__
+    if module.partition(".")[0] not in _JAX_MODULES:
+        return None
+    adapter = adapter_for_module(module)
+    layout = getattr(adapter, "block_layout", None)
+    found = layout(tmpl) if layout is not None else None
+    return None if found is None else (adapter, *found)
+
+
 def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: BlockSource) -> Any:
-    """This rank's block of a saved array, shaped by a Shard or DTensor template."""
+    """This rank's block of a saved array, shaped by a Shard or DTensor template; or, for a JAX template of
+    a global array, the global array whose blocks on this process's devices are read (and only those)."""
     gshape = source.global_shape(node)
-    if type(tmpl) is shard.Shard:
+    found = None if type(tmpl) is shard.Shard or shard.is_dtensor(tmpl) else global_layout(tmpl)
+    if found is not None:
+        adapter, want, wanted = found
+    elif type(tmpl) is shard.Shard:
         offsets, shape, want, local_tmpl = tmpl.offsets, tmpl.local_shape, tmpl.global_shape, tmpl.local
     else:
         offsets, shape, _ = shard.dtensor_block(tmpl)
@@ -894,6 +937,23 @@ def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: 
         raise StructureMismatchError(
             f"{render_path(path)}: the checkpoint's array has shape {gshape}, `like`'s global shape is {want}"
         )
+    if found is not None:
+        regions = [(off, n, source.read(node, off, n)) for off, n in blocks.read_regions(wanted)]
+        parts = {}
+        for off, n in wanted:
+            at, _, arr = next(
+                r for r in regions if all(a <= o and o + k <= a + m for o, k, a, m in zip(off, n, r[0], r[1]))
+            )
+            parts[off] = arr if arr.shape == n else arr[tuple(slice(o - a, o - a + k) for o, a, k in zip(off, at, n))]
+        try:
+            return adapter.from_blocks(tmpl, parts)
+        except CkptStoreError:
+            raise
+        except Exception as e:  # the framework refuses the blocks (a dtype it cannot hold, ...)
+            raise StructureMismatchError(
+                f"{render_path(path)}: the checkpoint's array cannot be restored into `like`'s "
+                f"{type_name(tmpl)} ({type(e).__name__}: {e})"
+            ) from e
     arr = source.read(node, offsets, shape)
     local = _convert(adapter_for(local_tmpl) or adapter_named("numpy"), arr, local_tmpl, path)
     if type(tmpl) is shard.Shard:

@@ -4,6 +4,12 @@ Arrays go to host NumPy arrays with their exact bits (bfloat16 and float8 are ml
 in ckptstore) and come back with ``jax.device_put`` onto the sharding of their counterpart in ``like``
 (single-device placement; a sharding whose devices this process addresses all works too).
 
+A global array over the devices of several processes (``jax.distributed``) is saved by every process as
+its distinct blocks (:func:`ckptstore.shard.from_global_jax`). Restored into a ``jax.ShapeDtypeStruct``
+(with a sharding, or none: this process's first device) or into such a global array, each process builds
+only its devices' blocks (:meth:`JaxAdapter.block_layout`, :meth:`JaxAdapter.from_blocks`) and the global
+array is assembled with ``jax.make_array_from_single_device_arrays``.
+
 A registered pytree node (a flax struct dataclass, a class registered with ``register_pytree_node`` or
 ``register_dataclass``) is saved as its children one level down: a dict by field name where JAX gives
 names, else a list. It is rebuilt with the tree definition of its counterpart in ``like``, so static
@@ -86,6 +92,32 @@ class JaxAdapter:
             return jax.device_put(arr, like.sharding)
         return jax.device_put(_fit_without_x64(arr))
 
+    # --- global arrays, restored block by block ---------------------------------------------------
+
+    def block_layout(self, like: Any) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]] | None:
+        """For a template restored block by block (a ``jax.ShapeDtypeStruct``, or a ``jax.Array`` over
+        devices of other processes): its global shape and the distinct blocks ``(offsets, shape)`` that
+        this process's devices hold, in offsets order. None for any other value."""
+        sharding = _block_sharding(like)
+        if sharding is None:
+            return None
+        gshape = tuple(int(d) for d in like.shape)
+        blocks = {_block(index, gshape) for index in sharding.addressable_devices_indices_map(gshape).values()}
+        return gshape, sorted(blocks)
+
+    def from_blocks(self, like: Any, blocks: dict[tuple[int, ...], np.ndarray]) -> Any:
+        """The global array of ``like``'s shape, dtype and sharding whose blocks on this process's devices
+        are ``blocks`` (by offsets, as :meth:`block_layout` named them)."""
+        sharding = _block_sharding(like)
+        assert sharding is not None
+        gshape = tuple(int(d) for d in like.shape)
+        dtype = np.dtype(like.dtype)
+        on_devices = []
+        for device, index in sharding.addressable_devices_indices_map(gshape).items():
+            arr = blocks[_block(index, gshape)[0]]
+            on_devices.append(jax.device_put(arr if arr.dtype == dtype else arr.astype(dtype), device))
+        return jax.make_array_from_single_device_arrays(gshape, sharding, on_devices)
+
     # --- objects: typed keys and registered pytree nodes ------------------------------------------
 
     def object_state(self, x: Any) -> Any | None:
@@ -121,6 +153,24 @@ class JaxAdapter:
         values = [children[k] for k in template] if isinstance(template, dict) else children
         _, treedef = _one_level(like)
         return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _block_sharding(like: Any) -> Any:
+    """The sharding a template restored block by block asks for, or None for other values."""
+    if isinstance(like, jax.ShapeDtypeStruct):
+        if jax.dtypes.issubdtype(like.dtype, jax.dtypes.prng_key):
+            raise UnsupportedTypeError("a ShapeDtypeStruct of typed PRNG keys cannot be restored into: use a key")
+        sharding = getattr(like, "sharding", None)
+        return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(like, jax.Array) and not _is_key(like) and not like.is_fully_addressable:
+        return like.sharding
+    return None
+
+
+def _block(index: tuple[slice, ...], gshape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(offsets, shape)`` of a device's block from its index into the global array."""
+    bounds = [sl.indices(g)[:2] for sl, g in zip(index, gshape)]
+    return tuple(a for a, _ in bounds), tuple(b - a for a, b in bounds)
 
 
 def _describe(children: Any) -> str:
