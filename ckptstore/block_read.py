@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -40,11 +41,23 @@ def block_indices(skeleton: Any, like: Any = tree.MISSING) -> set[int]:
     block by block (a Shard, a DTensor, a JAX template of a global array): pass them to
     :class:`BlockReader` as ``ranged`` so that a process reads only its blocks' bytes of those too."""
     found = {index for ref in iter_refs(skeleton) if type(ref) is ShardedRef for index, _ in ref.blocks}
-    if like is not tree.MISSING:
+    if like is not tree.MISSING and (found or _several_processes()):
         found.update(
             ref.index for ref, at, _ in wanted_blocks(skeleton, like) if type(ref) is TensorRef and at is not None
         )
     return found
+
+
+def _several_processes() -> bool:
+    """Whether this program runs processes that may hold blocks of global arrays (JAX imported, or
+    torch.distributed initialised): otherwise a plain tensor's template is no block of one, and looking
+    for templates that are (which calls every object's ``state_dict()``) would cost a restore of many
+    small tensors a tenth of its time. (A Shard template of a plain tensor in one process is then served
+    from the whole tensor, as before.)"""
+    if "jax" in sys.modules:
+        return True
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def wanted_blocks(skeleton: Any, like: Any) -> list[tuple[Ref, Dims | None, Dims | None]]:

@@ -142,8 +142,11 @@ def read(
     # Tensors of `like`'s torch modules and optimizers are read straight into their memory by the rebuild:
     # not here.
     deferred: set[int] = set()
+    views: dict[tuple[int, int], Any] | None = None
     if like is not tree.MISSING and in_place_possible(storage, mmap=mmap):
-        deferred = tree.in_place_indices(skeleton, like, functools.partial(_spec, m), strict=strict) - set(sharded)
+        views = {}  # fill_view's answers, asked for again by the rebuild
+        deferred = tree.in_place_indices(skeleton, like, functools.partial(_spec, m), strict=strict, views=views)
+        deferred -= set(sharded)
     # Tensors that the rebuild converts or assigns into `like`'s objects are read one by one as it asks for
     # them (local files: one read each costs little there), so the state is never whole in memory twice.
     assigned: set[int] = set()
@@ -158,6 +161,7 @@ def read(
     with progress_scope(progress, total, f"restore step {m.step}") as shown:
         advance = None if progress is None or progress is False else shown.advance
         tensors = _Tensors(storage, name, m, verify, deferred, advance, streamed, assigned)
+        tensors.views = views
         tensors.arrays.update(load_tensors(storage, name, m, eager, verify=verify, mmap=mmap, advance=advance))
         with block_read.BlockReader(storage, name, m, tensors.load, verify=verify, ranged=sharded) as blocks:
             if sharded:
@@ -213,6 +217,7 @@ class _Tensors:
         self.deferred, self.advance = deferred, advance
         self.streamed, self.assigned = streamed, assigned
         self.touched = False
+        self.views: dict[tuple[int, int], Any] | None = None
         self._sizes: dict[str, int] | None = None
 
     def load(self, index: int) -> np.ndarray:

@@ -47,6 +47,10 @@ _NUMPY_OK = frozenset(
         torch.complex128,
     }
 )
+# The NumPy dtype of each torch dtype ckptstore saves.
+_NUMPY_OF: dict[torch.dtype, np.dtype] = {t: np.dtype(torch.empty(0, dtype=t).numpy().dtype) for t in _NUMPY_OK} | {
+    t: np_dt for t, (_, np_dt) in _VIA_INT.items()
+}
 _INT_OF: dict[np.dtype, tuple[np.dtype, torch.dtype]] = {
     np_dt: (np.dtype(np.int16) if t_dt is torch.bfloat16 else np.dtype(np.uint8), t_dt)
     for t_dt, (_, np_dt) in _VIA_INT.items()
@@ -160,21 +164,15 @@ class TorchAdapter:
             return None
         if x.is_nested or x.is_quantized or x.is_conj() or x.is_neg() or not x.is_contiguous():
             return None
-        if tuple(x.shape) != tuple(shape) or x.numel() == 0:
-            return None
-        if x.dtype not in _NUMPY_OK and x.dtype not in _VIA_INT:
+        if x.shape != shape or x.numel() == 0 or _NUMPY_OF.get(x.dtype) != dtype:
             return None
         if x.device.type != "cpu":
-            return self.device_target(x) if _numpy_dtype(x.dtype) == dtype else None
-        try:
-            arr = self.to_numpy(x, copy=False)
+            return self.device_target(x)
+        try:  # x's own bytes (contiguous: a view), as NumPy sees them
+            view = x.detach().reshape(-1).view(torch.uint8).numpy()
         except Exception:  # whatever torch refuses is restored the usual way, which reports it
             return None
-        if arr.dtype != dtype or not arr.flags.c_contiguous or not arr.flags.writeable:
-            return None
-        if arr.ctypes.data != x.data_ptr():  # not x's own memory after all
-            return None
-        return arr.reshape(-1).view(np.uint8)
+        return view if view.flags.writeable else None
 
     def device_array(self, x: Any) -> DeviceArray | None:
         """A tensor on an accelerator as a :class:`DeviceArray`, which an async save's snapshot copies
@@ -217,8 +215,7 @@ ADAPTER = TorchAdapter()
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    via = _VIA_INT.get(dtype)
-    return via[1] if via is not None else np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    return _NUMPY_OF[dtype]
 
 
 class DeviceArray:
