@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+from tests.doc_examples import run_integrations_example
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
@@ -365,15 +366,9 @@ def test_numpy_arrays_export_too(tmp_path: Path) -> None:
 
 # --- the docs -------------------------------------------------------------------------------------------
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
-
 
 def test_the_docs_export_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first ```python block under "## Export for the model hubs" in docs/integrations.md."""
-    text = DOC.read_text()
-    section = text[text.index("\n## Export for the model hubs\n") :]
-    m = re.search(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)
-    assert m is not None, "docs/integrations.md: no python example under ## Export for the model hubs"
+    """The example under "## Export for the model hubs" in docs/integrations.md."""
     monkeypatch.chdir(tmp_path)
-    exec(compile(m.group(1), f"{DOC}:Export", "exec"), {"__name__": "__doc_example__"})
+    run_integrations_example("Export for the model hubs")
     assert sorted(p.name for p in (tmp_path / "export" / "gpt2").iterdir()) == ["config.json", WEIGHTS_NAME]

@@ -10,7 +10,6 @@ same is checked for Accelerate's own save_state / load_state. The rest runs smal
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.doc_examples import run_integrations_example
 from tests.fw_helpers import REPO
 
 torch = pytest.importorskip("torch")
@@ -28,7 +28,6 @@ from ckptstore.errors import ConfigError, StructureMismatchError  # noqa: E402
 from ckptstore.integrations.accelerate import load_state, save_state, skip_first_batches  # noqa: E402
 
 WORKER = REPO / "tests" / "hf_accelerate_worker.py"
-DOC = REPO / "docs" / "integrations.md"
 Accelerator, DataLoaderConfiguration = accelerate.Accelerator, accelerate.DataLoaderConfiguration
 
 
@@ -222,9 +221,6 @@ def test_import_ckptstore_imports_no_accelerate() -> None:
 
 
 def test_the_docs_accelerate_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    text = DOC.read_text()
-    m = re.search(r"^```python\n(.*?)^```$", text[text.index("\n## Accelerate\n") :], flags=re.S | re.M)
-    assert m is not None, "docs/integrations.md: no python example under ## Accelerate"
     monkeypatch.chdir(tmp_path)
-    exec(compile(m.group(1), f"{DOC}:Accelerate", "exec"), {"__name__": "__doc_example__"})
+    run_integrations_example("Accelerate")
     assert ckptstore.CheckpointStore(tmp_path / "ckpts" / "accelerate-run").steps() == [15, 20]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.doc_examples import run_integrations_example
 from tests.fw_helpers import REPO
 
 jax = pytest.importorskip("jax")
@@ -35,7 +36,6 @@ from ckptstore.errors import PartialRestoreWarning, StructureMismatchError  # no
 from tests import flax_nnx_worker as worker  # noqa: E402
 
 WORKER = REPO / "tests" / "flax_nnx_worker.py"
-DOC = REPO / "docs" / "integrations.md"
 
 
 def run_worker(*args: str, expect_rc: int = 0) -> str:
@@ -351,16 +351,7 @@ def test_import_ckptstore_imports_no_flax() -> None:
     assert out.split("\n")[:2] == ["[]", "[]"]
 
 
-def flax_example() -> str:
-    """The first ```python block under "## Flax NNX" in docs/integrations.md."""
-    text = DOC.read_text()
-    section = text[text.index("\n## Flax NNX\n") :]
-    m = re.search(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)
-    assert m is not None, "docs/integrations.md: no python example under ## Flax NNX"
-    return m.group(1)
-
-
 def test_the_docs_flax_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    exec(compile(flax_example(), f"{DOC}:Flax NNX", "exec"), {"__name__": "__doc_example__"})
+    run_integrations_example("Flax NNX")
     assert ckptstore.CheckpointStore(tmp_path / "ckpts" / "nnx-run").steps() == [20, 30]

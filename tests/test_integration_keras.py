@@ -11,7 +11,6 @@ this process, on TensorFlow.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests import fw_helpers  # noqa: F401  (fixes KERAS_BACKEND and quiets TF before Keras is imported)
+from tests.doc_examples import run_integrations_example
 from tests.fw_helpers import FRAMEWORK_ENV, REPO
 
 keras = pytest.importorskip("keras")
@@ -30,7 +30,6 @@ from ckptstore.errors import ConfigError  # noqa: E402
 from ckptstore.integrations.keras import CkptStoreCallback, resolve_mode  # noqa: E402
 
 WORKER = REPO / "tests" / "keras_fit_worker.py"
-DOC = REPO / "docs" / "integrations.md"
 
 
 def run_worker(backend: str, *args: str, expect_rc: int = 0) -> str:
@@ -230,16 +229,7 @@ def test_import_ckptstore_imports_no_integration() -> None:
     assert out.strip() == "[]"
 
 
-def keras_example() -> str:
-    """The first ```python block under "## Keras" in docs/integrations.md."""
-    text = DOC.read_text()
-    section = text[text.index("\n## Keras\n") :]
-    m = re.search(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)
-    assert m is not None, "docs/integrations.md: no python example under ## Keras"
-    return m.group(1)
-
-
 def test_the_docs_keras_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    exec(compile(keras_example(), f"{DOC}:Keras", "exec"), {"__name__": "__doc_example__"})
+    run_integrations_example("Keras")
     assert ckptstore.CheckpointStore(tmp_path / "ckpts" / "keras-run").latest_step() == 18

@@ -45,10 +45,10 @@ from ckptstore.integrations.lightning import (
 )
 from tests import lightning_worker as worker
 from tests.conftest import Location
+from tests.doc_examples import run_integrations_example
 from tests.fw_helpers import REPO
 
 WORKER = REPO / "tests" / "lightning_worker.py"
-DOC = REPO / "docs" / "integrations.md"
 
 
 def run_worker(*args: Any, expect_rc: int = 0) -> str:
@@ -434,19 +434,9 @@ def test_import_ckptstore_imports_neither_the_integration_nor_lightning() -> Non
     assert out.strip() == "[]"
 
 
-def lightning_example() -> str:
-    """The first ```python block under "## Lightning" in docs/integrations.md."""
-    text = DOC.read_text()
-    section = text[text.index("\n## Lightning\n") :]
-    section = section[: section.index("\n## ", 1)]
-    m = re.search(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)
-    assert m is not None, "docs/integrations.md: no python example under ## Lightning"
-    return m.group(1)
-
-
 def test_the_docs_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    exec(compile(lightning_example(), f"{DOC}:Lightning", "exec"), {"__name__": "__doc_example__"})
+    run_integrations_example("Lightning")
     root = tmp_path / "ckpts" / "lightning-run"
     assert step_of(root / "last.ckpt") == 12
     assert latest_checkpoint(root) == str(root / "last.ckpt")

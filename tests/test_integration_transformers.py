@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.doc_examples import run_integrations_example
 from tests.fw_helpers import REPO
 
 torch = pytest.importorskip("torch")
@@ -30,7 +30,6 @@ from ckptstore.integrations.transformers import CkptStoreTrainer  # noqa: E402
 from tests.hf_trainer_worker import TIMING, Tokens, build  # noqa: E402
 
 WORKER = REPO / "tests" / "hf_trainer_worker.py"
-DOC = REPO / "docs" / "integrations.md"
 Trainer, TrainingArguments, TrainerCallback = (
     transformers.Trainer,
     transformers.TrainingArguments,
@@ -266,18 +265,9 @@ def test_import_ckptstore_imports_neither_transformers_nor_accelerate() -> None:
     assert out.strip() == "[]"
 
 
-def doc_example(section: str) -> str:
-    """The first ```python block under ``## <section>`` in docs/integrations.md."""
-    text = DOC.read_text()
-    part = text[text.index(f"\n## {section}\n") :]
-    m = re.search(r"^```python\n(.*?)^```$", part, flags=re.S | re.M)
-    assert m is not None, f"docs/integrations.md: no python example under ## {section}"
-    return m.group(1)
-
-
 def test_the_docs_trainer_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    exec(compile(doc_example("Hugging Face Trainer"), f"{DOC}:Trainer", "exec"), {"__name__": "__doc_example__"})
+    run_integrations_example("Hugging Face Trainer")
     store = ckptstore.CheckpointStore(tmp_path / "out" / "ckptstore")
     assert store.latest_step() is not None
     assert json.dumps(store.restore(keys=["trainer_state"])["trainer_state"])  # plain data
