@@ -466,10 +466,22 @@ class CheckpointStore:
         key = self.url
         with _newest_lock:
             known = _newest_seen.get(key)
-        if known is not None and (not steps or steps[-1] < known):
+        for _ in range(_RELISTINGS):
+            if known is None or (steps and steps[-1] >= known):
+                break
             # One lookup by name (atomic against renames), only when the listing is behind.
             if self.storage.is_committed(step_name(known)):
                 return [*steps, known]
+            # Gone since: deleted outright, or by retention after a newer commit, which the listing (not a
+            # snapshot: torn between that commit and the deletions) may have missed. A fresh listing finds
+            # the newer one; one that reads the same as before says it was deleted outright.
+            again = self.storage.committed_steps()
+            if again == steps:
+                break
+            steps = again
+        else:
+            steps = self.storage.committed_steps()
+        if known is not None and (not steps or steps[-1] < known):
             with _newest_lock:  # deleted (explicitly, or by another process): forget it
                 if _newest_seen.get(key) == known:
                     del _newest_seen[key]
@@ -790,6 +802,11 @@ def _log_restore(url: str, m: Manifest, keys: Sequence[str] | str | None, second
         )
     else:
         log.info("restored step %d from %s (keys %r) in %.3f s", m.step, url, keys, seconds)
+
+
+#: Listings :meth:`CheckpointStore.steps` makes at most when one is behind the newest step seen and that
+#: step is gone: each further one follows a commit and deletion that tore the one before.
+_RELISTINGS = 4
 
 
 def _remember(url: str, step: int) -> None:

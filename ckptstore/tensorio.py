@@ -412,25 +412,27 @@ _T = TypeVar("_T")
 
 def run_threads(work: Callable[[_T], object], jobs: Sequence[_T], threads: int) -> None:
     """Run ``work`` on each of ``jobs``, taken in order by up to ``threads`` threads (the caller's among
-    them); the first exception stops the others after their current job and is raised.
+    them); a failure stops the others after their current job. Raises the failure of the earliest job that
+    failed: every job before it was taken before it and has run to its end, so what it says is what one
+    thread would have said (a truncated file's first short piece, not a later one past the end).
 
     Plain threads, not a ``ThreadPoolExecutor`` (see :class:`_HashThread`); where no thread can be
     started, the caller does all the work.
     """
-    todo = iter(jobs)
+    todo = enumerate(jobs)
     take = threading.Lock()
-    failed: list[BaseException] = []
+    failed: list[tuple[int, BaseException]] = []
 
     def serve() -> None:
         while not failed:
             with take:
-                job = next(todo, None)
-            if job is None:
+                i, job = next(todo, (-1, None))
+            if i < 0:
                 return
             try:
-                work(job)
+                work(job)  # type: ignore[arg-type]
             except BaseException as e:
-                failed.append(e)
+                failed.append((i, e))
                 return
 
     helpers: list[threading.Thread] = []
@@ -447,7 +449,7 @@ def run_threads(work: Callable[[_T], object], jobs: Sequence[_T], threads: int) 
         for thread in helpers:
             thread.join()
     if failed:
-        raise failed[0]
+        raise min(failed, key=lambda f: f[0])[1]
 
 
 def _block_end(items: Sequence[tuple[int, TensorEntry]], k: int) -> int:

@@ -286,7 +286,6 @@ TEST_MARKERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("test_integration_accelerate", "test_loop_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_one"): (
         "crash",
     ),
-    ("test_restore_streamed", "test_restore_into_a_keras_model_adds_little_peak_memory"): ("slow",),
     (
         "test_restore_streamed",
         "test_a_damaged_variable_part_way_says_partly_overwritten_and_fallback_restores_the_older",

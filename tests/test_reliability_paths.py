@@ -527,6 +527,25 @@ def test_the_iterator_does_not_wait_a_poll_interval_for_a_torn_empty_listing(tmp
         assert found == str(root / step_name(1)) and time.monotonic() - t0 < 2.0
 
 
+def test_steps_never_go_back_when_the_newest_seen_was_deleted_by_a_newer_commit(tmp_path: Path) -> None:
+    """The race that made the listing test above fail once on a loaded machine: a reader saw step 2; a
+    listing torn by the trainer (max_to_keep=1) shows only step 1, not yet deleted, and misses step 3; by the
+    time step 2 is looked up by name, retention has deleted it. The store lists again and finds step 3."""
+    root = tmp_path / "run"
+    trainer = ckptstore.CheckpointStore(root)
+    for step in (1, 2, 3):
+        trainer.save(step, state(step))
+    trainer.delete(2)
+    # This process saw step 2 last; step 3 came from another process (the trainer here shares the record).
+    ckptstore.store._newest_seen[trainer.url] = 2
+    torn = TornListing(root, [[1]])  # a listing from before step 3's commit and step 1's deletion
+    assert ckptstore.CheckpointStore(torn).latest_step() == 3
+    assert torn.listings == 2
+    # Deleted outright, nothing newer: the listing is right, and the step seen is forgotten.
+    trainer.delete(3)
+    assert ckptstore.CheckpointStore(TornListing(root)).latest_step() == 1
+
+
 @pytest.mark.parametrize("answers", [[[1]], [[1], [1]], [[1], []]])
 def test_the_iterator_never_yields_an_older_checkpoint_from_a_listing_behind(
     tmp_path: Path, answers: list[list[int]]

@@ -4,10 +4,7 @@ tree.streamed_indices): the state never lies whole in host memory beside the obj
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -88,51 +85,44 @@ def test_numpy_templates_and_no_template_are_read_up_front(tmp_path: Path, monke
     assert all(np.array_equal(got[k], v) for k, v in state.items())
 
 
-_PEAK_SCRIPT = textwrap.dedent(
-    """
-    import sys, numpy as np, keras, ckptstore
+class LiveBuffers:
+    """The most bytes of fresh host buffers (``tensorio.new_buffer``) alive at once during a restore."""
 
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.live = self.peak = 0
+        real = tensorio.new_buffer
 
-    def peak_growth(fn):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        before = status("VmRSS")
-        out = fn()
-        return status("VmHWM") - before, out
+        def new_buffer(n: int) -> np.ndarray:
+            buf = real(n)
+            self.live += n
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(buf, self._freed, n)
+            return buf
 
-    def model():
-        m = keras.Sequential([keras.Input((2048,))] + [keras.layers.Dense(2048) for _ in range(4)])  # 64 MiB
-        return m
+        monkeypatch.setattr(tensorio, "new_buffer", new_buffer)
 
+    def _freed(self, n: int) -> None:
+        self.live -= n
+
+
+def test_a_keras_restore_holds_one_variable_in_host_memory_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ckptstore itself holds: one variable's bytes at a time (the whole state before). The process's
+    peak RSS also counts the backend's own temporary copies, which vary with its allocator (measured: 25 to
+    62 % of the state, against 99 % before; docs/frameworks.md)."""
     keras.utils.set_random_seed(0)
-    store = ckptstore.CheckpointStore(sys.argv[1])
-    m = model()
-    store.save(1, {"model": m})
-    nbytes = sum(v.numpy().nbytes for v in m.variables)
-    target = model()
-    peak_growth(lambda: store.restore(like={"model": target}))  # the backend's first assign allocates its own
-    streamed, _ = peak_growth(lambda: store.restore(like={"model": target}))
-    assert all(np.array_equal(a, b) for a, b in zip(m.get_weights(), target.get_weights()))
-    fresh, out = peak_growth(lambda: store.restore())  # without `like`: the state in fresh memory (control)
-    print(nbytes, streamed, fresh)
-    """
-)
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
-def test_restore_into_a_keras_model_adds_little_peak_memory(tmp_path: Path) -> None:
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    p = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert p.returncode == 0, p.stderr
-    nbytes, streamed, fresh = map(int, p.stdout.split()[-3:])
-    assert fresh > 0.8 * nbytes  # the measurement sees a restore into fresh memory (control)
-    assert streamed < 0.4 * nbytes, f"peak grew {streamed / nbytes:.0%} of the state"
+    model = keras.Sequential([keras.Input((256,))] + [keras.layers.Dense(256) for _ in range(8)])
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, {"model": model})
+    nbytes = sum(np.asarray(v.value).nbytes for v in model.variables)
+    largest = max(np.asarray(v.value).nbytes for v in model.variables)
+    target = keras.Sequential([keras.Input((256,))] + [keras.layers.Dense(256) for _ in range(8)])
+    live = LiveBuffers(monkeypatch)
+    store.restore(like={"model": target})
+    for a, b in zip(model.get_weights(), target.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert 0 < live.peak <= 2 * largest < nbytes / 4, (live.peak, largest, nbytes)
+    live.peak = 0
+    store.restore()  # without `like`: the state in fresh memory, all of it at once (control)
+    assert live.peak >= nbytes
