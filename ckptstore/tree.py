@@ -483,7 +483,8 @@ def rebuild(
                             # what the checkpoint lacks is set to the object's own current value: left as is
                             tmpl.load_state_dict({k: state.get(k, t) for k, t in template.items()})
                     else:
-                        tmpl.load_state_dict(state)
+                        ready = getattr(hint, "state_for_load", None)  # a framework's faster form of it
+                        tmpl.load_state_dict(state if ready is None else ready(tmpl, state))
                 except CkptStoreError:
                     raise
                 except Exception as e:  # torch raises RuntimeError, KeyError, ... for a state that does not fit

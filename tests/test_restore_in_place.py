@@ -358,3 +358,38 @@ def test_on_s3_a_damaged_tensor_part_way_then_fallback_leaves_the_older_checkpoi
     got = tensors_of(m, opt)
     assert_same_values(got, step1)
     assert {k: v.data_ptr() for k, v in got.items()} == ptrs
+
+
+def test_an_optimizer_of_many_parameters_restores_exactly_and_without_torchs_quadratic_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's Optimizer.load_state_dict looks each state tensor's parameter up with `in` on its group's list
+    of ids; the restore hands it lists whose `in` is a set lookup (TorchAdapter.state_for_load)."""
+    from ckptstore.frameworks import torch as torch_fw
+
+    def model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        m = torch.nn.ParameterList([torch.nn.Parameter(torch.rand(4)) for _ in range(300)])
+        opt = torch.optim.AdamW([{"params": list(m)[:100]}, {"params": list(m)[100:], "lr": 0.5}])
+        m[0].sum().backward()
+        for p in m:
+            p.grad = torch.rand_like(p)
+        opt.step()
+        return m, opt
+
+    torch.manual_seed(0)
+    m1, o1 = model()
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, {"model": m1, "opt": o1})
+    torch.manual_seed(1)
+    m2, o2 = model()
+    lookups: list[int] = []
+    real = torch_fw._ParamIds.__contains__
+    monkeypatch.setattr(torch_fw._ParamIds, "__contains__", lambda self, x: lookups.append(1) or real(self, x))
+    store.restore(like={"model": m2, "opt": o2})
+    assert lookups  # torch asked the groups through the set-backed lists
+    assert_same_values(tensors_of(m2, o2), tensors_of(m1, o1))  # type: ignore[arg-type]
+    assert [g["lr"] for g in o2.param_groups] == [g["lr"] for g in o1.param_groups]
+    assert [len(g["params"]) for g in o2.param_groups] == [100, 200]
+    assert all(type(g["params"]) is list for g in o2.param_groups)  # the optimizer keeps its own lists
+    ids = torch_fw._ParamIds([3, 1, 2])
+    assert 2 in ids and 7 not in ids and list(ids) == [3, 1, 2] and len(ids) == 3

@@ -208,9 +208,40 @@ class TorchAdapter:
                 return False
         return True
 
+    def state_for_load(self, obj: Any, state: Any) -> Any:
+        """``state`` as given to ``obj.load_state_dict``: for an optimizer, each parameter group's list of
+        parameter ids made a :class:`_ParamIds`. torch's ``Optimizer.load_state_dict`` asks, for every state
+        tensor, which group holds its parameter with ``in`` on those lists: quadratic in the number of
+        parameters (10 of 15 s of a restore of 25,000 parameters and their AdamW state). The same answer,
+        from a set."""
+        if not isinstance(obj, torch.optim.Optimizer) or type(state) is not dict:
+            return state
+        groups = state.get("param_groups")
+        if type(groups) is not list:
+            return state
+        fast = [
+            {**g, "params": _ParamIds(g["params"])} if type(g) is dict and type(g.get("params")) is list else g
+            for g in groups
+        ]
+        return {**state, "param_groups": fast}
 
-#: Prefixes wrappers add to every key of a module's state dict: torch.compile's OptimizedModule, and
-#: DistributedDataParallel / DataParallel.
+
+class _ParamIds(list):
+    """A list of parameter ids whose ``in`` is a set lookup (see :meth:`TorchAdapter.state_for_load`)."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self, ids: list[Any]) -> None:
+        super().__init__(ids)
+        try:
+            self._ids: set[Any] | None = set(ids)
+        except TypeError:  # unhashable ids: the list's own search
+            self._ids = None
+
+    def __contains__(self, x: object) -> bool:
+        return x in self._ids if self._ids is not None else super().__contains__(x)
+
+
 ADAPTER = TorchAdapter()
 
 
