@@ -11,7 +11,7 @@ from .directory import restore, save
 from .export import export_hf
 from .leases import Lease, pin
 from .rng import RNGState
-from .shard import Shard
+from .shard import PerRank, Shard
 from .store import CheckpointInfo, CheckpointStore
 from .tree import MISSING
 from .watch import checkpoints_iterator, wait_for_new_checkpoint
@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointStore",
     "Lease",
+    "PerRank",
     "RNGState",
     "Shard",
     "checkpoints_iterator",

@@ -36,7 +36,7 @@ from .export import DEFAULT_MAX_SHARD_SIZE, export_hf
 from .manifest import Manifest
 from .progress import Progress, bar
 from .retention import Retention, RetentionPolicy, delete_unpinned, metric_value, rank_best
-from .skeleton import NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path, walk
+from .skeleton import NamedTuple, PerRankValues, Scalar, ShardedRef, Stateful, TensorRef, render_path, walk
 from .storage import Storage, open_parent, parse_step, step_name, url_to_fs
 from .store import CheckpointStore
 
@@ -333,6 +333,9 @@ def describe(m: Manifest) -> Iterator[tuple[str, str]]:
         t = type(node)
         if t is Stateful:
             yield render_path(path), f"<{_printable(node.type_name)}>"
+        elif t is PerRankValues:  # then each rank's value, under its rank
+            n = len(node.values)
+            yield render_path(path), f"<per rank: {n} rank{'s' * (n != 1)}>"
         elif t is TensorRef:
             if 0 <= node.index < len(m.tensors):
                 e = m.tensors[node.index]
@@ -357,6 +360,8 @@ def _leaf(m: Manifest, node: Any) -> dict[str, Any]:
     t = type(node)
     if t is Stateful:
         return {"kind": "stateful", "type": node.type_name}
+    if t is PerRankValues:
+        return {"kind": "per_rank", "ranks": len(node.values)}
     if t is TensorRef:
         if 0 <= node.index < len(m.tensors):
             e = m.tensors[node.index]

@@ -117,6 +117,11 @@ class ShardingError(CkptStoreError, ValueError):
     a gap, or the ranks disagree about the array; the message names the key path."""
 
 
+class WorldSizeError(ShardingError):
+    """Per-rank state (``ckptstore.PerRank``) saved by one number of ranks is restored on another, and
+    ``like`` gives no ``reshard`` function for it; the message names the key path and both numbers."""
+
+
 class DistributedError(CkptStoreError, RuntimeError):
     """A save or restore across ranks failed: another rank failed, died or timed out (nothing was
     committed); the message names the rank where it is known."""

@@ -120,6 +120,8 @@ def read(
     key_map: KeyMap | None = None,
     stacklevel: int = 2,
     progress: ProgressArg = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Any:
     """Restore the state tree of checkpoint directory ``name`` (only the subtrees ``keys`` select, and
     only their tensors read, when given: see :mod:`.subset`). With ``mmap`` on local disk, arrays are
@@ -129,13 +131,16 @@ def read(
     (:func:`subset.remap`); with ``strict=False`` dict keys that differ from ``like``'s are tolerated
     (:func:`tree.rebuild`) and named by a :class:`PartialRestoreWarning` (``stacklevel`` as for
     ``warnings.warn``, counted from this function). ``progress`` (:mod:`.progress`) counts the bytes of
-    the tensors read (the blocks of sharded arrays are not counted)."""
+    the tensors read (the blocks of sharded arrays are not counted). ``rank`` of ``world_size``: the
+    per-rank values (``ckptstore.PerRank``) this process gets (:func:`tree.select_rank`)."""
     if m is None:
         m = read_manifest(storage, name)
     skeleton = m.tree if keys is None else subset.select(m.tree, keys)
     if key_map is not None:
         skeleton = subset.remap(skeleton, key_map)
-    selected = keys is not None or key_map is not None
+    selected = keys is not None or key_map is not None or m.version >= 2
+    if selected or like is not tree.MISSING:
+        skeleton, like = tree.select_rank(skeleton, like, rank, world_size, saved_per_rank=m.version >= 2)
     # Blocks of sharded arrays, and plain tensors that `like` wants as blocks: read later, only where wanted.
     sharded = block_read.block_indices(skeleton, like)
     wanted = sorted(set(subset.tensor_indices(skeleton))) if selected else range(len(m.tensors))

@@ -28,13 +28,15 @@ import msgpack
 from . import dtypes
 from .blocks import check_partition
 from .errors import CorruptCheckpointError, UnsupportedFormatError
-from .skeleton import NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, children, is_extension
+from .skeleton import NamedTuple, PerRankValues, Scalar, ShardedRef, Stateful, TensorRef, children, is_extension
 
 FORMAT = "ckptstore"
-VERSION = 1
+#: The newest format version this code reads. A save writes version 1 unless its tree holds per-rank values
+#: (:data:`EXT_PER_RANK`, version 2): checkpoints without them stay readable by releases that know only 1.
+VERSION = 2
 MANIFEST_NAME = "manifest.msgpack"
 
-# Extension type codes of the  Never reuse a number.
+# Extension type codes of the skeleton. Never reuse a number.
 EXT_TUPLE = 1  # payload: msgpack array of the items
 EXT_TENSOR = 2  # payload: msgpack int, the index in "tensors"
 EXT_STATEFUL = 3  # payload: [type name, state]
@@ -43,6 +45,7 @@ EXT_SCALAR = 5  # payload: [dtype code, raw bytes] (a NumPy scalar)
 EXT_BIGINT = 6  # payload: decimal string of an int outside 64 bits
 EXT_COMPLEX = 7  # payload: [real, imag]
 EXT_SHARDED = 8  # payload: [global shape, dtype code, [[tensor index, [offset, ...]], ...]] (blocks of one array)
+EXT_PER_RANK = 9  # payload: [rank 0's value, rank 1's, ...] (version 2)
 
 _T = TypeVar("_T")
 
@@ -81,7 +84,8 @@ class Manifest:
     tree: Any
     files: tuple[FileEntry, ...]
     tensors: tuple[TensorEntry, ...]
-    version: int = VERSION
+    #: 1, or 2 where the tree holds per-rank values (see :data:`VERSION`).
+    version: int = 1
 
 
 # --- encode -----------------------------------------------------------------------------------------
@@ -106,6 +110,8 @@ def _default(obj: Any) -> Any:
     if t is ShardedRef:
         blocks = [[index, list(offsets)] for index, offsets in obj.blocks]
         return msgpack.ExtType(EXT_SHARDED, _pack([list(obj.global_shape), obj.dtype, blocks]))
+    if t is PerRankValues:
+        return msgpack.ExtType(EXT_PER_RANK, _pack(list(obj.values)))
     raise TypeError(f"cannot encode {t.__name__} in a manifest")
 
 
@@ -144,7 +150,7 @@ def encode(m: Manifest) -> bytes:
     """Serialize a manifest."""
     doc = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": m.version,
         "step": m.step,
         "created": m.created,
         "writer": m.writer,
@@ -206,7 +212,7 @@ _RECORDS = ("files", "tensors")  # lists of records: str keys only, no extension
 _BIGINT_TEXT = re.compile(rb"-?[0-9]{1,%d}" % MAX_INT_DIGITS)
 _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
-_CONTAINERS = frozenset({dict, list, tuple, Stateful, NamedTuple})  # the nodes :func:`children` opens
+_CONTAINERS = frozenset({dict, list, tuple, Stateful, NamedTuple, PerRankValues})  # the nodes :func:`children` opens
 _sizeof = sys.getsizeof
 _REF_BYTES = sys.getsizeof(TensorRef(0))
 _END = object()
@@ -232,9 +238,16 @@ class Survey:
     #: Whether a map has more than :data:`MAX_SHARED_HASH` keys other than str and 64-bit ints (keys whose
     #: hashes the decoder checks for a flood).
     odd_keys: bool = False
+    #: Whether it holds per-rank values (a manifest of version 2).
+    per_rank: bool = False
 
     def __add__(self, other: Survey) -> Survey:
-        return Survey(self.problem or other.problem, self.units + other.units, self.odd_keys or other.odd_keys)
+        return Survey(
+            self.problem or other.problem,
+            self.units + other.units,
+            self.odd_keys or other.odd_keys,
+            self.per_rank or other.per_rank,
+        )
 
     def within_budget(self, data: bytes) -> bool:
         """Whether a manifest of ``data`` holding this tree surely decodes within :data:`MEMORY_PER_BYTE`
@@ -258,18 +271,21 @@ def nesting_problem(node: Any) -> str | None:
 
 def _walk(node: Any, *, count: bool) -> Survey:
     stack: list[tuple[Iterator[Any], int, int]] = []
-    depth, ext, units, odd = 1, 0, 0, False
+    depth, ext, units, odd, per_rank = 1, 0, 0, False, False
     while True:
         t = type(node)
         if count and t in _CONTAINERS:
-            n = 1 if t is Stateful else 2 * len(node.values) if t is NamedTuple else len(node)
+            if t is PerRankValues:
+                n, per_rank = len(node.values), True
+            else:
+                n = 1 if t is Stateful else 2 * len(node.values) if t is NamedTuple else len(node)
             units += 1 + n
             odd = odd or (t is dict and n > MAX_SHARED_HASH and _odd_keys(node))
         kids = children(node)
         if kids:
             ext += is_extension(node)
             if depth > MAX_DEPTH:
-                return Survey(f"containers nest deeper than {MAX_DEPTH} levels", units, odd)
+                return Survey(f"containers nest deeper than {MAX_DEPTH} levels", units, odd, per_rank)
             if ext > MAX_EXT_DEPTH:
                 return Survey(f"tuples, NamedTuples and stateful objects nest deeper than {MAX_EXT_DEPTH} levels")
             if not _CONTAINERS.isdisjoint(map(type, map(_second, kids))):
@@ -281,7 +297,7 @@ def _walk(node: Any, *, count: bool) -> Survey:
                 break
             stack.pop()
         else:
-            return Survey(None, units, odd)
+            return Survey(None, units, odd, per_rank)
 
 
 def _odd_keys(d: dict[Any, Any]) -> bool:
@@ -566,6 +582,13 @@ class _Decoder:
             if self.sharded is not None:
                 self.sharded.append(ref)
             return ref
+        if code == EXT_PER_RANK:
+            values = _expect(self.payload(data), list, "per-rank values")
+            if not values:
+                raise CorruptCheckpointError("a per-rank value of no rank")
+            node = PerRankValues(tuple(values))
+            self.charge(_sizeof(node) + _sizeof(node.values))
+            return node
         if code == EXT_COMPLEX:
             re_, im = self.fields(data, 2, "complex")
             if type(re_) is not float or type(im) is not float:
@@ -652,7 +675,7 @@ def _check_version(doc: dict[str, Any]) -> int:
         raise CorruptCheckpointError(f"bad format version {_short(version)}")
     if version > VERSION or version < 1:
         raise UnsupportedFormatError(
-            f"format version {_short(version)}; this ckptstore reads version {VERSION} "
+            f"format version {_short(version)}; this ckptstore reads versions 1 to {VERSION} "
             f"(upgrade ckptstore to read checkpoints of version {_short(version)})"
         )
     return version

@@ -44,12 +44,14 @@ from .manifest import FileEntry, Manifest, TensorEntry
 from .skeleton import (
     ArrayLeaf,
     NamedTuple,
+    PerRankValues,
     Scalar,
     ShardedRef,
     Stateful,
     TensorRef,
     iter_refs,
     map_refs,
+    per_rank_nodes,
     render_path,
     walk,
 )
@@ -72,10 +74,17 @@ class Prepared:
     #: Where some leaf holds several blocks: the index in ``arrays`` of each leaf's first block, in the
     #: leaves' order (the skeleton's references name these); None: one array per leaf, in order.
     starts: tuple[int, ...] | None = None
+    #: The leaves that are this rank's own (inside a ``ckptstore.PerRank``): the last ``n_own`` leaves,
+    #: one array each.
+    n_own: int = 0
 
     @property
     def nbytes(self) -> int:
         return sum(a.array.nbytes for a in self.arrays)
+
+    @property
+    def n_leaves(self) -> int:
+        return len(self.arrays) if self.starts is None else len(self.starts)
 
 
 def prepare(
@@ -88,6 +97,15 @@ def prepare(
     found = manifest.survey(skeleton) + manifest.survey(meta)
     if found.problem:  # refused now, or saved and never restorable
         raise UnsupportedTypeError(f"the state cannot be saved: {found.problem}")
+    n_own = 0
+    if found.per_rank:  # this rank's own arrays (PerRank) go last: the ranks compare the others
+        own = [i for i, a in enumerate(arrays) if a.per_rank]
+        if own:
+            order = [i for i, a in enumerate(arrays) if not a.per_rank] + own
+            moved = {old: new for new, old in enumerate(order)}
+            arrays = [arrays[i] for i in order]
+            skeleton = map_refs(skeleton, lambda ref: TensorRef(moved[ref.index]))
+            n_own = len(own)
     starts = None
     if any(a.global_shape is not None for a in arrays):  # sharded leaves (rare): some may hold several blocks
         firsts = sorted(ref.index for ref in iter_refs(skeleton) if type(ref) is TensorRef)
@@ -95,7 +113,7 @@ def prepare(
             starts = tuple(firsts)
             leaf_of = {first: k for k, first in enumerate(firsts)}
             skeleton = map_refs(skeleton, lambda ref: TensorRef(leaf_of[ref.index]))
-    return Prepared(skeleton, arrays, meta, found, starts)
+    return Prepared(skeleton, arrays, meta, found, starts, n_own)
 
 
 def _blocks_of(prepared: Prepared) -> list[list[int]]:
@@ -139,7 +157,7 @@ def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
             f"{render_path(arrays[0].path, 'metadata')} is an array; metadata holds small plain "
             "values (put arrays in the state)"
         )
-    if any(type(v) in (Stateful, Scalar, NamedTuple) for _, v in walk(skeleton)):
+    if any(type(v) in (Stateful, Scalar, NamedTuple, PerRankValues) for _, v in walk(skeleton)):
         raise UnsupportedTypeError("metadata holds plain Python values only (numbers, strings, lists, dicts)")
     return dict(skeleton)
 
@@ -200,7 +218,8 @@ def save(
     try:
         prepared = source()
         # A world of one hands its arrays over as they are: nothing crosses a process boundary.
-        report: list[Any] = ["ok", _describe(prepared) if c.world_size > 1 else prepared, name]
+        several = c.world_size > 1
+        report: list[Any] = ["ok", _describe(prepared) if several else prepared, name, several and _own(prepared)]
     except Exception as e:
         own, report = e, failure(c.rank, e)
     clock.lap("prepare")
@@ -278,13 +297,27 @@ def _describe(prepared: Prepared) -> list[tuple[Any, ...]]:
     and for a leaf of several blocks a sixth value: ``[(offsets, shape), ...]`` of its blocks after the
     first."""
     if prepared.starts is None:
-        return [(a.path, a.dtype, a.array.shape, a.global_shape, a.offsets) for a in prepared.arrays]
+        common = prepared.arrays[: len(prepared.arrays) - prepared.n_own]
+        return [(a.path, a.dtype, a.array.shape, a.global_shape, a.offsets) for a in common]
     out: list[tuple[Any, ...]] = []
-    for indices in _blocks_of(prepared):
+    for indices in _blocks_of(prepared)[: prepared.n_leaves - prepared.n_own]:
         a = prepared.arrays[indices[0]]
         more = [(prepared.arrays[i].offsets, prepared.arrays[i].array.shape) for i in indices[1:]]
         out.append((a.path, a.dtype, a.array.shape, a.global_shape, a.offsets, *([more] if more else [])))
     return out
+
+
+def _own(prepared: Prepared) -> tuple[list[Any], list[tuple[str, tuple[int, ...]]], list[Any]] | None:
+    """This rank's per-rank values (``ckptstore.PerRank``), for rank 0: their key paths, the dtype and
+    shape of each own array (the last leaves), and each value's skeleton, its references numbering the
+    own arrays from 0; None where there are none."""
+    if not prepared.survey.per_rank:
+        return None
+    nodes = per_rank_nodes(prepared.skeleton)
+    base = prepared.n_leaves - prepared.n_own
+    own = prepared.arrays[len(prepared.arrays) - prepared.n_own :]
+    values = [map_refs(node.values[0], lambda ref: TensorRef(ref.index - base)) for _, node in nodes]
+    return [path for path, _ in nodes], [(a.dtype, tuple(a.array.shape)) for a in own], values
 
 
 def _leaf_blocks(leaf: Sequence[Any]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -313,6 +346,10 @@ class _Layout:
     in_order: bool = False
     #: The writer token of this save (in the manifest and the data file names).
     token: str = ""
+    #: Per rank, the slot of each of its own arrays (``ckptstore.PerRank``), and its per-rank values (see
+    #: :func:`_own`); None where the state holds none, or in a world of one (the skeleton says it all).
+    own_slots: list[list[int]] | None = None
+    own_values: list[list[Any]] | None = None
 
     manifest: Manifest | None = None
 
@@ -325,14 +362,14 @@ def _path_text(path: Any) -> str:
     return path if isinstance(path, str) else render_path(path)
 
 
-def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | None]]:
+def assign(reports: list[list[Any]], own: list[Any] | None = None) -> tuple[_Layout, list[list[list[int]] | None]]:
     """Check the ranks' arrays against each other and give every distinct block, and every replicated
     array, to one rank: blocks held by one rank to it, the rest largest first to the least loaded rank
     that holds them. A leaf may hold several blocks on one rank (a JAX global array: one per distinct block
     on the process's devices), and several ranks may hold one block (replicas): each distinct block is
     written once. Returns the layout and each rank's tasks ``[slot, index of the array in that rank's
     prepared arrays]`` (the leaf index where every leaf is one array; None: every leaf, in order, slot =
-    leaf index).
+    leaf index). ``own``: each rank's per-rank values (:func:`_own`), written by that rank alone.
 
     Raises:
         ShardingError: the ranks disagree, or an array's blocks overlap, leave a gap or reach outside it.
@@ -350,12 +387,14 @@ def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | No
     load = [0] * world
     # Per rank, the index in its prepared arrays of each leaf's first block.
     bases: list[list[int]] = []
+    totals: list[int] = []  # per rank, its arrays that are not its own
     for rep in reports:
         n, base = 0, []
         for leaf in rep:
             base.append(n)
             n += 1 + (len(leaf[5]) if len(leaf) > 5 else 0)
         bases.append(base)
+        totals.append(n)
     #: slot -> {rank: index of the array in that rank's prepared arrays}
     sources: dict[int, dict[int, int]] = {}
     slots: list[tuple[int, tuple[int, ...] | None, tuple[int, ...], str, int]] = []
@@ -402,6 +441,7 @@ def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | No
                 slots.append((i, offsets, bshape, dtype, -1))
             block_slots.append(len(slots) - 1)
         leaves.append((tuple(gshape), block_slots))
+    own_slots = _own_slots(own, totals, slots, sources, load) if own is not None and any(own) else None
     for nbytes, slot, owners in sorted(shared, key=lambda s: (-s[0], s[1])):
         writer = min(owners, key=lambda r: (load[r], r))
         load[writer] += nbytes
@@ -411,7 +451,32 @@ def assign(reports: list[list[Any]]) -> tuple[_Layout, list[list[list[int]] | No
     for slot, (_, _, _, _, writer) in enumerate(slots):
         per_rank[writer].append([slot, sources[slot][writer]])
     tasks: list[list[list[int]] | None] = list(per_rank)
-    return _Layout(slots, leaves), tasks
+    own_values = None if own_slots is None or own is None else [o[2] if o else [] for o in own]
+    return _Layout(slots, leaves, own_slots=own_slots, own_values=own_values), tasks
+
+
+def _own_slots(
+    own: list[Any], totals: list[int], slots: list[_Slot], sources: dict[int, dict[int, int]], load: list[int]
+) -> list[list[int]]:
+    """A slot for each rank's own arrays, written by that rank (see :func:`assign`); the ranks must hold
+    per-rank values at the same key paths."""
+    paths = own[0][0] if own[0] else []
+    for r, o in enumerate(own[1:], 1):
+        theirs = o[0] if o else []
+        if theirs != paths:
+            raise ShardingError(
+                f"the ranks hold per-rank values (PerRank) at different places: rank 0 at "
+                f"{[render_path(p) for p in paths][:5]}, rank {r} at {[render_path(p) for p in theirs][:5]}"
+            )
+    out: list[list[int]] = []
+    for r, (_, arrays, _) in enumerate(own):
+        out.append([])
+        for k, (dtype, shape) in enumerate(arrays):
+            out[r].append(len(slots))
+            sources[len(slots)] = {r: totals[r] + k}
+            load[r] += math.prod(shape) * _itemsize(dtype)
+            slots.append((-1, None, tuple(shape), dtype, r))
+    return out
 
 
 def _assign_one(prepared: Prepared) -> tuple[_Layout, list[list[list[int]] | None]]:
@@ -473,7 +538,10 @@ def _plan(
         names = [r[2] for r in reports]
         if len(set(names)) > 1:
             raise DistributedError(f"the ranks save different steps: {', '.join(sorted(set(names)))}")
-        layout, tasks = assign([r[1] for r in reports]) if world > 1 else _assign_one(reports[0][1])
+        if world > 1:
+            layout, tasks = assign([r[1] for r in reports], [r[3] for r in reports])
+        else:
+            layout, tasks = _assign_one(reports[0][1])
         ensure_free(storage, name, overwrite)
         layout.token = token = new_token()
         staging = storage.begin(name, token)
@@ -544,6 +612,7 @@ def _commit(
         if len(results) > 1:
             _check_visible(storage, staging, files, results)
             staging.adopt(others)
+        per_rank = prepared.survey.per_rank
         m = Manifest(
             step=step,
             created=time.time(),
@@ -552,12 +621,16 @@ def _commit(
             tree=_tree(prepared, layout),
             files=tuple(files),
             tensors=tuple(s for s in slots if s is not None),
+            version=2 if per_rank else 1,
         )
+        survey = prepared.survey
+        if per_rank and len(results) > 1:  # the other ranks' values are in the tree now
+            survey = manifest.survey(m.tree) + manifest.survey(m.metadata)
     except Exception as e:
         staging.abort()
         return failure(-1, e), e
     try:
-        commit_manifest(storage, staging, name, m, overwrite=overwrite, survey=prepared.survey)
+        commit_manifest(storage, staging, name, m, overwrite=overwrite, survey=survey)
     except Exception as e:
         return failure(0, e), e
     layout.manifest = m
@@ -578,7 +651,26 @@ def _tree(prepared: Prepared, layout: _Layout) -> Any:
         dtype = layout.slots[block_slots[0]][3] if block_slots else prepared.arrays[first].dtype
         return ShardedRef(gshape, dtype, tuple((s, layout.slots[s][1] or ()) for s in block_slots))
 
-    return map_refs(prepared.skeleton, ref)
+    if layout.own_slots is None or layout.own_values is None:
+        return map_refs(prepared.skeleton, ref)
+    # Every rank's per-rank values, their references pointing at the slots of that rank's own arrays.
+    own_slots, own_values = layout.own_slots, layout.own_values
+    assembled = iter(
+        [
+            PerRankValues(
+                tuple(
+                    map_refs(values[k], functools.partial(_own_ref, own_slots[r]))
+                    for r, values in enumerate(own_values)
+                )
+            )
+            for k in range(len(own_values[0]))
+        ]
+    )
+    return map_refs(prepared.skeleton, ref, lambda _: next(assembled))
+
+
+def _own_ref(slots: list[int], ref: TensorRef) -> TensorRef:
+    return TensorRef(slots[ref.index])
 
 
 def commit_manifest(

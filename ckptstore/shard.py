@@ -11,12 +11,46 @@ torch is imported only when a DTensor is met, and JAX arrays are only asked for 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from .blocks import Dims
 from .errors import ShardingError, UnsupportedTypeError
 
-__all__ = ["Shard", "is_dtensor", "is_global_jax"]
+__all__ = ["PerRank", "Shard", "is_dtensor", "is_global_jax"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PerRank:
+    """A value each rank of a job saves as its own: a data loader's position, a rank's RNG state, its
+    sampler. Saved, every rank's value is kept (rank r's written by rank r; the ranks' values need not
+    have the same structure); restored on the same number of ranks, each rank gets back its own.
+
+    Restored on another number of ranks, the saved values do not say what each new rank should get:
+    without ``reshard`` the restore raises :class:`~ckptstore.errors.WorldSizeError`. With it, the
+    restore calls ``reshard(saved, rank, world_size)``, ``saved`` holding every saved rank's value in rank
+    order (arrays as NumPy arrays, or in the restore's ``framework``), and puts what it returns in this
+    rank's state: loaded into ``value`` when that is an object with ``load_state_dict`` (returned itself),
+    else returned as it is.
+
+    In ``like``, ``PerRank(x)`` and ``x`` restore alike on the same number of ranks (``x`` is the
+    template); a ``PerRank`` template of a value the checkpoint holds plainly (saved before it was
+    per-rank) restores that value into ``x`` on every rank.
+
+    Args:
+        value: this rank's value: any state ckptstore saves (containers, arrays, plain values, objects
+            with ``state_dict()``), but no :class:`Shard` or other block of a global array.
+        reshard: for restores on another number of ranks (see above); unused by saves.
+
+    Example::
+
+        state = {"model": model, "loader": ckptstore.PerRank(loader)}  # a StatefulDataLoader per rank
+        store.save(step, state)
+        store.restore(like=state)  # each rank's loader continues where it was
+    """
+
+    value: Any
+    reshard: Callable[[list[Any], int, int], Any] | None = None
 
 
 def _dims(value: Any, what: str) -> Dims:

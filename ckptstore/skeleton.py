@@ -2,7 +2,8 @@
 
 A state is saved as a *skeleton* (plain msgpack values: dicts, lists, numbers, strings, ...) in which each
 array is a :class:`TensorRef` (or a :class:`ShardedRef` for an array stored as blocks) and each object is a
-small record (:class:`Stateful`, :class:`NamedTuple`, :class:`Scalar`). The manifest codec, the tree walk,
+small record (:class:`Stateful`, :class:`NamedTuple`, :class:`Scalar`); a value saved by each rank of a
+job as its own (``ckptstore.PerRank``) is a :class:`PerRankValues` of every rank's. The manifest codec, the tree walk,
 subset selection, the block reader and the CLI all see the skeleton through :func:`children` and
 :func:`walk` here. This module knows nothing of frameworks or storage.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "ArrayLeaf",
     "KeyPath",
     "NamedTuple",
+    "PerRankValues",
     "Scalar",
     "ShardedRef",
     "Stateful",
@@ -29,6 +31,7 @@ __all__ = [
     "is_extension",
     "iter_refs",
     "map_refs",
+    "per_rank_nodes",
     "render_path",
     "walk",
 ]
@@ -91,6 +94,14 @@ class Scalar:
         return arr[0]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PerRankValues:
+    """A value each rank of the saving job saved as its own (``ckptstore.PerRank``): rank r's is
+    ``values[r]``, a skeleton of its own whose arrays are plain tensors that rank wrote."""
+
+    values: tuple[Any, ...]
+
+
 @dataclasses.dataclass(slots=True)
 class ArrayLeaf:
     """An array met while flattening a state: where it was, and its host (NumPy) view."""
@@ -101,6 +112,8 @@ class ArrayLeaf:
     #: For a :class:`ckptstore.Shard` (or DTensor) leaf: the global array's shape and this block's offsets.
     global_shape: tuple[int, ...] | None = None
     offsets: tuple[int, ...] | None = None
+    #: Inside a ``ckptstore.PerRank``: this rank's own, written by it alone (never compared with the others').
+    per_rank: bool = False
 
 
 _REFS = (TensorRef, ShardedRef)
@@ -112,6 +125,7 @@ def children(node: Any) -> Iterable[tuple[Any, Any]]:
 
     Keys extend the key path: dict keys, list and tuple indices, NamedTuple field names. A
     :class:`Stateful`'s state is its one child, under the key ``None``: it lies at its object's own path.
+    A :class:`PerRankValues`' children are the ranks' values, under their rank.
     """
     t = type(node)
     if t is dict:
@@ -122,13 +136,15 @@ def children(node: Any) -> Iterable[tuple[Any, Any]]:
         return ((None, node.state),)
     if t is NamedTuple:
         return zip(node.fields, node.values)
+    if t is PerRankValues:
+        return enumerate(node.values)
     return _NO_CHILDREN
 
 
 def is_extension(node: Any) -> bool:
     """Whether the codec stores ``node`` as a msgpack extension (nested calls of its unpacker)."""
     t = type(node)
-    return t is tuple or t is Stateful or t is NamedTuple
+    return t is tuple or t is Stateful or t is NamedTuple or t is PerRankValues
 
 
 def walk(node: Any) -> Iterator[tuple[KeyPath, Any]]:
@@ -159,19 +175,30 @@ def iter_refs(node: Any) -> Iterator[TensorRef | ShardedRef]:
             stack.extend(reversed([v for _, v in kids]))
 
 
-def map_refs(node: Any, fn: Callable[[Any], Any]) -> Any:
-    """A copy of a skeleton in which each :class:`TensorRef` and :class:`ShardedRef` is ``fn(ref)``."""
+def map_refs(node: Any, fn: Callable[[Any], Any], per_rank: Callable[[PerRankValues], Any] | None = None) -> Any:
+    """A copy of a skeleton in which each :class:`TensorRef` and :class:`ShardedRef` is ``fn(ref)``, and,
+    given ``per_rank``, each :class:`PerRankValues` node ``per_rank(node)`` (in the order of :func:`walk`;
+    its values are not visited then)."""
     t = type(node)
     if t is TensorRef or t is ShardedRef:
         return fn(node)
     if t is dict:
-        return {k: map_refs(v, fn) for k, v in node.items()}
+        return {k: map_refs(v, fn, per_rank) for k, v in node.items()}
     if t is list:
-        return [map_refs(v, fn) for v in node]
+        return [map_refs(v, fn, per_rank) for v in node]
     if t is tuple:
-        return tuple(map_refs(v, fn) for v in node)
+        return tuple(map_refs(v, fn, per_rank) for v in node)
     if t is Stateful:
-        return Stateful(node.type_name, map_refs(node.state, fn))
+        return Stateful(node.type_name, map_refs(node.state, fn, per_rank))
     if t is NamedTuple:
-        return NamedTuple(node.type_name, node.fields, tuple(map_refs(v, fn) for v in node.values))
+        return NamedTuple(node.type_name, node.fields, tuple(map_refs(v, fn, per_rank) for v in node.values))
+    if t is PerRankValues:
+        if per_rank is not None:
+            return per_rank(node)
+        return PerRankValues(tuple(map_refs(v, fn) for v in node.values))
     return node
+
+
+def per_rank_nodes(node: Any) -> list[tuple[KeyPath, PerRankValues]]:
+    """Every :class:`PerRankValues` node of a skeleton with its key path, in the order of :func:`walk`."""
+    return [(path, x) for path, x in walk(node) if type(x) is PerRankValues]

@@ -623,7 +623,7 @@ class CheckpointStore:
             step = distributed.agree(coord, lambda: self._resolve(None))
         if fallback:
             return self._restore_fallback(
-                step, like, framework, keys, strict=strict, key_map=key_map, progress=progress
+                step, like, framework, keys, strict=strict, key_map=key_map, progress=progress, coord=coord
             )[0]
         name = step_name(self._resolve(step))
         started = time.perf_counter()
@@ -641,6 +641,8 @@ class CheckpointStore:
             key_map=key_map,
             stacklevel=2,
             progress=progress,
+            rank=coord.rank,
+            world_size=coord.world_size,
         )
         _log_restore(self.storage.url_of(name), m, keys, time.perf_counter() - started)
         return state
@@ -655,8 +657,10 @@ class CheckpointStore:
         strict: bool = True,
         key_map: KeyMap | None = None,
         progress: ProgressArg = None,
+        coord: distributed.Coordinator = distributed.SINGLE,
     ) -> tuple[Any, int]:
-        """The newest intact checkpoint at or before ``step`` (default: the latest) restored, and its step."""
+        """The newest intact checkpoint at or before ``step`` (default: the latest) restored, and its step
+        (for ``coord``'s rank: see ``load.read``)."""
         newest = self._resolve(step)
         # Asked for the latest, a checkpoint committed meanwhile is fair game when the ones tried vanished.
         bound = newest if step is not None else None
@@ -689,6 +693,8 @@ class CheckpointStore:
                         key_map=key_map,
                         stacklevel=3,
                         progress=progress,
+                        rank=coord.rank,
+                        world_size=coord.world_size,
                     )
                 except _SKIPPABLE as e:
                     skipped.append(f"step {s}: {e}")
@@ -723,8 +729,9 @@ class CheckpointStore:
     ) -> tuple[Any, int | None]:
         """Resume a run: ``(state, step)`` of the latest intact checkpoint restored into ``like`` (as
         ``restore(like=like, fallback=True)``: a damaged newest checkpoint is skipped, with a warning), or
-        ``(like, None)``, ``like`` untouched, when nothing is committed yet. Under torch.distributed every
-        rank resumes rank 0's latest step. ``strict=False`` and ``key_map`` as for :meth:`restore`.
+        ``(like, None)``, ``like`` untouched (each ``PerRank`` in it as its value), when nothing is committed
+        yet. Under torch.distributed every rank resumes rank 0's latest step. ``strict=False`` and
+        ``key_map`` as for :meth:`restore`.
 
         Example::
 
@@ -742,9 +749,9 @@ class CheckpointStore:
         coord = distributed.resolve(self.coordinator)
         latest = distributed.agree(coord, self.latest_step) if coord.world_size > 1 else self.latest_step()
         if latest is None:
-            return like, None
+            return tree.without_per_rank(like), None
         step = latest if coord.world_size > 1 else None  # (alone: whatever is latest when it is read)
-        return self._restore_fallback(step, like, framework, strict=strict, key_map=key_map)
+        return self._restore_fallback(step, like, framework, strict=strict, key_map=key_map, coord=coord)
 
     def _try_pin(self, name: str) -> leases.Lease | None:
         """A lease on checkpoint ``name`` if this reader can write one (None otherwise: it reads unpinned)."""

@@ -23,9 +23,28 @@ import numpy as np
 
 from . import blocks, dtypes, shard
 from .bounce import DeviceTarget
-from .errors import CkptStoreError, CorruptCheckpointError, ShardingError, StructureMismatchError, UnsupportedTypeError
+from .errors import (
+    CkptStoreError,
+    CorruptCheckpointError,
+    ShardingError,
+    StructureMismatchError,
+    UnsupportedTypeError,
+    WorldSizeError,
+)
 from .frameworks import Adapter, adapter_for, adapter_for_module, adapter_named, object_adapter_for
-from .skeleton import ArrayLeaf, KeyPath, NamedTuple, Scalar, ShardedRef, Stateful, TensorRef, render_path
+from .skeleton import (
+    ArrayLeaf,
+    KeyPath,
+    NamedTuple,
+    PerRankValues,
+    Scalar,
+    ShardedRef,
+    Stateful,
+    TensorRef,
+    map_refs,
+    per_rank_nodes,
+    render_path,
+)
 from .skeleton import walk as walk_tree
 
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
@@ -67,6 +86,7 @@ def flatten(state: Any, *, snapshot: bool = False, defer_devices: bool = False) 
         UnsupportedTypeError: a leaf cannot be saved; the message names its key path.
     """
     arrays: list[ArrayLeaf] = []
+    per_rank_depth: list[KeyPath] = []  # the PerRank being walked, if any
 
     def walk(x: Any, path: KeyPath) -> Any:
         t = type(x)
@@ -85,6 +105,8 @@ def flatten(state: Any, *, snapshot: bool = False, defer_devices: bool = False) 
             return tuple(walk(v, (*path, i)) for i, v in enumerate(x))
         if t is shard.Shard or shard.is_dtensor(x) or shard.is_global_jax(x):
             return add_shard(x, path)
+        if t is shard.PerRank:
+            return add_per_rank(x, path)
         adapter = adapter_for(x)
         if adapter is not None:
             return TensorRef(add_array(adapter, x, path))
@@ -170,6 +192,25 @@ def flatten(state: Any, *, snapshot: bool = False, defer_devices: bool = False) 
         if type(s) is not shard.Shard:  # replicated on every device or rank: a plain array
             return walk(s, path)
         return TensorRef(add_block(s, path))
+
+    def add_per_rank(x: shard.PerRank, path: KeyPath) -> PerRankValues:
+        """This rank's value, its arrays marked as its own (``ArrayLeaf.per_rank``)."""
+        if per_rank_depth:
+            raise UnsupportedTypeError(f"{render_path(path)}: a PerRank inside a PerRank")
+        first = len(arrays)
+        per_rank_depth.append(path)
+        try:
+            node = walk(x.value, path)
+        finally:
+            per_rank_depth.pop()
+        for a in arrays[first:]:
+            if a.global_shape is not None:
+                raise ShardingError(
+                    f"{render_path(a.path)}: a block of a global array inside a PerRank (a rank's own value "
+                    "holds whole arrays)"
+                )
+            a.per_rank = True
+        return PerRankValues((node,))
 
     def add_block(s: shard.Shard, path: KeyPath) -> int:
         adapter = adapter_for(s.local)
@@ -303,6 +344,119 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
+# --- per-rank values ---------------------------------------------------------------------------------
+
+
+def select_rank(skeleton: Any, like: Any, rank: int, world: int, *, saved_per_rank: bool = True) -> tuple[Any, Any]:
+    """The skeleton and ``like`` as this rank restores them: each per-rank node (:class:`PerRankValues`)
+    becomes this rank's value where as many ranks saved it as restore it; else, where ``like`` holds a
+    :class:`ckptstore.PerRank` with a ``reshard`` function there, the list of every saved rank's value,
+    ``like``'s template becoming a :class:`_Reshard` (the rebuild restores the list and calls it). Each
+    ``PerRank`` of ``like`` (found through its dicts, lists and tuples) becomes its value otherwise.
+    ``saved_per_rank`` False: the skeleton holds no per-rank node (a manifest of version 1), it is not
+    walked.
+
+    Raises:
+        WorldSizeError: per-rank values saved by another number of ranks, and no ``reshard`` for them.
+    """
+    templates: dict[KeyPath, shard.PerRank] = {}
+    if like is not MISSING:
+        _find_per_rank(like, (), templates)
+    nodes = per_rank_nodes(skeleton) if saved_per_rank else []
+    if not nodes and not templates:
+        return skeleton, like
+    into: dict[KeyPath, Any] = {path: t.value for path, t in templates.items()}
+    chosen: list[Any] = []
+    for path, node in nodes:
+        t = templates.get(path)
+        n = len(node.values)
+        if n == world:
+            chosen.append(node.values[rank])
+        elif t is not None and t.reshard is not None:
+            chosen.append(list(node.values))
+            into[path] = _Reshard(t.value, t.reshard, rank, world)
+        else:
+            raise WorldSizeError(
+                f"{render_path(path)} was saved per rank by {n} rank{'s' * (n != 1)}; this job has {world}: "
+                "what each rank gets then is the caller's choice (pass a ckptstore.PerRank(template, "
+                "reshard=fn) there in `like`; fn(saved values, rank, world size) returns this rank's)"
+            )
+    if nodes:
+        picks = iter(chosen)
+        skeleton = map_refs(skeleton, _same, lambda _: next(picks))
+    return skeleton, _replace_at(like, (), into) if into else like
+
+
+def without_per_rank(like: Any) -> Any:
+    """``like`` with each :class:`ckptstore.PerRank` in it (found as :func:`select_rank` finds them) as its
+    value: what a restore of nothing gives back."""
+    templates: dict[KeyPath, shard.PerRank] = {}
+    _find_per_rank(like, (), templates)
+    return _replace_at(like, (), {path: t.value for path, t in templates.items()}) if templates else like
+
+
+def _same(ref: Any) -> Any:
+    return ref
+
+
+class _Reshard:
+    """``like``'s template where per-rank values saved by another number of ranks are restored: the rebuild
+    restores every saved rank's value without a template and hands the list to :meth:`apply`."""
+
+    __slots__ = ("fn", "rank", "template", "world")
+
+    def __init__(self, template: Any, fn: Callable[[list[Any], int, int], Any], rank: int, world: int) -> None:
+        self.template, self.fn, self.rank, self.world = template, fn, rank, world
+
+    def apply(self, saved: Any) -> Any:
+        value = self.fn(list(saved), self.rank, self.world)
+        if is_stateful(self.template):
+            self.template.load_state_dict(value)
+            return self.template
+        return value
+
+
+def _find_per_rank(x: Any, path: KeyPath, out: dict[KeyPath, shard.PerRank]) -> None:
+    """Every :class:`ckptstore.PerRank` of ``like`` reached through dicts, lists and tuples (Mappings and
+    NamedTuples too), by key path. One type check per item: a like of 100,000 arrays costs little."""
+    t = type(x)
+    if t is shard.PerRank:
+        out[path] = x
+        return
+    if t is dict or (isinstance(x, Mapping) and not is_stateful(x)):
+        items: Iterable[tuple[Any, Any]] = x.items()
+    elif t is list or t is tuple:
+        items = enumerate(x)
+    elif isinstance(x, tuple) and isinstance(fields := getattr(x, "_fields", None), tuple):
+        items = zip(fields, x)
+    else:
+        return
+    opens: dict[type, bool] = {}  # per type of item: whether it may hold a PerRank
+    for k, v in items:
+        tv = type(v)
+        inside = opens.get(tv)
+        if inside is None:
+            inside = opens[tv] = tv is shard.PerRank or issubclass(tv, Mapping | list | tuple)
+        if inside:
+            _find_per_rank(v, (*path, k), out)
+
+
+def _replace_at(x: Any, path: KeyPath, into: dict[KeyPath, Any]) -> Any:
+    """``x`` with the node at each path of ``into`` replaced (containers on the way copied, as dicts,
+    lists and tuples)."""
+    if path in into:
+        return into[path]
+    if not any(p[: len(path)] == path for p in into):
+        return x
+    if isinstance(x, Mapping):
+        return {k: _replace_at(v, (*path, k), into) for k, v in x.items()}
+    if isinstance(x, tuple) and isinstance(fields := getattr(x, "_fields", None), tuple):
+        return type(x)(*(_replace_at(v, (*path, f), into) for f, v in zip(fields, x)))
+    if isinstance(x, list | tuple):
+        return type(x)(_replace_at(v, (*path, i), into) for i, v in enumerate(x))
+    return x
+
+
 @dataclasses.dataclass
 class Unmatched:
     """What a ``strict=False`` rebuild could not match: key paths of ``like`` that the checkpoint lacks
@@ -365,6 +519,8 @@ def rebuild(
     filled: dict[int, Any] = {}
 
     def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
+        if type(tmpl) is _Reshard:  # per-rank values of another number of ranks (select_rank)
+            return tmpl.apply(walk(node, MISSING, path, fallback, strict))
         if tmpl is not MISSING and is_plain(tmpl):
             # a plain placeholder (0, None, [], {"lr": 0.1}): the checkpoint's value wins
             return walk_plain(node, tmpl, path, fallback)

@@ -161,6 +161,35 @@ def check_restored(got: dict[str, Any], step: int, rank: int, world: int) -> lis
     return bad
 
 
+def loader(rank: int, world: int) -> Any:
+    """Rank ``rank``'s data loader: its own slice of the data, shuffled by its own generator."""
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    data = list(range(rank, 96, world))
+    return StatefulDataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def batches(it: Any, n: int) -> list[list[int]]:
+    return [next(it).tolist() for _ in range(n)]
+
+
+def per_rank_state(rank: int, dl: Any, reshard: bool = False) -> dict[str, Any]:
+    """A state with per-rank parts: each rank's data loader, and a value whose structure differs by rank.
+    As a template (``dl`` fresh), with ``reshard``: the functions a restore on another world size needs."""
+    import torch
+
+    seen = {"rank": rank, "ids": torch.arange(rank + 1) * 10, "by_rank": {f"r{rank}": rank}}
+    if not reshard:
+        return {"bias": full("bias", 1), "loader": ckptstore.PerRank(dl), "seen": ckptstore.PerRank(seen)}
+    return {
+        "bias": full("bias", 1),
+        # every new rank continues from saved rank 0's position (its sampler state and generator)
+        "loader": ckptstore.PerRank(dl, reshard=lambda saved, r, world: saved[0]),
+        "seen": ckptstore.PerRank(None, reshard=lambda saved, r, world: {"saved": saved, "me": [r, world]}),
+    }
+
+
 def failing_write_file(f: Any, *args: Any, **kwargs: Any) -> Any:
     """A tensorio.write_file that fails half-way, as a full disk would: its file's writes raise what the
     storage boundary raises for ENOSPC."""
@@ -180,6 +209,12 @@ def slow_write_file(marker: str) -> Any:
         raise AssertionError("not killed")
 
     return write_file
+
+
+def torch_zeros(n: int) -> Any:
+    import torch
+
+    return torch.zeros(n, dtype=torch.int64)
 
 
 def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
@@ -345,6 +380,36 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
         ckptstore.tensorio.write_file = real_write_file
         out["steps"] = ps.steps()
         ps.close()
+    elif mode == "per_rank_save":  # each rank's loader at its own position, saved per rank
+        dl = loader(rank, world)
+        it = iter(dl)
+        batches(it, rank + 2)
+        store.save(phase["step"], per_rank_state(rank, dl))
+        out["next"] = batches(it, 3)  # what a resumed loader must give
+    elif mode == "per_rank_restore":
+        dl = loader(rank, world)
+        template = per_rank_state(rank, dl)
+        template["seen"] = ckptstore.PerRank({"rank": -1, "ids": torch_zeros(rank + 1), "by_rank": {f"r{rank}": -1}})
+        try:
+            got = store.restore(like=template)
+        except ckptstore.errors.CkptStoreError as e:
+            out["error"] = [type(e).__name__, str(e)]
+            out["untouched"] = dl.state_dict()["_num_yielded"] == 0
+        else:
+            out["error"] = None
+            out["same_loader"] = got["loader"] is dl
+            out["seen"] = [got["seen"]["rank"], got["seen"]["ids"].tolist(), got["seen"]["by_rank"]]
+            out["next"] = batches(iter(dl), 3)
+    elif mode == "per_rank_reshard":
+        dl = loader(rank, world)
+        got = store.restore(like=per_rank_state(rank, dl, reshard=True), framework="torch")
+        seen = got["seen"]
+        out["seen"] = {
+            "saved": [[s["rank"], type(s["ids"]).__name__, s["ids"].tolist(), s["by_rank"]] for s in seen["saved"]],
+            "me": seen["me"],
+        }
+        out["same_loader"] = got["loader"] is dl
+        out["num_yielded"] = dl.state_dict()["_num_yielded"]
     elif mode == "kill":
         store.save(1, state(1, rank, world))
         dist.barrier()

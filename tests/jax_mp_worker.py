@@ -170,12 +170,14 @@ def run(cfg: dict[str, Any], pid: int) -> dict[str, Any]:
                 tensorio.write_file = failing_write_file
             mesh = mesh_of(phase.get("mesh", "2x2"))
             try:
+                saved = state(mesh)
+                if phase.get("per_rank"):  # this process's own value, of a size its own
+                    saved["pos"] = ckptstore.PerRank({"process": pid, "seen": np.arange(pid + 2)})
                 if phase.get("blocking", True):
-                    store.save(phase["step"], state(mesh))
+                    store.save(phase["step"], saved)
                 else:  # in the background, while the training runs a computation across the processes
                     import jax.numpy as jnp
 
-                    saved = state(mesh)
                     handle = store.save(phase["step"], saved, blocking=False)
                     total = jax.jit(lambda x: jnp.sum(x))(saved["w"])  # a cross-process reduction meanwhile
                     report["sum"] = float(total)
@@ -242,9 +244,15 @@ def run(cfg: dict[str, Any], pid: int) -> dict[str, Any]:
                     like[name] = jax.make_array_from_callback(shape, sharding, np.zeros(shape, dtype).__getitem__)
                 else:
                     like[name] = jax.ShapeDtypeStruct(shape, expected(name).dtype, sharding=sharding)
+            if phase.get("per_rank"):
+                like["pos"] = ckptstore.PerRank({"process": -1, "seen": np.zeros(pid + 2, dtype=np.int64)})
             read.clear()
             out = store.restore(phase.get("step"), like=like, verify=phase.get("verify", True))
             problems = [p for name in wanted for p in check_array(name, out[name], wanted[name])]
+            if phase.get("per_rank") and (
+                out["pos"]["process"] != pid or out["pos"]["seen"].tolist() != list(range(pid + 2))
+            ):
+                problems.append(f"pos {out['pos']}")
             if out["step_count"] != 7:
                 problems.append(f"step_count {out['step_count']}")
             blocks = {name: sorted({str(sh.index) for sh in out[name].addressable_shards}) for name in wanted}

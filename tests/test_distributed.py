@@ -178,6 +178,49 @@ def test_save_on_2_restore_on_1_3_4_with_other_partitions(
         assert [r[0]["bad"] for r in reports] == [[]] * world
 
 
+def test_per_rank_state_comes_back_on_the_same_ranks_and_is_resharded_only_when_asked(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    # Two ranks, each with its own StatefulDataLoader at its own position and a value whose structure
+    # differs by rank, save them per rank (and a replicated array).
+    _, saved = launch(zygote, tmp_path, local_url, 2, [{"mode": "per_rank_save", "step": 1}])
+    store = local_url.store()
+    m = ckptstore.load.read_manifest(store.storage, "step_00000001")
+    assert m.version == 2
+    own_files = {m.files[t.file].name.split("-r")[1][:5] for t in m.tensors if t.name.startswith("loader/")}
+    assert own_files == {"00000", "00001"}  # each rank wrote its own loader's generator state
+
+    # The same two ranks: each gets its own loader state back, in the loader itself, and its own value.
+    _, same = launch(zygote, tmp_path, local_url, 2, [{"mode": "per_rank_restore"}])
+    for rank in range(2):
+        got = same[rank][0]
+        assert got["error"] is None and got["same_loader"]
+        assert got["next"] == saved[rank][0]["next"]  # the loader continues exactly where this rank was
+        assert got["seen"] == [rank, [10 * i for i in range(rank + 1)], {f"r{rank}": rank}]
+    assert saved[0][0]["next"] != saved[1][0]["next"]
+
+    # Three ranks and no reshard function: a named error on every rank, the loaders untouched.
+    _, other = launch(zygote, tmp_path, local_url, 3, [{"mode": "per_rank_restore"}])
+    for rank in range(3):
+        got = other[rank][0]
+        assert got["error"][0] == "WorldSizeError" and got["untouched"], got
+        assert "['loader']" in got["error"][1] and "by 2 ranks" in got["error"][1] and "has 3" in got["error"][1]
+
+    # Three ranks with reshard functions: each is given every saved rank's value, in rank order.
+    _, resharded = launch(zygote, tmp_path, local_url, 3, [{"mode": "per_rank_reshard"}])
+    for rank in range(3):
+        got = resharded[rank][0]
+        assert got["seen"]["me"] == [rank, 3]
+        assert got["seen"]["saved"] == [[0, "Tensor", [0], {"r0": 0}], [1, "Tensor", [0, 10], {"r1": 1}]]
+        assert got["same_loader"] and got["num_yielded"] == 2  # saved rank 0's position (2 batches drawn)
+
+    # One process: without `like`, a named error; asked for every rank's value, it gets them.
+    with pytest.raises(ckptstore.errors.WorldSizeError, match=r"by 2 ranks; this job has 1"):
+        store.restore()
+    every = store.restore(keys="seen", like={"seen": ckptstore.PerRank(None, reshard=lambda saved, r, n: saved)})
+    assert [v["rank"] for v in every["seen"]] == [0, 1]
+
+
 def test_retention_2d_blocks_and_docs_example_under_4_ranks(
     zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
 ) -> None:

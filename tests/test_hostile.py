@@ -182,7 +182,7 @@ def test_unknown_format_version_names_the_version(ckpt: tuple[ckptstore.Checkpoi
     doc = read_doc(d)
     doc["version"] = 99
     write_doc(d, doc)
-    with pytest.raises(UnsupportedFormatError, match=r"version 99.*reads version 1"):
+    with pytest.raises(UnsupportedFormatError, match=r"version 99.*reads versions 1 to 2"):
         store.restore(1)
     with pytest.raises(UnsupportedFormatError, match="upgrade ckptstore"):
         store.verify(1)

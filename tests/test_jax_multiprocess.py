@@ -200,12 +200,13 @@ def test_save_on_one_restore_on_two(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_an_async_save_on_two_processes_commits_while_they_compute(tmp_path: Path) -> None:
+    # With a per-rank value (ckptstore.PerRank) of each process's own size: each gets its own back.
     where = Location(str(tmp_path / "store"), {})
-    codes, reports, _ = launch(tmp_path, where, 2, [{"kind": "save", "step": 3, "blocking": False}])
+    codes, reports, _ = launch(tmp_path, where, 2, [{"kind": "save", "step": 3, "blocking": False, "per_rank": True}])
     assert codes == [0, 0]
     assert all(r is not None and r["saved"] == 3 for r in reports)
     assert reports[0]["sum"] == reports[1]["sum"]  # both processes took part in the computation
-    codes, reports, _ = launch(tmp_path, where, 2, [{"kind": "restore", "mesh": "2x2"}])
+    codes, reports, _ = launch(tmp_path, where, 2, [{"kind": "restore", "mesh": "2x2", "per_rank": True}])
     assert codes == [0, 0]
     assert all(r is not None and r["restores"][0]["problems"] == [] for r in reports)
 
