@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.doc_examples import run_integrations_example
-from tests.fw_helpers import REPO
+from tests.fw_helpers import REPO, run_python
 
 torch = pytest.importorskip("torch")
 accelerate = pytest.importorskip("accelerate")
@@ -209,14 +209,7 @@ def test_an_accelerator_without_the_registries_raises_naming_the_version(tmp_pat
 
 def test_import_ckptstore_imports_no_accelerate() -> None:
     code = "import sys, ckptstore; print(sorted(m for m in sys.modules if m.split('.')[0] == 'accelerate'))"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-    ).stdout
+    out = run_python(code)
     assert out.strip() == "[]"
 
 

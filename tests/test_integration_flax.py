@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.doc_examples import run_integrations_example
-from tests.fw_helpers import REPO
+from tests.fw_helpers import REPO, run_python
 
 jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
@@ -334,20 +334,14 @@ def test_a_resume_equals_one_from_orbax_the_native_checkpointer(tmp_path: Path) 
 def test_import_ckptstore_imports_no_flax() -> None:
     # Nor does saving JAX state: the Flax adapter is loaded only for Flax objects.
     code = (
-        "import sys, ckptstore\n"
+        "import os, sys, ckptstore\n"
+        "os.environ['JAX_PLATFORMS'] = 'cpu'\n"
         "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('flax', 'jax') or m.endswith('.flax')))\n"
         "import jax.numpy as jnp, tempfile\n"
         "ckptstore.save(tempfile.mkdtemp() + '/c', {'w': jnp.ones(2)})\n"
         "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'flax' or m.endswith('.flax')))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-    ).stdout
+    out = run_python(code)
     assert out.split("\n")[:2] == ["[]", "[]"]
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from tests import fw_helpers  # noqa: F401  (fixes KERAS_BACKEND and quiets TF before Keras is imported)
 from tests.doc_examples import run_integrations_example
-from tests.fw_helpers import FRAMEWORK_ENV, REPO
+from tests.fw_helpers import FRAMEWORK_ENV, REPO, run_python
 
 keras = pytest.importorskip("keras")
 
@@ -218,14 +218,7 @@ def test_an_unbuilt_model_starts_fresh_but_cannot_resume(tmp_path: Path) -> None
 
 
 def test_import_ckptstore_imports_no_integration() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys, ckptstore; print(sorted(m for m in sys.modules if 'integrations' in m))"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-    ).stdout
+    out = run_python("import sys, ckptstore; print(sorted(m for m in sys.modules if 'integrations' in m))")
     assert out.strip() == "[]"
 
 

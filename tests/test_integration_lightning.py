@@ -46,7 +46,7 @@ from ckptstore.integrations.lightning import (
 from tests import lightning_worker as worker
 from tests.conftest import Location
 from tests.doc_examples import run_integrations_example
-from tests.fw_helpers import REPO
+from tests.fw_helpers import REPO, run_python
 
 WORKER = REPO / "tests" / "lightning_worker.py"
 
@@ -418,19 +418,10 @@ def test_fabric_saves_and_loads_through_the_plugin(tmp_path: Path) -> None:
 
 
 def test_import_ckptstore_imports_neither_the_integration_nor_lightning() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, ckptstore, ckptstore.integrations; "
-            "print(sorted(m for m in sys.modules if 'lightning' in m or 'integrations.' in m))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-    ).stdout
+    out = run_python(
+        "import sys, ckptstore, ckptstore.integrations; "
+        "print(sorted(m for m in sys.modules if 'lightning' in m or 'integrations.' in m))"
+    )
     assert out.strip() == "[]"
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.doc_examples import run_integrations_example
-from tests.fw_helpers import REPO
+from tests.fw_helpers import REPO, run_python
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -254,14 +254,7 @@ def test_an_incompatible_trainer_raises_naming_the_version(tmp_path: Path) -> No
 def test_import_ckptstore_imports_neither_transformers_nor_accelerate() -> None:
     frameworks = "('transformers', 'accelerate', 'torch')"
     code = f"import sys, ckptstore; print(sorted(m for m in sys.modules if m.split('.')[0] in {frameworks}))"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-    ).stdout
+    out = run_python(code)
     assert out.strip() == "[]"
 
 
