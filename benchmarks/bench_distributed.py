@@ -23,13 +23,13 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import common
 
 MiB = 1 << 20
 N_ARRAYS = 8
@@ -114,24 +114,7 @@ def rank_main(lib: str, mib: int, runs: int, root: str, result: str) -> None:
 def job(lib: str, world: int, mib: int, runs: int, root: str, port: int) -> list[dict[str, float]]:
     """Fork ``world`` ranks running ``lib``; return rank 0's samples."""
     result = os.path.join(root, "result.json")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
-    pids = []
-    for rank in range(world):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.environ["RANK"] = str(rank)
-                rank_main(lib, mib, runs, root, result)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        pids.append(pid)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    codes = common.fork_ranks(world, port, lambda: rank_main(lib, mib, runs, root, result))
     if any(codes):
         raise SystemExit(f"{lib} on {world} ranks failed: exit codes {codes}")
     return list(json.loads(Path(result).read_text()))

@@ -49,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -338,24 +337,7 @@ def torch_rank_main(cfg: dict[str, Any]) -> None:
 
 
 def torch_job(cfg: dict[str, Any], world: int, port: int) -> list[dict[str, Any]]:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
-    pids = []
-    for rank in range(world):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.environ["RANK"] = str(rank)
-                torch_rank_main(cfg)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        pids.append(pid)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    codes = common.fork_ranks(world, port, lambda: torch_rank_main(cfg))
     if any(codes):
         raise SystemExit(f"{cfg['tool']} on {world} ranks failed: exit codes {codes}")
     return list(json.loads(Path(cfg["result"]).read_text()))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -177,3 +179,27 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any, dict[str, int]]:
     peak = hwm()
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return dt, out, {"rss_before": before, "extra_peak": max(0, peak - before) if reset else -1, "cpu_seconds": cpu}
+
+
+def fork_ranks(world: int, port: int, rank_main: Callable[[], None]) -> list[int]:
+    """Fork one process per rank of a torch.distributed job on 127.0.0.1:``port`` (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set), each running ``rank_main()``; return their exit
+    codes once all have ended (1 for a rank that raised, its traceback printed)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
+    pids = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.environ["RANK"] = str(rank)
+                rank_main()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
