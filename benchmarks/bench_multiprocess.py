@@ -184,7 +184,8 @@ def torch_run(tool: str, mib: int, root: str, step: int, kept: Any) -> dict[str,
 
     if tool == "ckptstore":
         store = kept
-        out["save_s"], out["save_rss"], _ = barrier_timed(lambda: store.save(2 * step, state))
+        out["save_s"], out["save_rss"], info = barrier_timed(lambda: store.save(2 * step, state))
+        out["phases"] = dict(info.timings)  # this rank's seconds per phase of the save
         dist.barrier()
         common.reset_hwm()
         before = common.rss()
@@ -407,7 +408,8 @@ def jax_worker(cfg: dict[str, Any], pid: int) -> None:
         out["copy_touched_s"] = time.perf_counter() - t
         del copies
         if tool == "ckptstore":
-            out["save_s"], out["save_rss"], _ = barrier_timed(lambda s=s, run=run: store.save(2 * run, s))
+            out["save_s"], out["save_rss"], info = barrier_timed(lambda s=s, run=run: store.save(2 * run, s))
+            out["phases"] = dict(info.timings)  # this process's seconds per phase of the save
             barrier()
             common.reset_hwm()
             before = common.rss()
@@ -493,6 +495,8 @@ def jax_job(cfg: dict[str, Any], processes: int, port: int) -> list[dict[str, An
         for k in s:
             if k.endswith("_rss"):
                 m[k] = max(r[i][k] for r in per)
+        if "phases" in s:
+            m["phases_by_process"] = [r[i]["phases"] for r in per]
         merged.append(m)
     return merged
 
