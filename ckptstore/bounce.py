@@ -144,19 +144,10 @@ def windows(items: Sequence[tuple[TensorEntry, DeviceTarget]], size: int) -> lis
 def _read(f: Readable, host: np.ndarray, offset: int) -> int:
     """Fill ``host`` from the file's ``offset`` with positional reads of ``knobs.chunk_bytes``, several at
     once; return the bytes read (fewer only at the end of the file)."""
-    chunk = max(1, knobs.current.chunk_bytes)
-    spans = [(lo, min(host.nbytes, lo + chunk)) for lo in range(0, host.nbytes, chunk)]
-    got = [0] * len(spans)
     view = host.data.cast("B")
-
-    def read(k: int) -> None:
-        lo, hi = spans[k]
-        got[k] = f.readinto_at([view[lo:hi]], offset + lo)
-
-    tensorio.run_threads(read, range(len(spans)), knobs.current.read_threads)
-    total = 0
-    for (lo, hi), g in zip(spans, got):
-        total += g
-        if g < hi - lo:
-            break
-    return total
+    return tensorio.read_in_parts(
+        host.nbytes,
+        knobs.current.chunk_bytes,
+        knobs.current.read_threads,
+        lambda lo, hi: f.readinto_at([view[lo:hi]], offset + lo),
+    )

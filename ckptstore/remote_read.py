@@ -139,27 +139,10 @@ def read_span(fetch: Callable[[int, int], bytes], start: int, out: np.ndarray) -
     """Fill ``out`` (contiguous uint8) with the bytes from ``start`` through ``fetch(start, end)``, in parts
     of ``knobs.read_part_bytes`` with up to ``knobs.io_threads`` requests at once; return the bytes got
     (fewer only at the end of the file)."""
-    n = len(out)
-    part = max(1, knobs.current.read_part_bytes)
-    spans = [(lo, min(n, lo + part)) for lo in range(0, n, part)]
-    got = [0] * len(spans)
 
-    def run(k: int) -> None:
-        lo, hi = spans[k]
+    def part(lo: int, hi: int) -> int:
         data = fetch(start + lo, start + hi)
         out[lo : lo + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        got[k] = len(data)
+        return len(data)
 
-    threads = max(1, min(knobs.current.io_threads, len(spans)))
-    if threads == 1:
-        for k in range(len(spans)):
-            run(k)
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-read") as pool:
-            list(pool.map(run, range(len(spans))))
-    total = 0
-    for (lo, hi), g in zip(spans, got):
-        total += g
-        if g < hi - lo:
-            break
-    return total
+    return tensorio.read_in_parts(len(out), knobs.current.read_part_bytes, max(1, knobs.current.io_threads), part)

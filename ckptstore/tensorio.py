@@ -407,6 +407,26 @@ def read_parallel(
     run_threads(read, pieces, knobs.current.read_threads)
 
 
+def read_in_parts(n: int, part: int, threads: int, read: Callable[[int, int], int]) -> int:
+    """Read ``n`` bytes as parts of ``part`` bytes, up to ``threads`` at once: ``read(lo, hi)`` fills bytes
+    ``lo:hi`` of the destination and returns how many it got. Returns the bytes got up to the first short
+    part (fewer than ``n`` only where the source ends early)."""
+    part = max(1, part)
+    spans = [(lo, min(n, lo + part)) for lo in range(0, n, part)]
+    got = [0] * len(spans)
+
+    def one(k: int) -> None:
+        got[k] = read(*spans[k])
+
+    run_threads(one, range(len(spans)), threads)
+    total = 0
+    for (lo, hi), g in zip(spans, got):
+        total += g
+        if g < hi - lo:
+            break
+    return total
+
+
 _T = TypeVar("_T")
 
 
