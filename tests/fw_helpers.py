@@ -40,3 +40,11 @@ def run_python(code: str, *args: str, timeout: float = 300, expect_rc: int = 0) 
             f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-5000:]}"
         )
     return proc.stdout
+
+
+def assert_kept_after_kill(got: list[int], newest: list[int]) -> None:
+    """The steps of a store whose writer (``max_to_keep=len(newest)``) was SIGKILLed: ``newest`` are
+    committed, and anything older is what the retention pass after the last commit had still to delete
+    when the kill came (it runs in the background; the next save's pass deletes it): never a newer step."""
+    assert got[len(got) - len(newest) :] == newest, (got, newest)
+    assert all(s < newest[0] for s in got[: len(got) - len(newest)]), (got, newest)
