@@ -13,8 +13,9 @@ Three kinds of job, each a set of fresh processes on this machine (gloo on CPU, 
   then the same copy again, into the memory just touched, as into a snapshot buffer kept across saves);
   a restore into a *column* partition (``Shard(1)``, every rank's block straddles every stored block;
   ckptstore also with ``verify=False``, whose RSS is not recorded). ``raw`` is the write ceiling: each rank writes
-  its share to one file in 16 MiB writes, then fsyncs; plainly and with the kernel's writeback started
-  every 64 MiB (``POSIX_FADV_DONTNEED``); the table's ceiling is the faster median.
+  its share (from page-aligned memory) to one file in 16 MiB writes, then fsyncs; plainly, with the
+  kernel's writeback started every 64 MiB (``POSIX_FADV_DONTNEED``), and with ``O_DIRECT`` (what
+  ckptstore does for a local file of a megabyte or more); the table's ceiling is the fastest median.
 - **jax** (``ckptstore``, ``orbax``): separate processes (this script with ``--jax-worker``),
   ``jax.distributed.initialize`` on 127.0.0.1, ``JAX_PLATFORMS=cpu``, one CPU device per process, gloo
   CPU collectives. Global arrays sharded by rows over the processes (``P("x", None)``). Per run: a
@@ -146,27 +147,37 @@ def torch_run(tool: str, mib: int, root: str, step: int, kept: Any) -> dict[str,
         return time.perf_counter() - t, extra, res
 
     if tool == "raw":
-        share = b"".join(v.to_local().numpy().tobytes() for v in state.values())
+        import mmap
+
+        import numpy as np
+
+        local = [v.to_local().numpy().reshape(-1).view(np.uint8) for v in state.values()]
+        size = sum(a.nbytes for a in local)
+        share = np.frombuffer(mmap.mmap(-1, size), np.uint8)  # page-aligned, as O_DIRECT wants
+        np.concatenate(local, out=share)
         view = memoryview(share)
 
         path = os.path.join(root, f"raw-{step}-{rank}.bin")
 
-        def write(early_writeback: bool) -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        def write(variant: str) -> None:
+            direct = os.O_DIRECT if variant == "direct" else 0
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
             try:
                 flushed = 0
                 for off in range(0, len(view), WRITE_CHUNK):
                     done = off + os.write(fd, view[off : off + WRITE_CHUNK])
-                    if early_writeback and done - flushed >= 64 * MiB:  # start the kernel's writeback
+                    if variant == "wb" and done - flushed >= 64 * MiB:  # start the kernel's writeback
                         os.posix_fadvise(fd, flushed, done - flushed, os.POSIX_FADV_DONTNEED)
                         flushed = done
                 os.fsync(fd)
             finally:
                 os.close(fd)
 
-        for wb in (False, True) if step % 2 else (True, False):  # both variants, alternating which first
-            key = "save_wb" if wb else "save"
-            out[key + "_s"], out[key + "_rss"], _ = barrier_timed(lambda wb=wb: write(wb))
+        variants = ["plain", "wb", "direct"]
+        k = step % len(variants)
+        for variant in variants[k:] + variants[:k]:  # every variant, rotating which goes first
+            key = {"plain": "save", "wb": "save_wb", "direct": "save_direct"}[variant]
+            out[key + "_s"], out[key + "_rss"], _ = barrier_timed(lambda v=variant: write(v))
             dist.barrier()
             os.unlink(path)
         return out
@@ -532,6 +543,7 @@ def summarize(kind: str, tool: str, procs: int, mib: int, samples: list[dict[str
             row[k + "_mib"] = max(s[k] for s in samples) / MiB
     else:
         row["save_wb_gbs"] = med([gb / s["save_wb_s"] for s in timed_runs])
+        row["save_direct_gbs"] = med([gb / s["save_direct_s"] for s in timed_runs])
         row["save_rss_mib"] = max(s["save_rss"] for s in samples) / MiB
     return row
 
@@ -611,7 +623,8 @@ def main() -> None:
     print(f"\n{args.mib} MiB global state ({N_ARRAYS} float32 arrays of {COLS} columns, row-sharded), ", end="")
     print(f"{args.rounds} jobs x {args.runs} timed runs per cell; median (min-max)")
     print(f"{os.cpu_count()} CPUs; load average {load[0]:.1f} to {load[1]:.1f}; {time.time() - t_start:.0f} s\n")
-    ceiling = {r["procs"]: max(r["save_gbs"][0], r["save_wb_gbs"][0]) for r in rows if r["tool"] == "raw"}
+    raw = [r for r in rows if r["tool"] == "raw"]
+    ceiling = {r["procs"]: max(r[k][0] for k in ("save_gbs", "save_wb_gbs", "save_direct_gbs")) for r in raw}
     order = sorted(rows, key=lambda r: (r["procs"], r["kind"], r["tool"]))
     print(
         f"{'kind':<5} {'tool':<9} {'p':>1}  {'save GB/s':<17} {'/ceil':>5}  {'async block s':<20} "
@@ -624,7 +637,8 @@ def main() -> None:
         if r["tool"] == "raw":
             print(
                 f"{r['kind']:<5} {r['tool']:<9} {r['procs']:>1}  {fmt(r['save_gbs'], '.2f'):<17} {frac}  "
-                f"(early writeback: {fmt(r['save_wb_gbs'], '.2f')}; ceiling = the faster median)"
+                f"(early writeback: {fmt(r['save_wb_gbs'], '.2f')}; O_DIRECT: {fmt(r['save_direct_gbs'], '.2f')}; "
+                "ceiling = the fastest median)"
             )
             continue
         nv = fmt(r["restore_nv_gbs"], ".2f") if "restore_nv_gbs" in r else "-"

@@ -40,6 +40,19 @@ __all__ = ["SaveHandle", "Saver", "SnapshotBuffer"]
 _log = logging.getLogger("ckptstore")
 _T = TypeVar("_T")
 _ALIGN = 64  # every staged array starts on a cache line (and on any dtype's alignment)
+#: Staged arrays of at least this many bytes start on a page, where a direct write can take them from
+#: (tensorio's ``_DirectSink``); smaller ones are packed closer.
+_PAGE_ALIGN_BYTES = 64 << 10
+
+
+def _offsets(sizes: list[int]) -> tuple[list[int], int]:
+    """Where each staged array of ``sizes`` bytes starts in a snapshot buffer, and the buffer's size."""
+    offsets, pos = [], 0
+    for n in sizes:
+        pos += -pos % (tensorio.DIRECT_ALIGN if n >= _PAGE_ALIGN_BYTES else _ALIGN)
+        offsets.append(pos)
+        pos += n
+    return offsets, pos
 
 
 class SaveHandle(Generic[_T]):
@@ -149,7 +162,7 @@ class SnapshotBuffer:
         """Copy the prepared arrays into this buffer; the returned Prepared shares nothing with the caller's
         arrays. Non-contiguous arrays are copied element-wise into C order."""
         sizes = [leaf.array.nbytes for leaf in prepared.arrays]
-        total = sum(n + (-n % _ALIGN) for n in sizes)
+        offsets, total = _offsets(sizes)
         # A DeviceArray where the walk left an accelerator's tensor (typed as the host array it becomes).
         device: Any = next((leaf.array for leaf in prepared.arrays if not isinstance(leaf.array, np.ndarray)), None)
         if self._buf is None or self._buf.nbytes < total or (device is not None and self._fence is None):
@@ -161,8 +174,7 @@ class SnapshotBuffer:
         buf = self._buf
         staged = []
         copies = []
-        pos = 0
-        for leaf, n in zip(prepared.arrays, sizes):
+        for leaf, n, pos in zip(prepared.arrays, sizes, offsets):
             src = leaf.array
             dst = buf[pos : pos + n].view(src.dtype).reshape(src.shape)
             if isinstance(src, np.ndarray):
@@ -170,7 +182,6 @@ class SnapshotBuffer:
             else:  # a DeviceArray: its copy starts now and runs while the host arrays are copied
                 src.copy_to(buf[pos : pos + n])
             staged.append(dataclasses.replace(leaf, array=dst))
-            pos += n + (-n % _ALIGN)
         copy_all(copies, total)
         if device is not None and self._fence is not None:
             self._fence()()  # every device-to-host copy has landed

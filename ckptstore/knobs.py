@@ -80,6 +80,10 @@ class Knobs:
     #: Local files: ask the kernel to start writing back every this many bytes written (0: never), so the
     #: disk works while the tensors are still being copied and the final fsync has little left to do.
     writeback_bytes: int = 64 << 20
+    #: Local files of a megabyte or more: write the tensors' bytes with ``O_DIRECT`` (Linux), from memory to
+    #: the disk without a copy into the page cache (a fraction of the CPU time, and the page cache keeps
+    #: the training job's data). Where the filesystem refuses it, files are written through the cache.
+    direct_writes: bool = True
     #: Run the retention pass after each commit on a thread of its own (the save returns at once; the next
     #: save, ``close`` and the store's own listings wait for it). False: in the save, after the commit, with
     #: the same failure semantics (logged, reported by the next save). The test suite runs with False except

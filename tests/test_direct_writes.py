@@ -1,0 +1,232 @@
+"""Local tensor files written with O_DIRECT (tensorio._DirectSink): the same files, bytes for bytes, as
+through the page cache; aligned runs taken from where they lie; the page cache used where direct I/O is
+refused; a failing direct write fails the save and loses nothing saved before."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import ckptstore
+from ckptstore import asyncsave, knobs, tensorio
+from ckptstore.errors import StorageError
+from ckptstore.storage import TMP_PREFIX
+
+fcntl = pytest.importorskip("fcntl")
+pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+
+A = tensorio.DIRECT_ALIGN
+_real_fcntl = fcntl
+
+
+def _state() -> dict[str, np.ndarray]:
+    """Page-multiple tensors between odd ones, a non-contiguous one, tiny ones and an empty one."""
+    rng = np.random.default_rng(7)
+    return {
+        "bias0": rng.random(1001, dtype=np.float32),  # odd: 4004 bytes
+        "w0": rng.random((512, 1024), dtype=np.float32),  # 2 MiB
+        "bias1": rng.integers(0, 100, 333, dtype=np.int8),
+        "w1": rng.random((300, 1024)),  # 2.4 MB, a multiple of 4096
+        "emb": rng.random((5003, 77), dtype=np.float32).astype(ml_dtypes.bfloat16),  # odd and large
+        "t": rng.random((700, 600)).T,  # non-contiguous, 3.4 MB
+        "empty": np.zeros((0, 4), np.float32),
+        "scalar": np.array(3.5),
+    }
+
+
+def _files(root: Path, step: int) -> list[Path]:
+    return sorted((root / f"step_{step:08d}").glob("*.safetensors"))
+
+
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def _equal(a: dict[str, Any], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], v) and a[k].dtype == v.dtype for k, v in b.items())
+
+
+class _Pwrites:
+    """Counts the bytes of every pwrite, by whether its descriptor had O_DIRECT."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.direct = self.buffered = 0
+        real = os.pwrite
+
+        def pwrite(fd: int, data: Any, offset: int) -> int:
+            n = real(fd, data, offset)
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                self.direct += n
+            else:
+                self.buffered += n
+            return n
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 64 << 10, 3 * A + 5])
+def test_direct_files_are_the_files_the_page_cache_would_hold(tmp_path: Path, blocking: bool, chunk_bytes: int) -> None:
+    state = _state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    with knobs.override(chunk_bytes=chunk_bytes):
+        store.save(1, state, blocking=blocking) if blocking else store.save(1, state, blocking=False).result()
+        with knobs.override(direct_writes=False):
+            store.save(2, state)
+    (direct,), (cached,) = _files(tmp_path, 1), _files(tmp_path, 2)
+    assert _data_start(direct) % A == 0  # the header is padded to the alignment
+    assert _data_start(cached) % 8 == 0 and _data_start(cached) < _data_start(direct)
+    # The same tensors and bytes after the header: nothing padded at the end, nothing lost at a seam.
+    assert direct.stat().st_size - _data_start(direct) == cached.stat().st_size - _data_start(cached)
+    assert _equal(load_file(str(direct)), state)
+    assert _equal(store.restore(1, verify=True), state)
+    assert _equal(store.restore(2, verify=True), state)
+
+
+def test_aligned_tensors_come_first_in_a_file_and_start_aligned() -> None:
+    from ckptstore import tree
+
+    _, arrays = tree.flatten(_state())
+    plan = tensorio.plan_files(arrays, "x", 1 << 30)[0]
+    sizes = [arrays[i].array.nbytes for i in plan.indices]
+    aligned = [n % A == 0 for n in sizes]
+    assert aligned == sorted(aligned, reverse=True)  # all multiples of A before any other
+    assert sorted(plan.indices) == list(range(len(arrays)))
+
+
+def test_a_background_save_writes_its_aligned_tensors_from_the_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    staged: list[int] = []
+    real = tensorio._DirectSink.write
+
+    def write(self: Any, data: Any) -> None:
+        before = self.fill
+        real(self, data)
+        staged.append(self.fill - before)  # what this call left in the staging buffer (or flushed from it)
+
+    monkeypatch.setattr(tensorio._DirectSink, "write", write)
+    counts = _Pwrites(monkeypatch)
+    store.save(1, state, blocking=False).result()
+    aligned = sum(v.nbytes for v in state.values() if v.nbytes % A == 0)
+    odd = sum(v.nbytes for v in state.values() if v.nbytes % A)
+    assert counts.direct >= aligned  # every aligned tensor went to the disk directly
+    assert counts.buffered < A  # the last partial block alone went through the page cache
+    # Staged (copied): the header and the odd tensors; the aligned ones were written from the snapshot.
+    assert 0 < sum(n for n in staged if n > 0) <= _data_start(_files(tmp_path, 1)[0]) + odd
+    assert _equal(store.restore(1), state)
+
+
+def test_snapshot_buffers_put_large_arrays_on_pages() -> None:
+    offsets, total = asyncsave._offsets([100, 1 << 20, 3, 70_000, 5, 64])
+    assert offsets[1] % A == 0 and offsets[3] % A == 0  # large: on a page
+    assert offsets[2] % 64 == 0 and offsets[4] % 64 == 0 and offsets[5] % 64 == 0  # small: on a cache line
+    assert offsets == sorted(offsets) and total == offsets[-1] + 64
+    assert all(offsets[k] + n <= offsets[k + 1] for k, n in enumerate([100, 1 << 20, 3, 70_000, 5]))
+
+
+def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class NoDirect:  # fcntl as on a filesystem that refuses O_DIRECT (F_SETFL fails with EINVAL)
+        F_GETFL, F_SETFL = fcntl.F_GETFL, fcntl.F_SETFL
+
+        @staticmethod
+        def fcntl(fd: int, cmd: int, arg: int = 0) -> int:
+            if cmd == _real_fcntl.F_SETFL and arg & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return int(_real_fcntl.fcntl(fd, cmd, arg))
+
+    monkeypatch.setattr(tensorio, "_fcntl", NoDirect)
+    state = _state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    assert _data_start(_files(tmp_path, 1)[0]) % A != 0  # no padding: the plain writer's file
+    assert _equal(store.restore(1, verify=True), state)
+
+
+@pytest.mark.parametrize("fault", ["einval", "short"])
+def test_a_direct_write_refused_or_cut_short_goes_on_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    real = os.pwrite
+    faults = [0]
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        direct = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        if direct and len(data) > A and not faults[0]:
+            faults[0] += 1
+            if fault == "einval":  # a device whose blocks are larger than A: nothing written
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, memoryview(data)[: A + 100], offset)  # as a filesystem may: part of it
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    state = _state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state, blocking=False).result()
+    store.save(2, state)
+    assert faults[0] == 1  # in the first save; the second wrote directly again
+    assert _equal(store.restore(1, verify=True), state)
+    assert _equal(store.restore(2, verify=True), state)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_full_disk_during_a_direct_write_fails_the_save_and_keeps_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocking: bool
+) -> None:
+    state = _state()
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    real = os.pwrite
+    left_direct: list[int] = []
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if offset >= 2 << 20:
+            left_direct.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    real_close = tensorio._DirectSink.close
+
+    def close(self: Any) -> None:
+        real_close(self)
+        assert not fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT  # the descriptor is left as it was
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(tensorio._DirectSink, "close", close)
+    with pytest.raises(StorageError, match="No space left") as info:
+        if blocking:
+            store.save(2, state)
+        else:
+            store.save(2, state, blocking=False).result()
+    assert "tensors-" in str(info.value)  # names the file
+    assert left_direct
+    monkeypatch.undo()
+    assert store.steps() == [1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)], "a temp directory was left"
+    assert _equal(store.restore(1, verify=True), state)
+    store.save(2, state)  # the disk has room again
+    assert _equal(store.restore(2, verify=True), state)
+
+
+def test_small_files_and_other_writers_keep_the_plain_path(tmp_path: Path) -> None:
+    store = ckptstore.CheckpointStore(tmp_path)
+    small = {"a": np.arange(1000, dtype=np.float32)}  # under DIRECT_MIN_BYTES
+    store.save(1, small)
+    assert _data_start(_files(tmp_path, 1)[0]) % A != 0
+    with open(tmp_path / "f", "wb") as raw:
+        wrapped = type("Wrapped", (), {"write": raw.write, "fileno": raw.fileno, "tell": raw.tell})()
+        assert tensorio._DirectSink.open(wrapped) is None  # type: ignore[arg-type]
+        assert tensorio._DirectSink.open(raw) is not None
