@@ -1,7 +1,8 @@
 """Saves that finish in the background: a snapshot on the caller's thread, files written on another.
 
 ``CheckpointStore.save(step, state, blocking=False)`` walks the state and copies every array into host
-snapshot buffers (a device-to-host copy for accelerator tensors, a memcpy for host arrays), then returns a
+snapshot buffers (a device-to-host copy for accelerator tensors, a memcpy for host arrays; a JAX array on
+the CPU, immutable, is kept as it is and checked once written: ``ArrayLeaf.intact``), then returns a
 :class:`SaveHandle` while a thread writes, commits and applies retention. The caller may update its
 tensors in place as soon as ``save`` returns: what is written is the snapshot.
 
@@ -161,7 +162,9 @@ class SnapshotBuffer:
     def snapshot(self, prepared: Prepared) -> Prepared:
         """Copy the prepared arrays into this buffer; the returned Prepared shares nothing with the caller's
         arrays. Non-contiguous arrays are copied element-wise into C order."""
-        sizes = [leaf.array.nbytes for leaf in prepared.arrays]
+        # A view of an immutable buffer (``ArrayLeaf.intact``) is kept as it is: nothing can change it.
+        kept = [leaf.intact is not None and isinstance(leaf.array, np.ndarray) for leaf in prepared.arrays]
+        sizes = [0 if k else leaf.array.nbytes for leaf, k in zip(prepared.arrays, kept)]
         offsets, total = _offsets(sizes)
         # A DeviceArray where the walk left an accelerator's tensor (typed as the host array it becomes).
         device: Any = next((leaf.array for leaf in prepared.arrays if not isinstance(leaf.array, np.ndarray)), None)
@@ -174,7 +177,10 @@ class SnapshotBuffer:
         buf = self._buf
         staged = []
         copies = []
-        for leaf, n, pos in zip(prepared.arrays, sizes, offsets):
+        for leaf, n, pos, k in zip(prepared.arrays, sizes, offsets, kept):
+            if k:
+                staged.append(leaf)
+                continue
             src = leaf.array
             dst = buf[pos : pos + n].view(src.dtype).reshape(src.shape)
             if isinstance(src, np.ndarray):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 __all__ = [
     "AccessDeniedError",
+    "ArrayDeletedError",
     "AsyncSaveError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -110,6 +111,11 @@ class EndpointUnreachableError(StorageError, ConnectionError):
 class AsyncSaveError(CkptStoreError):
     """A background save failed; raised by the store's next save, ``wait_until_finished`` or ``close``
     (the original error is its ``__cause__``, and its handle's ``result()`` raises it as is)."""
+
+
+class ArrayDeletedError(CkptStoreError, RuntimeError):
+    """An array a background save was writing without a snapshot copy (a JAX array on the CPU, immutable)
+    was deleted, or donated to a computation, before its bytes were written; the save is not committed."""
 
 
 class ShardingError(CkptStoreError, ValueError):

@@ -32,6 +32,7 @@ from .blocks import check_partition
 from .distributed import Coordinator, collective, failure, raise_failure
 from .dtypes import dtype_of
 from .errors import (
+    ArrayDeletedError,
     CheckpointExistsError,
     CorruptCheckpointError,
     DistributedError,
@@ -563,6 +564,7 @@ def _write_share(
     for k, a in enumerate(leaves):
         if a.offsets is not None:  # blocks of one array are told apart by their offsets
             names[k] = first.setdefault(id(a.path), names[k]) + "@" + ",".join(map(str, a.offsets))
+    check_intact(leaves)  # a failure before anything is written costs nothing
     plans = tensorio.plan_files(leaves, f"tensors-{token}-r{rank:05d}", knobs.current.max_file_bytes)
     files: list[list[Any]] = []
     entries: list[tuple[int, TensorEntry]] = []
@@ -572,7 +574,20 @@ def _write_share(
         files.append([plan.name, size])
         slot_of = plan.indices if tasks is None else [tasks[i][0] for i in plan.indices]
         entries.extend(zip(slot_of, written))
+    check_intact(leaves)
     return files, entries
+
+
+def check_intact(leaves: Sequence[ArrayLeaf]) -> None:
+    """Raise ArrayDeletedError if an array written from its framework's own buffer (``ArrayLeaf.intact``) is
+    no longer that array's: what was written may not be what the array held."""
+    for leaf in leaves:
+        if leaf.intact is not None and not leaf.intact():
+            raise ArrayDeletedError(
+                f"{render_path(leaf.path)} was deleted or donated to a computation while a background save "
+                "wrote it (a JAX array is saved without a copy): keep it until the save's handle is done, "
+                "or save with blocking=True"
+            )
 
 
 def _write_file(

@@ -114,6 +114,10 @@ class ArrayLeaf:
     offsets: tuple[int, ...] | None = None
     #: Inside a ``ckptstore.PerRank``: this rank's own, written by it alone (never compared with the others').
     per_rank: bool = False
+    #: Set where ``array`` is a view of a framework's immutable buffer (a JAX array on the CPU): a check that
+    #: the buffer is still the array's (not deleted or donated). A background save writes such an array
+    #: without a snapshot copy and checks it once its bytes are written (:func:`pipeline.check_intact`).
+    intact: Callable[[], bool] | None = None
 
 
 _REFS = (TensorRef, ShardedRef)

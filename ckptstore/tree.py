@@ -168,7 +168,8 @@ def flatten(state: Any, *, snapshot: bool = False, defer_devices: bool = False) 
         code = dtypes.code_of(host.dtype)
         if code is None:
             raise UnsupportedTypeError(f"{render_path(path)} has dtype {host.dtype}, which safetensors cannot hold")
-        arrays.append(ArrayLeaf(path, host, code))
+        immutable = None if snapshot else getattr(adapter, "immutable_view", None)
+        arrays.append(ArrayLeaf(path, host, code, intact=immutable(x, host) if immutable else None))
         return len(arrays) - 1
 
     def add_shard(x: Any, path: KeyPath) -> Any:

@@ -37,7 +37,14 @@ __all__ = [
 
 
 class Adapter(Protocol):
-    """What ckptstore needs of a framework."""
+    """What ckptstore needs of a framework.
+
+    An adapter whose arrays are immutable may also define ``immutable_view(x, host)``: for the host array
+    ``to_numpy(x, copy=False)`` returned, a check that it is still intact where it is a view of ``x``'s own
+    buffer, or ``lambda: True`` where it is a private copy; None where ``x`` may change in place. A
+    background save keeps such arrays as they are instead of copying them into its snapshot
+    (:class:`ckptstore.skeleton.ArrayLeaf`'s ``intact``).
+    """
 
     #: The name users pass as ``framework=``.
     name: str

@@ -21,6 +21,7 @@ A typed key (``jax.random.key``) is saved as its implementation's name and its `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -67,6 +68,10 @@ def _fit_without_x64(arr: np.ndarray) -> np.ndarray:
     return arr.astype(target)
 
 
+def _always() -> bool:
+    return True
+
+
 class JaxAdapter:
     name = "jax"
 
@@ -84,6 +89,17 @@ class JaxAdapter:
         # np.asarray of a CPU array may alias its buffer; JAX arrays are immutable, but a donated buffer
         # is reused, so a snapshot copies.
         return np.array(x, copy=True) if copy else np.asarray(x)
+
+    def immutable_view(self, x: Any, host: np.ndarray) -> Callable[[], bool] | None:
+        """JAX never changes an array's bytes; a host view of a CPU array's buffer stays what it is for as
+        long as the array is not deleted, nor donated to a computation (JAX does not donate a buffer a
+        NumPy view holds, and a donated array reports ``is_deleted()``). Any other host array from
+        :meth:`to_numpy` is JAX's private copy."""
+        try:
+            aliased = len(x.devices()) == 1 and host.ctypes.data == x.unsafe_buffer_pointer()
+        except Exception:  # an array without one buffer (several devices): np.asarray gathered a copy
+            aliased = False
+        return (lambda: not x.is_deleted()) if aliased else _always
 
     def from_numpy(self, arr: np.ndarray, like: Any | None) -> Any:
         if isinstance(like, jax.Array) and not _is_key(like):
