@@ -68,9 +68,12 @@ def tensor_names(arrays: Sequence[ArrayLeaf]) -> list[str]:
 def plan_files(arrays: Sequence[ArrayLeaf], prefix: str, max_file_bytes: int) -> list[FilePlan]:
     """Group arrays, in order, into files of at most ``max_file_bytes`` (a larger array gets its own).
 
-    Within a file, arrays whose size is a multiple of ``DIRECT_ALIGN`` come first (in order), the others
-    after them: behind a header padded to ``DIRECT_ALIGN``, each of the first then starts on an aligned
-    file offset, so a direct write can take it straight from aligned memory (:class:`_DirectSink`)."""
+    Within a file, arrays whose size is a multiple of ``DIRECT_ALIGN`` come first, those whose memory
+    starts at the file's phase (:func:`memory_phase`: where most of their bytes start within a page) before
+    the others, then the rest, each part in order. Behind a header padded to end at that phase
+    (:func:`write_file`), each of the first then lies in a file page as it lies in a memory page, so a
+    direct write takes it from where it lies (:class:`_DirectSink`): a torch tensor's memory starts 64
+    bytes into a page, a snapshot buffer's arrays at its start."""
     groups: list[list[int]] = []
     size = 0
     for i, leaf in enumerate(arrays):
@@ -81,13 +84,29 @@ def plan_files(arrays: Sequence[ArrayLeaf], prefix: str, max_file_bytes: int) ->
         groups[-1].append(i)
         size += n
 
-    def unaligned(i: int) -> bool:
-        return arrays[i].array.nbytes % DIRECT_ALIGN != 0
+    def order(g: list[int]) -> tuple[int, ...]:
+        phases = {i: memory_phase(arrays[i].array) for i in g if arrays[i].array.nbytes % DIRECT_ALIGN == 0}
+        weight: dict[int | None, int] = {}
+        for i, phase in phases.items():
+            weight[phase] = weight.get(phase, 0) + arrays[i].array.nbytes
+        main = max(weight, key=lambda p: (p is not None, weight[p]), default=None)
+        return tuple(sorted(g, key=lambda i: 2 if i not in phases else phases[i] != main))  # sorted() is stable
 
-    return [FilePlan(f"{prefix}-{k:05d}.safetensors", tuple(sorted(g, key=unaligned))) for k, g in enumerate(groups)]
+    return [FilePlan(f"{prefix}-{k:05d}.safetensors", order(g)) for k, g in enumerate(groups)]
 
 
-def _header(arrays: Sequence[ArrayLeaf], names: Sequence[str], indices: Sequence[int], align: int = 8) -> bytes:
+def memory_phase(arr: Any) -> int | None:
+    """Where a contiguous NumPy array's memory starts within a ``DIRECT_ALIGN`` page, if a header can end
+    there (a multiple of 8); else None."""
+    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
+        return None
+    phase = arr.ctypes.data % DIRECT_ALIGN
+    return phase if phase % 8 == 0 else None
+
+
+def _header(
+    arrays: Sequence[ArrayLeaf], names: Sequence[str], indices: Sequence[int], align: int = 8, phase: int = 0
+) -> bytes:
     # The JSON text is built piece by piece (what json.dumps of the same dict gives, byte for byte):
     # with 100,000 small tensors, building a dict of dicts first costs more than the rest of the header.
     quote = _encode_json_str
@@ -101,7 +120,7 @@ def _header(arrays: Sequence[ArrayLeaf], names: Sequence[str], indices: Sequence
         parts.append(f'{quote(names[i])}:{{"dtype":"{leaf.dtype}","shape":[{shape}],"data_offsets":[{pos},{pos + n}]}}')
         pos += n
     raw = (",".join(parts) + "}").encode()
-    raw += b" " * (-(8 + len(raw)) % align)  # the tensors' bytes start at a multiple of ``align`` (8: the spec's)
+    raw += b" " * ((phase - 8 - len(raw)) % align)  # the tensors' bytes start at ``phase`` modulo ``align``
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -134,7 +153,12 @@ def write_file(
     """Write one safetensors file; return its size and the manifest entry of each array in it."""
     total = sum(arrays[i].array.nbytes for i in plan.indices)
     sink = _DirectSink.open(f) if total >= DIRECT_MIN_BYTES else None
-    header = _header(arrays, names, plan.indices, DIRECT_ALIGN if sink is not None else 8)
+    if sink is None:
+        header = _header(arrays, names, plan.indices)
+    else:  # the first tensor's bytes at the file offset that matches its memory (plan_files)
+        first = arrays[plan.indices[0]].array
+        phase = memory_phase(first) if first.nbytes % DIRECT_ALIGN == 0 else None
+        header = _header(arrays, names, plan.indices, DIRECT_ALIGN, phase or 0)
     if sink is None:
         writeback = _Writeback(f, knobs.current.writeback_bytes)
         return _write_tensors(f.write, writeback.written, header, arrays, names, plan, file_index)
@@ -197,13 +221,12 @@ class _DirectSink:
     0.08 s of CPU and a direct one 0.01 s, and two processes wrote twice as fast; that CPU is what a
     background save takes from the training loop.
 
-    ``O_DIRECT`` wants aligned memory, file offsets and lengths. Bytes arrive in order; a run that starts
-    on an aligned address at an aligned file offset (what is staged before it ends on a block) is written
-    from where it lies (the header is padded
-    so the first tensor's bytes start aligned, :func:`plan_files` puts aligned sizes first, and snapshot
-    buffers align large arrays: a background save's tensors mostly go this way); anything else is copied
-    into an aligned staging buffer of ``knobs.chunk_bytes``, written when full. The last partial block goes
-    through the page cache. The caller's ``fsync`` makes it all durable, as before.
+    ``O_DIRECT`` wants aligned memory, file offsets and lengths. Bytes arrive in order; a run whose memory
+    lies in pages as its bytes do in the file's is written from where it lies, but for the head before its
+    first page boundary (:func:`plan_files` orders a file's tensors so, and the header is padded to the
+    first one's offset within its page: 64 for torch's tensors, 0 for a snapshot buffer's); anything else
+    is copied into an aligned staging buffer of ``knobs.chunk_bytes``, written when full. The last partial
+    block goes through the page cache. The caller's ``fsync`` makes it all durable, as before.
 
     A file (or filesystem) that refuses ``O_DIRECT``, or a device whose blocks are larger than
     ``DIRECT_ALIGN`` (a direct write fails with EINVAL, having written nothing), is written through the
@@ -239,15 +262,19 @@ class _DirectSink:
         view = memoryview(data).cast("B")
         i, n = 0, len(view)
         while i < n:
-            if self.direct and self.fill % DIRECT_ALIGN == 0 and n - i >= DIRECT_ALIGN:
-                k = (n - i) // DIRECT_ALIGN * DIRECT_ALIGN
-                if np.frombuffer(view[i : i + 1], np.uint8).ctypes.data % DIRECT_ALIGN == 0:
-                    if self.fill:
-                        self._flush(self.fill)  # what is staged ends on a block: out first
-                    self._put(view[i : i + k])  # then this, straight from where it lies
-                    i += k
-                    continue
-            take = min(len(self.stage) - self.fill, n - i)
+            take = len(self.stage) - self.fill
+            if self.direct and n - i >= DIRECT_ALIGN:
+                head = -np.frombuffer(view[i : i + 1], np.uint8).ctypes.data % DIRECT_ALIGN
+                if head == -self.fill % DIRECT_ALIGN and n - i - head >= DIRECT_ALIGN:  # memory pages = file's
+                    if head == 0:
+                        k = (n - i) // DIRECT_ALIGN * DIRECT_ALIGN
+                        if self.fill:
+                            self._flush(self.fill)  # what is staged ends on a block: out first
+                        self._put(view[i : i + k])  # then this, straight from where it lies
+                        i += k
+                        continue
+                    take = min(take, head)  # staged up to the page boundary, where both align
+            take = min(take, n - i)
             self.stage[self.fill : self.fill + take] = view[i : i + take]
             self.fill += take
             i += take

@@ -5,6 +5,7 @@ refused; a failing direct write fails the save and loses nothing saved before.""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import ckptstore
-from ckptstore import asyncsave, knobs, tensorio
+from ckptstore import asyncsave, knobs, tensorio, tree
 from ckptstore.errors import StorageError
 from ckptstore.storage import TMP_PREFIX
 
@@ -51,6 +52,22 @@ def _data_start(path: Path) -> int:
         return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
+def _first_tensor(path: Path) -> str:
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return next(k for k, v in header.items() if k != "__metadata__" and v["data_offsets"][0] == 0)
+
+
+def _at_phase(arr: np.ndarray, phase: int) -> np.ndarray:
+    """A copy of ``arr`` whose memory starts ``phase`` bytes into a page (a torch tensor's starts 64 in)."""
+    raw = np.empty(arr.nbytes + 2 * A, np.uint8)
+    start = (phase - raw.ctypes.data) % A
+    out = raw[start : start + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+    out[...] = arr
+    assert out.ctypes.data % A == phase
+    return out
+
+
 def _equal(a: dict[str, Any], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], v) and a[k].dtype == v.dtype for k, v in b.items())
 
@@ -83,7 +100,10 @@ def test_direct_files_are_the_files_the_page_cache_would_hold(tmp_path: Path, bl
         with knobs.override(direct_writes=False):
             store.save(2, state)
     (direct,), (cached,) = _files(tmp_path, 1), _files(tmp_path, 2)
-    assert _data_start(direct) % A == 0  # the header is padded to the alignment
+    # The header is padded so that the first tensor's bytes lie in a file page as in their memory page: the
+    # caller's array (blocking) or the snapshot buffer's, whose large arrays start on a page.
+    first = state[_first_tensor(direct)]
+    assert _data_start(direct) % A == ((tensorio.memory_phase(first) or 0) if blocking else 0)
     assert _data_start(cached) % 8 == 0 and _data_start(cached) < _data_start(direct)
     # The same tensors and bytes after the header: nothing padded at the end, nothing lost at a seam.
     assert direct.stat().st_size - _data_start(direct) == cached.stat().st_size - _data_start(cached)
@@ -93,8 +113,6 @@ def test_direct_files_are_the_files_the_page_cache_would_hold(tmp_path: Path, bl
 
 
 def test_aligned_tensors_come_first_in_a_file_and_start_aligned() -> None:
-    from ckptstore import tree
-
     _, arrays = tree.flatten(_state())
     plan = tensorio.plan_files(arrays, "x", 1 << 30)[0]
     sizes = [arrays[i].array.nbytes for i in plan.indices]
@@ -126,6 +144,42 @@ def test_a_background_save_writes_its_aligned_tensors_from_the_snapshot(
     # Staged (copied): the header and the odd tensors; the aligned ones were written from the snapshot.
     assert 0 < sum(n for n in staged if n > 0) <= _data_start(_files(tmp_path, 1)[0]) + odd
     assert _equal(store.restore(1), state)
+
+
+def test_tensors_that_start_inside_a_page_are_written_from_where_they_lie(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    state = {  # most bytes 64 into a page (as torch allocates), one tensor at another phase, odd ones
+        "a": _at_phase(rng.random((256, 1024), dtype=np.float32), 64),
+        "odd": _at_phase(rng.random(999, dtype=np.float32), 64),
+        "b": _at_phase(rng.random((512, 1024), dtype=np.float32), 64),
+        "c": _at_phase(rng.random((128, 1024), dtype=np.float32), 128),
+        "d": _at_phase(rng.random((64, 1024), dtype=np.float32), 12),  # a header cannot end there
+    }
+    _, arrays = tree.flatten(state)
+    (plan,) = tensorio.plan_files(arrays, "x", 1 << 30)
+    assert [arrays[i].path[-1] for i in plan.indices] == ["a", "b", "c", "d", "odd"]
+    staged: list[int] = []
+    real = tensorio._DirectSink._put
+
+    def put(self: Any, view: memoryview) -> None:
+        if np.frombuffer(view[:1], np.uint8).ctypes.data == np.frombuffer(self.stage[:1], np.uint8).ctypes.data:
+            staged.append(len(view))
+        real(self, view)
+
+    monkeypatch.setattr(tensorio._DirectSink, "_put", put)
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    (path,) = _files(tmp_path, 1)
+    assert _data_start(path) % A == 64 and _first_tensor(path) == "a"
+    # Copied through the staging buffer, and nothing else: the header and a's head up to its first page
+    # boundary, the page where a ends and b starts, b's last 64 bytes, the tensors at other phases and the
+    # odd one.
+    others = state["c"].nbytes + state["d"].nbytes + state["odd"].nbytes
+    assert sum(staged) == _data_start(path) + (A - 64) + A + 64 + others
+    assert _equal(store.restore(1, verify=True), state)
+    assert _equal(load_file(str(path)), state)
 
 
 def test_snapshot_buffers_put_large_arrays_on_pages() -> None:
