@@ -225,8 +225,9 @@ class _DirectSink:
     lies in pages as its bytes do in the file's is written from where it lies, but for the head before its
     first page boundary (:func:`plan_files` orders a file's tensors so, and the header is padded to the
     first one's offset within its page: 64 for torch's tensors, 0 for a snapshot buffer's); anything else
-    is copied into an aligned staging buffer of ``knobs.chunk_bytes``, written when full. The last partial
-    block goes through the page cache. The caller's ``fsync`` makes it all durable, as before.
+    is copied into an aligned staging buffer of ``knobs.chunk_bytes``, written when full or together with
+    the run that follows it (one ``pwritev``: each request costs the disk's latency). The last partial block
+    goes through the page cache. The caller's ``fsync`` makes it all durable, as before.
 
     A file (or filesystem) that refuses ``O_DIRECT``, or a device whose blocks are larger than
     ``DIRECT_ALIGN`` (a direct write fails with EINVAL, having written nothing), is written through the
@@ -268,9 +269,10 @@ class _DirectSink:
                 if head == -self.fill % DIRECT_ALIGN and n - i - head >= DIRECT_ALIGN:  # memory pages = file's
                     if head == 0:
                         k = (n - i) // DIRECT_ALIGN * DIRECT_ALIGN
-                        if self.fill:
-                            self._flush(self.fill)  # what is staged ends on a block: out first
-                        self._put(view[i : i + k])  # then this, straight from where it lies
+                        # What is staged ends on a block: it goes out first, then this, straight from where
+                        # it lies, in one request (two would cost the disk's latency twice).
+                        self._put(self.stage[: self.fill], view[i : i + k])
+                        self.fill = 0
                         i += k
                         continue
                     take = min(take, head)  # staged up to the page boundary, where both align
@@ -289,11 +291,12 @@ class _DirectSink:
             self.stage[:rest] = self.stage[nbytes : self.fill]
         self.fill = rest
 
-    def _put(self, view: memoryview) -> None:
-        """Write ``view`` at ``self.pos``, advancing it."""
-        while len(view):
+    def _put(self, *views: memoryview) -> None:
+        """Write ``views`` one after the other at ``self.pos``, advancing it, in one system call."""
+        parts = [v for v in views if len(v)]
+        while parts:
             try:
-                n = os.pwrite(self.fd, view, self.pos)
+                n = os.pwritev(self.fd, parts, self.pos)
             except OSError as e:
                 if e.errno != errno.EINVAL or not self.direct:
                     raise
@@ -302,8 +305,12 @@ class _DirectSink:
             if n == 0:
                 raise OSError(errno.EIO, "write returned 0 bytes")
             self.pos += n
-            view = view[n:]
-            if n % DIRECT_ALIGN:  # a short, unaligned write: what follows cannot be aligned
+            while n:  # drop what was written
+                if n < len(parts[0]):
+                    parts[0], n = parts[0][n:], 0
+                else:
+                    n -= len(parts.pop(0))
+            if self.pos % DIRECT_ALIGN:  # a short, unaligned write: what follows cannot be aligned
                 self._buffered()
 
     def _buffered(self) -> None:

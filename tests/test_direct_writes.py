@@ -73,21 +73,37 @@ def _equal(a: dict[str, Any], b: dict[str, np.ndarray]) -> bool:
 
 
 class _Pwrites:
-    """Counts the bytes of every pwrite, by whether its descriptor had O_DIRECT."""
+    """Counts the bytes of every pwritev (the sink's one write call), by whether its descriptor had
+    O_DIRECT."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.direct = self.buffered = 0
-        real = os.pwrite
+        real = os.pwritev
 
-        def pwrite(fd: int, data: Any, offset: int) -> int:
-            n = real(fd, data, offset)
+        def pwritev(fd: int, buffers: Any, offset: int) -> int:
+            n = real(fd, buffers, offset)
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
                 self.direct += n
             else:
                 self.buffered += n
             return n
 
-        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwritev", pwritev)
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view[:1], np.uint8).ctypes.data)
+
+
+def _first_bytes(buffers: list[Any], n: int) -> list[memoryview]:
+    """The first ``n`` bytes of ``buffers``, as buffers."""
+    out = []
+    for b in map(memoryview, buffers):
+        if n <= 0:
+            break
+        out.append(b[:n])
+        n -= len(b)
+    return out
 
 
 @pytest.mark.parametrize("blocking", [True, False])
@@ -163,10 +179,11 @@ def test_tensors_that_start_inside_a_page_are_written_from_where_they_lie(
     staged: list[int] = []
     real = tensorio._DirectSink._put
 
-    def put(self: Any, view: memoryview) -> None:
-        if np.frombuffer(view[:1], np.uint8).ctypes.data == np.frombuffer(self.stage[:1], np.uint8).ctypes.data:
-            staged.append(len(view))
-        real(self, view)
+    def put(self: Any, *views: memoryview) -> None:
+        for view in views:
+            if len(view) and _address(view) == _address(self.stage):
+                staged.append(len(view))
+        real(self, *views)
 
     monkeypatch.setattr(tensorio._DirectSink, "_put", put)
     store = ckptstore.CheckpointStore(tmp_path)
@@ -214,19 +231,19 @@ def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
 def test_a_direct_write_refused_or_cut_short_goes_on_through_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
-    real = os.pwrite
+    real = os.pwritev
     faults = [0]
 
-    def pwrite(fd: int, data: Any, offset: int) -> int:
+    def pwritev(fd: int, buffers: Any, offset: int) -> int:
         direct = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
-        if direct and len(data) > A and not faults[0]:
+        if direct and sum(map(len, buffers)) > 2 * A and not faults[0]:
             faults[0] += 1
             if fault == "einval":  # a device whose blocks are larger than A: nothing written
                 raise OSError(errno.EINVAL, "Invalid argument")
-            return real(fd, memoryview(data)[: A + 100], offset)  # as a filesystem may: part of it
-        return real(fd, data, offset)
+            return real(fd, _first_bytes(buffers, A + 100), offset)  # as a filesystem may: part of it
+        return real(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
     state = _state()
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state, blocking=False).result()
@@ -243,14 +260,14 @@ def test_a_full_disk_during_a_direct_write_fails_the_save_and_keeps_the_last(
     state = _state()
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state)
-    real = os.pwrite
+    real = os.pwritev
     left_direct: list[int] = []
 
-    def pwrite(fd: int, data: Any, offset: int) -> int:
+    def pwritev(fd: int, buffers: Any, offset: int) -> int:
         if offset >= 2 << 20:
             left_direct.append(fd)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
+        return real(fd, buffers, offset)
 
     real_close = tensorio._DirectSink.close
 
@@ -258,7 +275,7 @@ def test_a_full_disk_during_a_direct_write_fails_the_save_and_keeps_the_last(
         real_close(self)
         assert not fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT  # the descriptor is left as it was
 
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
     monkeypatch.setattr(tensorio._DirectSink, "close", close)
     with pytest.raises(StorageError, match="No space left") as info:
         if blocking:
