@@ -9,7 +9,8 @@ whole trailing dimensions is one run), and reads each run, or one span covering 
 bytes in between are few (a ranged GET costs far more than a few wasted bytes).
 
 With ``verify`` a stored block is read whole once and checked against its checksum before any part of it
-is used, so verification costs reading every overlapping stored block whole.
+is used, so verification costs reading every overlapping stored block whole. Blocks needed only in part are
+read into one scratch buffer in turn (fresh memory for each would cost more than the read).
 """
 
 from __future__ import annotations
@@ -118,13 +119,16 @@ class BlockReader:
         self._sizes: dict[str, int] | None = None
         self._checked: set[int] = set()
         self._ready: dict[tuple[int, Dims | None, Dims | None], np.ndarray] = {}
-        self._whole: dict[int, np.ndarray] = {}  # verified stored blocks of the array being read
+        #: Where a stored block needed only in part is read whole and verified, one after the other: its
+        #: memory is touched once per restore, not once per block (fresh pages cost more than the copy).
+        self._scratch: np.ndarray | None = None
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
         self._ready.clear()
+        self._scratch = None
 
     def __enter__(self) -> BlockReader:
         return self
@@ -174,10 +178,7 @@ class BlockReader:
             if tuple(shape) == tuple(arr.shape):
                 return arr
             return np.ascontiguousarray(arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))])
-        try:
-            return self._assemble(node, offsets, shape)
-        finally:
-            self._whole.clear()
+        return self._assemble(node, offsets, shape)
 
     def _assemble(self, node: ShardedRef, offsets: Dims, shape: Dims) -> np.ndarray:
         dtype = dtypes.dtype_of(node.dtype)
@@ -189,9 +190,9 @@ class BlockReader:
                 # The file is there with the manifest's size before any memory is taken for its bytes: a
                 # manifest cannot make a reader allocate more than the files it reads hold.
                 self._rel(entry.file)
-                parts.append((index, block_offsets, entry, common))
+                parts.append((block_offsets, entry, common))
         out = tensorio.new_buffer(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
-        for index, block_offsets, entry, (lo, n) in parts:
+        for block_offsets, entry, (lo, n) in parts:
             src = tuple(a - c for a, c in zip(lo, block_offsets))
             dst = out[tuple(slice(a - o, a - o + k) for a, o, k in zip(lo, offsets, n))]
             if n == entry.shape and dst.flags.c_contiguous:  # the whole stored block, straight into place
@@ -200,21 +201,22 @@ class BlockReader:
                 if self.verify:
                     tensorio.check(raw, entry, self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}"))
             elif self.verify:
-                whole = self._verified(index, entry)
+                whole = self._verified(entry)
                 dst[...] = whole[tuple(slice(s, s + k) for s, k in zip(src, n))]
             else:
                 self._read_region(entry, entry.offset, entry.shape, src, n, dst)
         return out
 
-    def _verified(self, index: int, entry: TensorEntry) -> np.ndarray:
-        whole = self._whole.get(index)
-        if whole is None:
-            source = self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}")
-            raw = self._read_bytes(entry, entry.offset, entry.nbytes)
-            tensorio.check(raw, entry, source)
-            whole = raw.view(dtypes.dtype_of(entry.dtype)).reshape(entry.shape)
-            self._whole[index] = whole
-        return whole
+    def _verified(self, entry: TensorEntry) -> np.ndarray:
+        """The stored block ``entry``, read whole and checked, in the scratch buffer: valid until the next
+        call."""
+        if self._scratch is None or self._scratch.nbytes < entry.nbytes:
+            self._scratch = None  # the old one goes before its replacement is taken
+            self._scratch = tensorio.new_buffer(entry.nbytes)
+        raw = self._scratch[: entry.nbytes]
+        self._read_bytes(entry, entry.offset, entry.nbytes, raw)
+        tensorio.check(raw, entry, self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}"))
+        return raw.view(dtypes.dtype_of(entry.dtype)).reshape(entry.shape)
 
     def _rel(self, file_index: int) -> str:
         """The relative path of a tensor file, once its size is checked against the manifest."""

@@ -3,6 +3,7 @@ manifest's strict validation, block reads that touch only the bytes they need, D
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -271,6 +272,37 @@ def test_verify_catches_a_damaged_block_before_anything_is_restored(tmp_path: Pa
     assert not model.loaded
     got = store.restore(like={"w": Shard(np.zeros((2, 8), np.int64), (8, 8), (0, 0))}, verify=False)
     np.testing.assert_array_equal(got["w"].local, full[:2])  # the damage lies outside this block
+
+
+def test_verified_partial_blocks_of_two_sizes_come_back_exactly(tmp_path: Path) -> None:
+    # Each stored block is read whole, checked and cut, one after the other through one scratch buffer,
+    # which grows for b's larger block; what comes back shares no memory with it or with each other.
+    a = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    b = np.arange(16 * 10, dtype=np.float64).reshape(16, 10) * 0.5
+    store = ckptstore.CheckpointStore(tmp_path / "s")
+    info = store.save(1, {"a": Shard(a, a.shape, (0, 0)), "b": Shard(b, b.shape, (0, 0))})
+    like = {
+        "a": Shard(np.zeros((8, 4), np.float32), a.shape, (0, 1)),
+        "b": Shard(np.zeros((13, 3)), b.shape, (2, 6)),
+    }
+    got = store.restore(1, like=like)
+    np.testing.assert_array_equal(got["a"].local, a[:, 1:5])
+    np.testing.assert_array_equal(got["b"].local, b[2:15, 6:9])
+    again = store.restore(1, like=like)
+    assert not np.shares_memory(got["a"].local, got["b"].local)
+    assert not np.shares_memory(got["b"].local, again["b"].local)
+    np.testing.assert_array_equal(got["a"].local, a[:, 1:5])  # not overwritten by the second restore
+    path = next(Path(info.path).glob("*.safetensors"))
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    (end,) = [v["data_offsets"][1] for k, v in header.items() if k.startswith("b")]
+    data[8 + n + end - 1] ^= 0xFF  # b[15, 9]
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"'b@0,0' fails its checksum"):
+        store.restore(1, like=like)
+    got = store.restore(1, like={**like, "b": Shard(np.zeros((4, 3)), b.shape, (0, 6))}, verify=False)
+    np.testing.assert_array_equal(got["b"].local, b[0:4, 6:9])  # the damage lies outside this block
 
 
 # --- DTensor in one process, coordinator choice ------------------------------------------------------
