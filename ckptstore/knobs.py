@@ -82,7 +82,9 @@ class Knobs:
     writeback_bytes: int = 64 << 20
     #: Local files of a megabyte or more: write the tensors' bytes with ``O_DIRECT`` (Linux), from memory to
     #: the disk without a copy into the page cache (a fraction of the CPU time, and the page cache keeps
-    #: the training job's data). Where the filesystem refuses it, files are written through the cache.
+    #: the training job's data). Where the filesystem refuses it, files are written through the cache. The
+    #: file is then not in the page cache: a reader on the same machine right after (an evaluator) reads
+    #: it from the disk; set False where that read matters more than the save.
     direct_writes: bool = True
     #: Run the retention pass after each commit on a thread of its own (the save returns at once; the next
     #: save, ``close`` and the store's own listings wait for it). False: in the save, after the commit, with
