@@ -10,7 +10,8 @@ bytes in between are few (a ranged GET costs far more than a few wasted bytes).
 
 With ``verify`` a stored block is read whole once and checked against its checksum before any part of it
 is used, so verification costs reading every overlapping stored block whole. Blocks needed only in part are
-read into one scratch buffer in turn (fresh memory for each would cost more than the read).
+read into one scratch buffer in turn (fresh memory for each would cost more than the read), and so are
+the spans of runs read without ``verify``.
 """
 
 from __future__ import annotations
@@ -210,13 +211,16 @@ class BlockReader:
     def _verified(self, entry: TensorEntry) -> np.ndarray:
         """The stored block ``entry``, read whole and checked, in the scratch buffer: valid until the next
         call."""
-        if self._scratch is None or self._scratch.nbytes < entry.nbytes:
-            self._scratch = None  # the old one goes before its replacement is taken
-            self._scratch = tensorio.new_buffer(entry.nbytes)
-        raw = self._scratch[: entry.nbytes]
-        self._read_bytes(entry, entry.offset, entry.nbytes, raw)
+        raw = self._read_bytes(entry, entry.offset, entry.nbytes, self._scratch_bytes(entry.nbytes))
         tensorio.check(raw, entry, self.storage.url_of(f"{self.name}/{self.m.files[entry.file].name}"))
         return raw.view(dtypes.dtype_of(entry.dtype)).reshape(entry.shape)
+
+    def _scratch_bytes(self, n: int) -> np.ndarray:
+        """``n`` bytes of the scratch buffer (grown if needed): valid until the next call."""
+        if self._scratch is None or self._scratch.nbytes < n:
+            self._scratch = None  # the old one goes before its replacement is taken
+            self._scratch = tensorio.new_buffer(n)
+        return self._scratch[:n]
 
     def _rel(self, file_index: int) -> str:
         """The relative path of a tensor file, once its size is checked against the manifest."""
@@ -259,7 +263,8 @@ class BlockReader:
             self._read_bytes(entry, base + first * isz, needed * isz, dst.reshape(-1).view(np.uint8))
             return
         if len(shape) <= 1 or (last - first - needed) * isz <= max(needed * isz, GAP_BYTES):
-            buf = self._read_bytes(entry, base + first * isz, (last - first) * isz)
+            span = (last - first) * isz
+            buf = self._read_bytes(entry, base + first * isz, span, self._scratch_bytes(span))
             view = np.lib.stride_tricks.as_strided(
                 buf.view(dtype), shape=shape, strides=tuple(st * isz for st in strides), writeable=False
             )
