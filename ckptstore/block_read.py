@@ -30,8 +30,12 @@ from .manifest import Manifest, TensorEntry
 from .skeleton import ShardedRef, Stateful, TensorRef, children, iter_refs
 from .storage import Readable, Storage
 
-#: Bytes between two wanted runs that are read rather than skipped by a second request.
+#: What one more request costs, in bytes read instead: a ranged GET's latency is worth about a megabyte on
+#: an object store; a local read call (with its Python around it) about 64 KiB of a read from the page cache.
+#: A region is read as one span from its first to its last byte unless splitting it by its first dimension
+#: saves more than that per request.
 GAP_BYTES = 1 << 20
+LOCAL_GAP_BYTES = 64 << 10
 
 Dims = tuple[int, ...]
 Ref = TensorRef | ShardedRef
@@ -250,7 +254,8 @@ class BlockReader:
     ) -> None:
         """Copy the region ``start``/``shape`` of the row-major block of shape ``cshape`` whose first byte
         is at ``base`` into ``dst``: one read of the span from its first to its last element if the bytes
-        between are few, else one region per index of the first dimension."""
+        between cost less than a request for each index of the first dimension (``GAP_BYTES``), else one
+        region per such index."""
         dtype = dtypes.dtype_of(entry.dtype)
         isz = dtype.itemsize
         strides = [math.prod(cshape[d + 1 :]) for d in range(len(cshape))]
@@ -262,7 +267,8 @@ class BlockReader:
         if last - first == needed and dst.flags.c_contiguous:  # one run, and a contiguous destination
             self._read_bytes(entry, base + first * isz, needed * isz, dst.reshape(-1).view(np.uint8))
             return
-        if len(shape) <= 1 or (last - first - needed) * isz <= max(needed * isz, GAP_BYTES):
+        per_request = GAP_BYTES if self.storage.ranged_reads else LOCAL_GAP_BYTES
+        if len(shape) <= 1 or (last - first - needed) * isz <= shape[0] * per_request:
             span = (last - first) * isz
             buf = self._read_bytes(entry, base + first * isz, span, self._scratch_bytes(span))
             view = np.lib.stride_tricks.as_strided(
