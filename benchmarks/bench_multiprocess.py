@@ -80,10 +80,20 @@ def peak_call(fn: Any) -> tuple[float, int, Any]:
     return dt, max(0, common.hwm() - before), out
 
 
+def walk(paths: list[str]) -> tuple[list[str], list[str]]:
+    """The files and the directories under ``paths``, each sorted (the same order in every process)."""
+    files: list[str] = []
+    dirs: list[str] = []
+    for p in paths:
+        for root, _, names in os.walk(p):
+            dirs.append(root)
+            files.extend(os.path.join(root, n) for n in names)
+    return sorted(files), sorted(dirs)
+
+
 def cache_share(path: str, index: int, count: int) -> None:
     """Read this process's share of the files under ``path`` (every ``count``-th), into the page cache."""
-    files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names)
-    for f in files[index::count]:
+    for f in walk([path])[0][index::count]:
         with open(f, "rb") as fh:
             while fh.read(WRITE_CHUNK):
                 pass
@@ -91,26 +101,19 @@ def cache_share(path: str, index: int, count: int) -> None:
 
 def fsync_share(paths: list[str], index: int, count: int) -> None:
     """fsync this process's share of the files under ``paths`` (every ``count``-th), and the directories."""
-    files: list[str] = []
-    dirs: list[str] = []
-    for p in paths:
-        for root, _, names in os.walk(p):
-            dirs.append(root)
-            files.extend(os.path.join(root, n) for n in names)
-    for i, f in enumerate(sorted(files)):
-        if i % count == index:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for i, d in enumerate(sorted(dirs)):
-        if i % count == index:
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    files, dirs = walk(paths)
+    for f in files[index::count]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in dirs[index::count]:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # --- torch ranks: ckptstore vs DCP, and the raw write ceiling ---------------------------------------------

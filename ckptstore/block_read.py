@@ -124,8 +124,9 @@ class BlockReader:
         self._sizes: dict[str, int] | None = None
         self._checked: set[int] = set()
         self._ready: dict[tuple[int, Dims | None, Dims | None], np.ndarray] = {}
-        #: Where a stored block needed only in part is read whole and verified, one after the other: its
-        #: memory is touched once per restore, not once per block (fresh pages cost more than the copy).
+        #: Where a stored block needed only in part (read whole and verified), or a span of runs, is read
+        #: before its bytes are copied out, one after the other: its memory is touched once per restore, not
+        #: once per block (fresh pages cost more than the copy).
         self._scratch: np.ndarray | None = None
 
     def close(self) -> None:
@@ -254,8 +255,8 @@ class BlockReader:
     ) -> None:
         """Copy the region ``start``/``shape`` of the row-major block of shape ``cshape`` whose first byte
         is at ``base`` into ``dst``: one read of the span from its first to its last element if the bytes
-        between cost less than a request for each index of the first dimension (``GAP_BYTES``), else one
-        region per such index."""
+        between cost less than a request for each index of the first dimension (``GAP_BYTES`` each on an
+        object store, ``LOCAL_GAP_BYTES`` on a local file), else one region per such index."""
         dtype = dtypes.dtype_of(entry.dtype)
         isz = dtype.itemsize
         strides = [math.prod(cshape[d + 1 :]) for d in range(len(cshape))]
