@@ -11,7 +11,8 @@ bytes in between are few (a ranged GET costs far more than a few wasted bytes).
 With ``verify`` a stored block is read whole once and checked against its checksum before any part of it
 is used, so verification costs reading every overlapping stored block whole. Blocks needed only in part are
 read into one scratch buffer in turn (fresh memory for each would cost more than the read), and so are
-the spans of runs read without ``verify``.
+the spans of runs read without ``verify``. A block wanted by a DTensor of a stateful object in ``like``
+is assembled in the DTensor's own local memory (``read(..., into=)``), not in a new array.
 """
 
 from __future__ import annotations
@@ -157,9 +158,17 @@ class BlockReader:
             return node.global_shape
         return self._entry(node.index).shape
 
-    def read(self, node: Ref, offsets: Dims | None = None, shape: Dims | None = None) -> np.ndarray:
+    def read(
+        self, node: Ref, offsets: Dims | None = None, shape: Dims | None = None, *, into: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The block (default: the whole array), or read into ``into`` (of its shape and the saved dtype)."""
         ready = self._ready.pop((id(node), offsets, shape), None)
-        return ready if ready is not None else self._read(node, offsets, shape)
+        if ready is None:
+            return self._read(node, offsets, shape, into)
+        if into is None:
+            return ready
+        into[...] = ready
+        return into
 
     # --- internals ----------------------------------------------------------------------------------
 
@@ -171,7 +180,7 @@ class BlockReader:
             )
         return self.m.tensors[index]
 
-    def _read(self, node: Ref, offsets: Dims | None, shape: Dims | None) -> np.ndarray:
+    def _read(self, node: Ref, offsets: Dims | None, shape: Dims | None, into: np.ndarray | None = None) -> np.ndarray:
         gshape = self.global_shape(node)
         if offsets is None or shape is None:
             offsets, shape = (0,) * len(gshape), gshape
@@ -181,12 +190,17 @@ class BlockReader:
             node = ShardedRef(gshape, self._entry(node.index).dtype, ((node.index, (0,) * len(gshape)),))
         if isinstance(node, TensorRef):
             arr = self.load(node.index)
-            if tuple(shape) == tuple(arr.shape):
+            if tuple(shape) != tuple(arr.shape):
+                arr = arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))]
+                if into is None:
+                    return np.ascontiguousarray(arr)
+            if into is None:
                 return arr
-            return np.ascontiguousarray(arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))])
-        return self._assemble(node, offsets, shape)
+            into[...] = arr
+            return into
+        return self._assemble(node, offsets, shape, into)
 
-    def _assemble(self, node: ShardedRef, offsets: Dims, shape: Dims) -> np.ndarray:
+    def _assemble(self, node: ShardedRef, offsets: Dims, shape: Dims, into: np.ndarray | None = None) -> np.ndarray:
         dtype = dtypes.dtype_of(node.dtype)
         parts = []
         for index, block_offsets in node.blocks:
@@ -197,7 +211,12 @@ class BlockReader:
                 # manifest cannot make a reader allocate more than the files it reads hold.
                 self._rel(entry.file)
                 parts.append((block_offsets, entry, common))
-        out = tensorio.new_buffer(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+        if into is None:
+            out = tensorio.new_buffer(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+        elif into.dtype != dtype or into.shape != tuple(shape) or not into.flags.c_contiguous:
+            raise StructureMismatchError(f"cannot read a {dtype} block of shape {shape} into {into.dtype} {into.shape}")
+        else:
+            out = into
         for block_offsets, entry, (lo, n) in parts:
             src = tuple(a - c for a, c in zip(lo, block_offsets))
             dst = out[tuple(slice(a - o, a - o + k) for a, o, k in zip(lo, offsets, n))]

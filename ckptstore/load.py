@@ -25,7 +25,7 @@ from .errors import (
 from .manifest import MANIFEST_NAME, Manifest, TensorEntry
 from .progress import ProgressArg
 from .progress import scope as progress_scope
-from .skeleton import render_path
+from .skeleton import ShardedRef, TensorRef, render_path
 from .storage import Storage, parse_step
 from .subset import KeyMap
 
@@ -144,13 +144,17 @@ def read(
     # Blocks of sharded arrays, and plain tensors that `like` wants as blocks: read later, only where wanted.
     sharded = block_read.block_indices(skeleton, like)
     wanted = sorted(set(subset.tensor_indices(skeleton))) if selected else range(len(m.tensors))
-    # Tensors of `like`'s torch modules and optimizers are read straight into their memory by the rebuild:
-    # not here.
+    # Tensors of `like`'s torch modules and optimizers are read straight into their memory by the rebuild,
+    # and so are the blocks of their DTensors: not here.
     deferred: set[int] = set()
+    into_blocks: set[int] = set()
     views: dict[tuple[int, int], Any] | None = None
+    block_spec = functools.partial(_block_spec, m)
     if like is not tree.MISSING and in_place_possible(storage, mmap=mmap):
         views = {}  # fill_view's answers, asked for again by the rebuild
-        deferred = tree.in_place_indices(skeleton, like, functools.partial(_spec, m), strict=strict, views=views)
+        deferred, into_blocks = tree.in_place_indices(
+            skeleton, like, functools.partial(_spec, m), strict=strict, views=views, block_spec=block_spec
+        )
         deferred -= set(sharded)
     # Tensors that the rebuild converts or assigns into `like`'s objects are read one by one as it asks for
     # them (local files: one read each costs little there), so the state is never whole in memory twice.
@@ -167,10 +171,12 @@ def read(
         advance = None if progress is None or progress is False else shown.advance
         tensors = _Tensors(storage, name, m, verify, deferred, advance, streamed, assigned)
         tensors.views = views
+        tensors.block_spec = block_spec if into_blocks else _no_blocks
         tensors.arrays.update(load_tensors(storage, name, m, eager, verify=verify, mmap=mmap, advance=advance))
         with block_read.BlockReader(storage, name, m, tensors.load, verify=verify, ranged=sharded) as blocks:
-            if sharded:
-                blocks.prefetch(block_read.wanted_blocks(skeleton, like))
+            if sharded:  # (not the blocks read into `like`'s DTensors)
+                wanted_blocks = block_read.wanted_blocks(skeleton, like)
+                blocks.prefetch([w for w in wanted_blocks if id(w[0]) not in into_blocks])
             state = tree.rebuild(
                 skeleton,
                 tensors.load,
@@ -179,7 +185,7 @@ def read(
                 blocks=blocks,
                 strict=strict,
                 unmatched=unmatched,
-                in_place=tensors if later else None,
+                in_place=tensors if later or into_blocks else None,
             )
     if unmatched:
         warnings.warn(_partial_warning(storage.url_of(name), unmatched), stacklevel=stacklevel + 1)
@@ -197,6 +203,16 @@ def _spec(m: Manifest, index: int) -> tuple[np.dtype, tuple[int, ...]] | None:
         return None
     e = m.tensors[index]
     return dtypes.dtype_of(e.dtype), tuple(e.shape)
+
+
+def _block_spec(m: Manifest, node: TensorRef | ShardedRef) -> tuple[np.dtype, tuple[int, ...]] | None:
+    if type(node) is ShardedRef:
+        return dtypes.dtype_of(node.dtype), tuple(node.global_shape)
+    return _spec(m, node.index) if type(node) is TensorRef else None
+
+
+def _no_blocks(node: TensorRef | ShardedRef) -> None:
+    return None
 
 
 class _Tensors:
@@ -223,6 +239,8 @@ class _Tensors:
         self.streamed, self.assigned = streamed, assigned
         self.touched = False
         self.views: dict[tuple[int, int], Any] | None = None
+        #: tree.InPlaceReader.block_spec: whether blocks may be read into `like`'s DTensors
+        self.block_spec: tree.BlockSpec = _no_blocks
         self._sizes: dict[str, int] | None = None
 
     def load(self, index: int) -> np.ndarray:

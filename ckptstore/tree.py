@@ -518,8 +518,13 @@ def rebuild(
     report = unmatched if unmatched is not None else Unmatched()
     #: tensor index -> the tensor of `like` it was read into (in place)
     filled: dict[int, Any] = {}
+    #: id of a skeleton node -> the DTensor of `like` whose block of it is to be read into its local memory
+    #: (typed view), and whether any such block was read
+    into_blocks: dict[int, tuple[Any, np.ndarray]] = {}
+    blocks_read = False
 
     def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
+        nonlocal blocks_read
         if type(tmpl) is _Reshard:  # per-rank values of another number of ranks (select_rank)
             return tmpl.apply(walk(node, MISSING, path, fallback, strict))
         if tmpl is not MISSING and is_plain(tmpl):
@@ -529,6 +534,10 @@ def rebuild(
             if filled and type(node) is TensorRef and filled.get(node.index) is tmpl:
                 return tmpl  # its bytes were read into it: load_state_dict gets it back as it is
             if tmpl is not MISSING and is_block_template(tmpl):
+                target = into_blocks.pop(id(node), None) if into_blocks else None
+                if target is not None and target[0] is tmpl:
+                    blocks_read = True
+                    return _shard_like(node, tmpl, path, source, into=target[1])
                 return _shard_like(node, tmpl, path, source)
             arr = load(node.index) if type(node) is TensorRef else source.read(node)
             if tmpl is MISSING or tmpl is None:
@@ -626,12 +635,21 @@ def rebuild(
                     report.unexpected.extend((*path, k) for k in saved if k not in template)
                     saved = {k: v for k, v in saved.items() if k in template}
                 elif in_place is not None:
-                    targets = fill_targets(
-                        adapter_for_stateful(tmpl), tmpl, saved, template, in_place.spec, in_place.views
+                    fills = fill_targets(
+                        adapter_for_stateful(tmpl),
+                        tmpl,
+                        saved,
+                        template,
+                        in_place.spec,
+                        in_place.views,
+                        in_place.block_spec,
                     )
-                    if targets:
-                        filled.update((i, t) for i, (t, _) in targets.items())
-                        in_place.fill([(i, view) for i, (_, view) in targets.items()])
+                    if fills is not None:
+                        targets, into_blocks_here = fills
+                        into_blocks.update(into_blocks_here)
+                        if targets:
+                            filled.update((i, t) for i, (t, _) in targets.items())
+                            in_place.fill([(i, view) for i, (_, view) in targets.items()])
                 state = walk(saved, template, path, hint, False)
                 try:
                     if partial:
@@ -699,7 +717,7 @@ def rebuild(
     try:
         return walk(skeleton, like, (), default, like is not MISSING)
     except (CorruptCheckpointError, StructureMismatchError) as e:
-        if filled or (in_place is not None and in_place.touched):
+        if filled or blocks_read or (in_place is not None and in_place.touched):
             raise type(e)(f"{e}; {PARTLY_OVERWRITTEN}") from e
         raise
     finally:
@@ -727,6 +745,11 @@ class InPlaceReader(Protocol):
         read the usual way)."""
         ...
 
+    def block_spec(self, node: TensorRef | ShardedRef) -> tuple[np.dtype, tuple[int, ...]] | None:
+        """The dtype and global shape of a saved array, if blocks of it may be read straight into the
+        DTensors of ``like``'s stateful objects (None: never)."""
+        ...
+
     #: Whether a tensor was read into (or given to be assigned into) an object of ``like`` already.
     touched: bool
     #: ``fill_view``'s answers kept for this restore (see :func:`fill_targets`).
@@ -742,18 +765,30 @@ class InPlaceReader(Protocol):
         ...
 
 
+#: The tensors of a stateful object to read straight into its memory (:func:`fill_targets`): by tensor
+#: index, its tensor and a uint8 view of its memory (or its device target); by id of a skeleton node (an
+#: array read block by block), its DTensor and a view of its local memory typed and shaped as its block.
+Fills = tuple[dict[int, tuple[Any, np.ndarray | DeviceTarget]], dict[int, tuple[Any, np.ndarray]]]
+
+Spec = Callable[[int], tuple[np.dtype, tuple[int, ...]] | None]
+BlockSpec = Callable[[TensorRef | ShardedRef], tuple[np.dtype, tuple[int, ...]] | None]
+
+
 def fill_targets(
     adapter: Adapter | None,
     obj: Any,
     saved: Any,
     template: Any,
-    spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
+    spec: Spec,
     views: dict[tuple[int, int], Any] | None = None,
-) -> dict[int, tuple[Any, np.ndarray | DeviceTarget]] | None:
+    block_spec: BlockSpec | None = None,
+) -> Fills | None:
     """The tensors of stateful object ``obj`` that the checkpoint's bytes can be read straight into:
     ``{index: (tensor of template, uint8 view of its memory)}`` for each tensor ``index`` of ``saved`` (the
     object's saved state, a skeleton) whose counterpart in ``template`` (``obj.state_dict()``) its
-    framework's ``fill_view`` accepts (torch: a CPU tensor of the same dtype and shape, contiguous).
+    framework's ``fill_view`` accepts (torch: a CPU tensor of the same dtype and shape, contiguous); and,
+    given ``block_spec``, the DTensors of ``template`` whose blocks of a saved array (sharded or not) can
+    be read into their local tensors so (a CPU local tensor of the saved dtype), by id of the array's node.
 
     Only where ``load_state_dict`` will then accept the state, so that no object is overwritten in part
     by a state it refuses: the state dict's keys equal the object's, every array has ``template``'s shape,
@@ -773,58 +808,86 @@ def fill_targets(
     if fits is not None and not fits(obj, saved, template):
         return None
     out: dict[int, tuple[Any, np.ndarray | DeviceTarget]] = {}
-    if not _collect_fills(saved, template, spec, fill_view, out, views, id(obj)):
+    into_blocks: dict[int, tuple[Any, np.ndarray]] = {}
+    walk = _FillWalk(spec, fill_view, views, id(obj), block_spec)
+    if not walk.collect(saved, template, out, into_blocks):
         return None
-    _drop_shared(out)
-    return out
+    _drop_shared(out, into_blocks)
+    return out, into_blocks
 
 
-def _drop_shared(out: dict[int, tuple[Any, np.ndarray | DeviceTarget]]) -> None:
+def _drop_shared(
+    out: dict[int, tuple[Any, np.ndarray | DeviceTarget]], into_blocks: dict[int, tuple[Any, np.ndarray]]
+) -> None:
     """Of tensors sharing memory (tied weights), keep only the first of the state dict in place: the others
     are read the usual way and ``load_state_dict`` copies them after it, in its order, as it did before
     (the last one wins). Two reads into one memory could also fail the first one's checksum, computed
-    while the second lands."""
-    order = {index: k for k, index in enumerate(out)}
-    groups: list[list[int]] = []
+    while the second lands. (Blocks read into DTensors count after the tensors.)"""
+    keyed: dict[tuple[bool, int], np.ndarray | DeviceTarget] = {(False, i): view for i, (_, view) in out.items()}
+    keyed.update(((True, k), view) for k, (_, view) in into_blocks.items())
+    order = {key: k for k, key in enumerate(keyed)}
+    groups: list[list[tuple[bool, int]]] = []
     end: tuple[str, int] = ("", -1)
-    for start, index, nbytes in sorted((_address(view), index, view.nbytes) for index, (_, view) in out.items()):
+    for start, key, nbytes in sorted((_address(view), key, view.nbytes) for key, view in keyed.items()):
         if start < end:  # (on the same device: the device's name sorts first)
-            groups[-1].append(index)
+            groups[-1].append(key)
         else:
-            groups.append([index])
+            groups.append([key])
         end = max(end, (start[0], start[1] + nbytes))
     for group in groups:
         first = min(group, key=order.__getitem__)
-        for other in group:
-            if other != first:
-                del out[other]
+        for block, k in group:
+            if (block, k) != first:
+                del (into_blocks if block else out)[k]
 
 
 def _address(target: np.ndarray | DeviceTarget) -> tuple[str, int]:
     return ("cpu", target.ctypes.data) if isinstance(target, np.ndarray) else target.address
 
 
-def _collect_fills(
-    node: Any,
-    tmpl: Any,
-    spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
-    fill_view: Callable[[Any, np.dtype, tuple[int, ...]], np.ndarray | DeviceTarget | None],
-    out: dict[int, tuple[Any, np.ndarray | DeviceTarget]],
-    views: dict[tuple[int, int], Any] | None = None,
-    oid: int = 0,
-) -> bool:
-    """:func:`fill_targets`' walk (a plain recursive function: no closure, no reference cycle); False on
-    an array whose shape :func:`rebuild` would refuse."""
-    if type(node) is TensorRef:
-        s = spec(node.index)
+class _FillWalk:
+    """:func:`fill_targets`' walk over an object's saved state and its ``state_dict()`` (methods, not a
+    recursive closure: no reference cycle)."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        fill_view: Callable[[Any, np.dtype, tuple[int, ...]], np.ndarray | DeviceTarget | None],
+        views: dict[tuple[int, int], Any] | None,
+        oid: int,
+        block_spec: BlockSpec | None,
+    ) -> None:
+        self.spec, self.fill_view, self.views, self.oid, self.block_spec = spec, fill_view, views, oid, block_spec
+
+    def collect(
+        self,
+        node: Any,
+        tmpl: Any,
+        out: dict[int, tuple[Any, np.ndarray | DeviceTarget]],
+        into_blocks: dict[int, tuple[Any, np.ndarray]],
+    ) -> bool:
+        """Add ``node``'s targets; False on an array whose shape :func:`rebuild` would refuse."""
+        t = type(node)
+        if (t is TensorRef or t is ShardedRef) and self.block_spec is not None and shard.is_dtensor(tmpl):
+            return self._block(node, tmpl, into_blocks)
+        if t is TensorRef:
+            return self._tensor(node, tmpl, out)
+        if t is dict and isinstance(tmpl, Mapping):
+            return all(self.collect(v, tmpl[k], out, into_blocks) for k, v in node.items() if k in tmpl)
+        if (t is list or t is tuple) and isinstance(tmpl, list | tuple) and len(node) == len(tmpl):
+            return all(self.collect(v, x, out, into_blocks) for v, x in zip(node, tmpl))
+        return True
+
+    def _tensor(self, node: TensorRef, tmpl: Any, out: dict[int, tuple[Any, np.ndarray | DeviceTarget]]) -> bool:
+        s = self.spec(node.index)
         if s is None or tmpl is MISSING or tmpl is None:
             return True
-        key = (oid, node.index)
-        view = views.get(key) if views is not None else None
+        key = (self.oid, node.index)
+        view = self.views.get(key) if self.views is not None else None
         if view is None:
-            view = fill_view(tmpl, *s)
-            if views is not None and view is not None:
-                views[key] = view
+            view = self.fill_view(tmpl, *s)
+            if self.views is not None and view is not None:
+                self.views[key] = view
         if view is not None:
             out[node.index] = (tmpl, view)
             return True
@@ -834,37 +897,53 @@ def _collect_fills(
             return tuple(tmpl.shape) == tuple(s[1])
         except Exception:
             return False
-    if type(node) is dict and isinstance(tmpl, Mapping):
-        return all(_collect_fills(v, tmpl[k], spec, fill_view, out, views, oid) for k, v in node.items() if k in tmpl)
-    if (type(node) is list or type(node) is tuple) and isinstance(tmpl, list | tuple) and len(node) == len(tmpl):
-        return all(_collect_fills(v, t, spec, fill_view, out, views, oid) for v, t in zip(node, tmpl))
-    return True
+
+    def _block(self, node: TensorRef | ShardedRef, tmpl: Any, into_blocks: dict[int, tuple[Any, np.ndarray]]) -> bool:
+        """A DTensor template: its block of the saved array goes into its local tensor, where that is CPU
+        memory of the saved dtype (a block it cannot hold so is read and converted the usual way)."""
+        assert self.block_spec is not None
+        s = self.block_spec(node)
+        if s is None:
+            return True
+        dtype, gshape = s
+        if tuple(int(d) for d in tmpl.shape) != gshape:
+            return False
+        try:
+            _, shape, _ = shard.dtensor_block(tmpl)
+        except CkptStoreError:  # a placement that has no block: the rebuild names it
+            return False
+        view = self.fill_view(tmpl, dtype, shape)
+        if isinstance(view, np.ndarray):
+            into_blocks[id(node)] = (tmpl, view.view(dtype).reshape(shape))
+        return True
 
 
 def in_place_indices(
     skeleton: Any,
     like: Any,
-    spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
+    spec: Spec,
     *,
     strict: bool = True,
     views: dict[tuple[int, int], Any] | None = None,
-) -> set[int]:
+    block_spec: BlockSpec | None = None,
+) -> tuple[set[int], set[int]]:
     """The tensors that :func:`rebuild` with ``in_place`` will likely read in place (those of ``like``'s
     stateful objects, :func:`fill_targets`), found before any tensor is read so that they are not read
-    the usual way first. A guess by a simpler walk than the rebuild's: a tensor guessed wrongly is read
-    the usual way when the rebuild needs it. Calls the objects' ``state_dict()``."""
+    the usual way first; and, given ``block_spec``, the ids of the skeleton's nodes whose blocks it will
+    likely read into DTensors of those objects. A guess by a simpler walk than the rebuild's: a tensor
+    guessed wrongly is read the usual way when the rebuild needs it. Calls the objects' ``state_dict()``."""
     out: set[int] = set()
-    _guess_fills(skeleton, like, spec, strict, out, views)
-    return out
+    into_blocks: set[int] = set()
+    _guess_fills(skeleton, like, (spec, block_spec, strict, views), out, into_blocks)
+    return out, into_blocks
 
 
 def _guess_fills(
     node: Any,
     tmpl: Any,
-    spec: Callable[[int], tuple[np.dtype, tuple[int, ...]] | None],
-    strict: bool,
+    how: tuple[Spec, BlockSpec | None, bool, dict[tuple[int, int], Any] | None],
     out: set[int],
-    views: dict[tuple[int, int], Any] | None = None,
+    into_blocks: set[int],
 ) -> None:
     if tmpl is MISSING or tmpl is None or type(tmpl) in _PLAIN_TYPES:
         return
@@ -872,11 +951,12 @@ def _guess_fills(
     if t is dict and isinstance(tmpl, Mapping):
         for k, v in node.items():
             if k in tmpl:
-                _guess_fills(v, tmpl[k], spec, strict, out, views)
+                _guess_fills(v, tmpl[k], how, out, into_blocks)
         return
     if t is dict or t is Stateful:
         state = node.state if t is Stateful else node
         if is_stateful(tmpl):
+            spec, block_spec, strict, views = how
             adapter = adapter_for_stateful(tmpl)
             if getattr(adapter, "fill_view", None) is None:
                 return
@@ -886,19 +966,20 @@ def _guess_fills(
                 return
             if type(state) is dict and isinstance(template, Mapping):
                 state = _renamed_state_keys(adapter, tmpl, state, template, strict=strict)  # type: ignore[arg-type]
-            found = fill_targets(adapter, tmpl, state, template, spec, views)
-            if found:
-                out.update(found)
+            found = fill_targets(adapter, tmpl, state, template, spec, views, block_spec)
+            if found is not None:
+                out.update(found[0])
+                into_blocks.update(found[1])
         elif t is Stateful and isinstance(tmpl, Mapping | list | tuple):
-            _guess_fills(state, tmpl, spec, strict, out, views)
+            _guess_fills(state, tmpl, how, out, into_blocks)
         return
     if (t is list or t is tuple) and isinstance(tmpl, list | tuple) and len(node) == len(tmpl):
         for v, x in zip(node, tmpl):
-            _guess_fills(v, x, spec, strict, out, views)
+            _guess_fills(v, x, how, out, into_blocks)
         return
     if t is NamedTuple and isinstance(tmpl, tuple) and getattr(tmpl, "_fields", None) == node.fields:
         for v, x in zip(node.values, tmpl):
-            _guess_fills(v, x, spec, strict, out, views)
+            _guess_fills(v, x, how, out, into_blocks)
 
 
 def streamed_indices(skeleton: Any, like: Any) -> tuple[set[int], set[int]]:
@@ -1045,9 +1126,15 @@ class BlockSource(Protocol):
         ...
 
     def read(
-        self, node: TensorRef | ShardedRef, offsets: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None
+        self,
+        node: TensorRef | ShardedRef,
+        offsets: tuple[int, ...] | None = None,
+        shape: tuple[int, ...] | None = None,
+        *,
+        into: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The block of ``shape`` at ``offsets`` (default: the whole array) as a fresh host array."""
+        """The block of ``shape`` at ``offsets`` (default: the whole array) as a fresh host array, or read
+        into ``into`` (an array of the block's shape and the saved dtype), which is returned."""
         ...
 
 
@@ -1063,14 +1150,22 @@ class _WholeArrays:
         return tuple(self.load(node.index).shape)
 
     def read(
-        self, node: TensorRef | ShardedRef, offsets: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None
+        self,
+        node: TensorRef | ShardedRef,
+        offsets: tuple[int, ...] | None = None,
+        shape: tuple[int, ...] | None = None,
+        *,
+        into: np.ndarray | None = None,
     ) -> np.ndarray:
         if isinstance(node, ShardedRef):
             raise CorruptCheckpointError("a sharded array cannot be read without a block reader")
         arr = self.load(node.index)
-        if offsets is None or shape is None:
-            return arr
-        return np.ascontiguousarray(arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))])
+        if offsets is not None and shape is not None:
+            arr = arr[tuple(slice(o, o + n) for o, n in zip(offsets, shape))]
+        if into is not None:
+            into[...] = arr
+            return into
+        return arr if offsets is None or shape is None else np.ascontiguousarray(arr)
 
 
 def is_block_template(tmpl: Any) -> bool:
@@ -1096,9 +1191,13 @@ def global_layout(tmpl: Any) -> tuple[Any, tuple[int, ...], list[tuple[tuple[int
     return None if found is None else (adapter, *found)
 
 
-def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: BlockSource) -> Any:
+def _shard_like(
+    node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: BlockSource, into: np.ndarray | None = None
+) -> Any:
     """This rank's block of a saved array, shaped by a Shard or DTensor template; or, for a JAX template of
-    a global array, the global array whose blocks on this process's devices are read (and only those)."""
+    a global array, the global array whose blocks on this process's devices are read (and only those).
+    ``into``: a DTensor template's local memory (:func:`fill_targets`), where its block is read; the
+    template itself is returned."""
     gshape = source.global_shape(node)
     found = None if type(tmpl) is shard.Shard or shard.is_dtensor(tmpl) else global_layout(tmpl)
     if found is not None:
@@ -1129,6 +1228,9 @@ def _shard_like(node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: 
                 f"{render_path(path)}: the checkpoint's array cannot be restored into `like`'s "
                 f"{type_name(tmpl)} ({type(e).__name__}: {e})"
             ) from e
+    if into is not None:
+        source.read(node, offsets, shape, into=into)
+        return tmpl
     arr = source.read(node, offsets, shape)
     local = _convert(adapter_for(local_tmpl) or adapter_named("numpy"), arr, local_tmpl, path)
     if type(tmpl) is shard.Shard:

@@ -190,6 +190,44 @@ def per_rank_state(rank: int, dl: Any, reshard: bool = False) -> dict[str, Any]:
     }
 
 
+def sharded_module(step: int, dim: int, zeros: bool = False) -> Any:
+    """A module whose parameters are DTensors sharded on ``dim`` over all ranks (as FSDP2 leaves them):
+    ``w`` (13 x 6) and ``p0`` ... ``p15`` (256 x 768 each, 12 MiB in all: enough to see a second copy
+    in the process's memory). ``zeros``: -1 everywhere, its memory touched (as a model's is)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import Shard as TShard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    module = torch.nn.Module()
+    for name, gshape in [("w", SHAPES["w"][0])] + [(f"p{i}", (256, 768)) for i in range(16)]:
+        shape, offsets = compute_local_shape_and_global_offset(gshape, mesh, [TShard(dim)])
+        if zeros:
+            local = torch.full(tuple(shape), -1.0)
+        else:
+            base = torch.arange(int(np.prod(gshape)), dtype=torch.float32).reshape(gshape) + 1000 * step
+            local = base[tuple(slice(o, o + n) for o, n in zip(offsets, shape))].contiguous()
+        stride = torch.empty(gshape).stride()
+        value = DTensor.from_local(local, mesh, [TShard(dim)], run_check=False, shape=torch.Size(gshape), stride=stride)
+        module.register_parameter(name, torch.nn.Parameter(value))
+    return module
+
+
+def peak_growth(fn: Any) -> tuple[int, Any]:
+    """How far this process's peak resident memory rose above its current one while ``fn`` ran."""
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = status("VmRSS")
+    got = fn()
+    return status("VmHWM") - before, got
+
+
 def failing_write_file(f: Any, *args: Any, **kwargs: Any) -> Any:
     """A tensorio.write_file that fails half-way, as a full disk would: its file's writes raise what the
     storage boundary raises for ENOSPC."""
@@ -410,6 +448,45 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
         }
         out["same_loader"] = got["loader"] is dl
         out["num_yielded"] = dl.state_dict()["_num_yielded"]
+    elif mode == "in_place_save":
+        store.save(phase["step"], {"model": sharded_module(phase["step"], 0)})
+        rows = dict(sharded_module(phase["step"], 0).named_parameters())
+        rows["w"] = rows["w"].full_tensor()
+        store.save(phase["step"] + 1, {"model": rows})
+    elif mode == "in_place_restore":  # rows were saved; columns are restored, into the module's DTensors
+        import torch
+
+        from ckptstore import shard as shard_module
+
+        made: list[Any] = []
+        real = shard_module.dtensor_like
+        shard_module.dtensor_like = lambda *a: made.append(1) or real(*a)  # type: ignore[assignment]
+        want = sharded_module(phase["step"], 1)
+        store.restore(phase["step"], like={"model": sharded_module(0, 1, zeros=True)})  # warm (imports, threads)
+        made.clear()
+        out["runs"] = []
+        for step, verify in ((phase["step"], True), (phase["step"], False), (phase["step"] + 1, True)):
+            module = sharded_module(0, 1, zeros=True)
+            before = {k: v.to_local().data_ptr() for k, v in module.named_parameters()}
+            nbytes = sum(v.to_local().nbytes for v in module.parameters())
+            grew, got = peak_growth(lambda m=module, s=step, v=verify: store.restore(s, like={"model": m}, verify=v))
+            out["runs"].append(
+                {
+                    "same_object": got["model"] is module,
+                    "same_memory": before == {k: v.to_local().data_ptr() for k, v in module.named_parameters()},
+                    "exact": all(
+                        torch.equal(v.to_local(), getattr(want, k).to_local()) for k, v in module.named_parameters()
+                    ),
+                    "new_dtensors": len(made),
+                    "peak_growth": grew / nbytes,
+                }
+            )
+        # A template (no object's state): a new DTensor in fresh memory, the measurement's control.
+        template = {"model": dict(sharded_module(0, 1, zeros=True).named_parameters())}
+        nbytes = sum(v.to_local().nbytes for v in template["model"].values())
+        grew, got = peak_growth(lambda: store.restore(phase["step"], like=template))
+        out["template"] = {"new_dtensors": len(made), "peak_growth": grew / nbytes}
+        shard_module.dtensor_like = real  # type: ignore[assignment]
     elif mode == "kill":
         store.save(1, state(1, rank, world))
         dist.barrier()

@@ -221,6 +221,24 @@ def test_per_rank_state_comes_back_on_the_same_ranks_and_is_resharded_only_when_
     assert [v["rank"] for v in every["seen"]] == [0, 1]
 
 
+def test_restore_into_a_modules_dtensors_on_other_ranks_reads_in_place(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    # Two ranks save a module of row-sharded DTensors (step 5), and the same with one parameter as a plain
+    # array (step 6, as a checkpoint from one process holds it). Two and three ranks restore both into
+    # modules of column-sharded DTensors: each block is read straight into the parameters' local memory (no
+    # new DTensor, no second copy of the share), with and without verify, exactly.
+    launch(zygote, tmp_path, local_url, 2, [{"mode": "in_place_save", "step": 5}])
+    for world in (2, 3):
+        _, reports = launch(zygote, tmp_path, local_url, world, [{"mode": "in_place_restore", "step": 5}])
+        for rank, (got,) in enumerate(reports):
+            for run in got["runs"]:
+                assert run["same_object"] and run["same_memory"] and run["exact"], (world, rank, run)
+                assert run["new_dtensors"] == 0 and run["peak_growth"] < 0.25, (world, rank, run)
+            assert got["template"]["new_dtensors"] == 17, (world, rank, got)
+            assert got["template"]["peak_growth"] > 0.8, (world, rank, got)  # the control: a second copy
+
+
 def test_retention_2d_blocks_and_docs_example_under_4_ranks(
     zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
 ) -> None:

@@ -352,6 +352,103 @@ def test_dtensor_leaves_one_process(tmp_path: Path, process_group: None) -> None
         store.save(2, {"p": partial})
 
 
+class DModel:
+    """A module whose parameters are DTensors (as FSDP2 leaves them), with a stepped AdamW whose state is
+    DTensors too, on the one-rank mesh of ``process_group``."""
+
+    def __init__(self, seed: int, dtype: Any = None) -> None:
+        import torch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, distribute_tensor
+        from torch.distributed.tensor import Shard as TShard
+
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(seed)
+        self.model = torch.nn.Linear(6, 8, dtype=dtype)
+        for name, placement in (("weight", TShard(1)), ("bias", Replicate())):
+            p = getattr(self.model, name)
+            setattr(self.model, name, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [placement])))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+        (self.model.weight.pow(3).sum() + self.model.bias.pow(3).sum()).backward()  # DTensor grads, AdamW state
+        self.opt.step()
+
+    def tensors(self) -> dict[str, Any]:
+        """Every DTensor of the module's and the optimizer's state, by name."""
+        out = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        for i, st in self.opt.state_dict()["state"].items():
+            out.update({f"opt/{i}/{k}": v for k, v in st.items() if k != "step"})
+        return out
+
+    def values(self) -> dict[str, Any]:
+        return {k: v.full_tensor().clone() for k, v in self.tensors().items()}
+
+    def addresses(self) -> dict[str, int]:
+        return {k: v.to_local().data_ptr() for k, v in self.tensors().items()}
+
+
+def test_a_modules_dtensors_are_read_in_place(
+    tmp_path: Path, process_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Saved as a sharded array (weight, Shard(1)) and as a plain one (bias, Replicate); read straight into
+    # the local tensors of the module's and the optimizer's DTensors: no new DTensor is made, no copy.
+    import torch
+
+    from ckptstore import shard
+
+    saved = DModel(1)
+    want = saved.values()
+    store = ckptstore.CheckpointStore(tmp_path / "s")
+    store.save(1, {"model": saved.model, "opt": saved.opt})
+    m = ckptstore.load.read_manifest(store.storage, "step_00000001")
+    assert type(m.tree["model"].state["weight"]) is tree.ShardedRef
+    assert type(m.tree["model"].state["bias"]) is tree.TensorRef
+    made: list[Any] = []
+    real = shard.dtensor_like
+    monkeypatch.setattr(shard, "dtensor_like", lambda *a: made.append(a) or real(*a))
+    for verify in (True, False):
+        target = DModel(2)
+        before = target.addresses()
+        got = store.restore(like={"model": target.model, "opt": target.opt}, verify=verify)
+        assert got["model"] is target.model and made == []
+        assert target.addresses() == before
+        values = target.values()
+        assert values.keys() == want.keys()
+        for k in want:
+            assert torch.equal(values[k], want[k]), k
+    # DTensors that are no object's state are templates: new DTensors come back, the template is untouched.
+    template = DModel(3)
+    got = store.restore(like={"model": template.model.state_dict(), "opt": None})
+    assert len(made) == 2 and torch.equal(got["model"]["weight"].full_tensor(), want["model/weight"])
+    assert not torch.equal(template.model.weight.full_tensor(), want["model/weight"])
+    # Another dtype in the module: converted, not read in place, still exact.
+    other = DModel(4, dtype=torch.float64)
+    store.restore(like={"model": other.model, "opt": None})
+    assert torch.equal(other.model.weight.full_tensor(), want["model/weight"].double())
+
+
+def test_a_damaged_block_read_into_a_dtensor_is_reported_and_fallback_restores_the_older_step(
+    tmp_path: Path, process_group: None
+) -> None:
+    import torch
+
+    store = ckptstore.CheckpointStore(tmp_path / "s")
+    store.save(1, {"model": DModel(1).model})
+    step2 = DModel(2)
+    info = store.save(2, {"model": step2.model})
+    path = next(Path(info.path).glob("*.safetensors"))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last bytes of the file: the last block read
+    path.write_bytes(bytes(data))
+    target = DModel(3)
+    with pytest.raises(CorruptCheckpointError, match=r"checksum.*the objects in `like` were partly overwritten"):
+        store.restore(2, like={"model": target.model}, verify=True)
+    before = target.addresses()
+    with pytest.warns(ckptstore.errors.CorruptCheckpointWarning, match="restored step 1"):
+        store.restore(like={"model": target.model}, verify=True, fallback=True)
+    assert target.addresses() == before
+    assert torch.equal(target.model.weight.full_tensor(), DModel(1).model.weight.full_tensor())
+
+
 def test_explicit_coordinator_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ckptstore.errors.CkptStoreError, match="coordinator must have"):
         ckptstore.CheckpointStore(tmp_path / "s", coordinator=object()).save(1, {})  # type: ignore[arg-type]

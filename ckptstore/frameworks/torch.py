@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import StructureMismatchError, UnsupportedTypeError
+from ..shard import is_dtensor
 from . import Walk
 from ._prefixes import wrapper_prefix as _wrapper_prefix
 
@@ -157,7 +158,13 @@ class TorchAdapter:
         ``x``: a plain tensor (no subclass) of exactly that dtype and shape, dense, contiguous, not a
         conjugated or negated view. A writable uint8 view of its memory on the CPU; on another device, a
         :class:`DeviceTensor` filled through a bounce buffer (:mod:`ckptstore.bounce`). None otherwise
-        (the array is then read the usual way and ``load_state_dict`` copies it)."""
+        (the array is then read the usual way and ``load_state_dict`` copies it).
+
+        A DTensor: the view of its local tensor, for its block of ``shape`` (read into it block by block)."""
+        if is_dtensor(x):
+            with torch.no_grad():  # its own local tensor, not an autograd view of it
+                local = x.to_local()
+            return self.fill_view(local, dtype, shape)
         if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # no subclass (DTensor, fake...)
             return None
         if x.layout is not torch.strided or x.device.type == "meta":
