@@ -142,6 +142,20 @@ def torch_state(total_mib: int, step: int, dim: int, zeros: bool = False) -> dic
     return state
 
 
+def as_module(state: dict[str, Any]) -> Any:
+    """``state`` (``"layer<i>.weight"`` DTensors) as the parameters of a module, as a model's are: what a
+    resume restores into (ckptstore then reads each block into the DTensor's own local tensor)."""
+    import torch
+
+    module = torch.nn.Module()
+    for key, value in state.items():
+        name, param = key.split(".")
+        layer = torch.nn.Module()
+        layer.register_parameter(param, torch.nn.Parameter(value, requires_grad=False))
+        module.add_module(name, layer)
+    return module
+
+
 def torch_run(tool: str, mib: int, root: str, step: int, kept: Any) -> dict[str, float]:
     """One run; ``kept`` is what the job keeps across runs, as a training job would: ckptstore's store
     (its background group and snapshot buffer are made at the first async save), DCP's gloo group."""
@@ -227,6 +241,11 @@ def torch_run(tool: str, mib: int, root: str, step: int, kept: Any) -> dict[str,
         out["restore_s"], out["restore_rss"], _ = barrier_timed(
             lambda: got.update(store.restore(2 * step, like=target))
         )
+        # Into a module's DTensors (in place, as DCP loads): checked below with the others.
+        model = as_module(torch_state(mib, step, 1, zeros=True))
+        out["restore_ip_s"], out["restore_ip_rss"], _ = barrier_timed(lambda: store.restore(2 * step, like=model))
+        for k, v in torch_state(mib, step, 1).items():
+            assert torch.equal(model.get_parameter(k).to_local(), v.to_local()), k
     else:
         path_a, path_b = os.path.join(root, f"dcp-{step}-a"), os.path.join(root, f"dcp-{step}-b")
         out["save_s"], out["save_rss"], _ = barrier_timed(lambda: dcp.save(state, checkpoint_id=path_a))
@@ -556,6 +575,9 @@ def summarize(kind: str, tool: str, procs: int, mib: int, samples: list[dict[str
         row["block_vs_touched"] = med([s["async_block_s"] / s["copy_touched_s"] for s in timed_runs])
         if "restore_nv_s" in timed_runs[0]:
             row["restore_nv_gbs"] = med([gb / s["restore_nv_s"] for s in timed_runs])
+        if "restore_ip_s" in timed_runs[0]:
+            row["restore_ip_gbs"] = med([gb / s["restore_ip_s"] for s in timed_runs])
+            row["restore_ip_rss_mib"] = max(s["restore_ip_rss"] for s in samples) / MiB
         row["block_vs_save"] = med([s["async_block_s"] / s["save_s"] for s in timed_runs])
         for k in ("save_rss", "async_rss", "restore_rss"):
             row[k + "_mib"] = max(s[k] for s in samples) / MiB
@@ -676,6 +698,14 @@ def main() -> None:
             print(
                 f"  {r['kind']} {r['tool']} x{r['procs']}: copy {fmt(r['copy_s'], '.3f')}, "
                 f"touched {fmt(r['copy_touched_s'], '.3f')}, blocking save {fmt(r['save_s'], '.3f')}"
+            )
+    in_place = [r for r in order if "restore_ip_gbs" in r]
+    if in_place:
+        print("\nResharded restore into a module's DTensors (ckptstore: each block read into its local tensor):")
+        for r in in_place:
+            print(
+                f"  {r['kind']} {r['tool']} x{r['procs']}: {fmt(r['restore_ip_gbs'], '.2f')} GB/s, "
+                f"peak extra RSS {r['restore_ip_rss_mib']:.0f} MiB"
             )
     loop = all_samples.get("loop|loop|2")
     if loop:
