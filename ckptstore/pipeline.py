@@ -565,12 +565,12 @@ def _write_share(
         if a.offsets is not None:  # blocks of one array are told apart by their offsets
             names[k] = first.setdefault(id(a.path), names[k]) + "@" + ",".join(map(str, a.offsets))
     check_intact(leaves)  # a failure before anything is written costs nothing
-    plans = tensorio.plan_files(leaves, f"tensors-{token}-r{rank:05d}", knobs.current.max_file_bytes)
+    by_phase = knobs.current.direct_writes and staging.storage.local_files
+    plans = tensorio.plan_files(leaves, f"tensors-{token}-r{rank:05d}", knobs.current.max_file_bytes, by_phase=by_phase)
     files: list[list[Any]] = []
     entries: list[tuple[int, TensorEntry]] = []
-    for k, plan in enumerate(plans):
-        write = functools.partial(_write_file, leaves, names, plan, k)
-        size, written = staging.write(plan.name, write)  # durable once it returns
+    fills = [(plan.name, functools.partial(_write_file, leaves, names, plan, k)) for k, plan in enumerate(plans)]
+    for plan, (size, written) in zip(plans, staging.write_all(fills)):  # all durable once it returns
         files.append([plan.name, size])
         slot_of = plan.indices if tasks is None else [tasks[i][0] for i in plan.indices]
         entries.extend(zip(slot_of, written))

@@ -65,7 +65,15 @@ def tensor_names(arrays: Sequence[ArrayLeaf]) -> list[str]:
     return names
 
 
-def plan_files(arrays: Sequence[ArrayLeaf], prefix: str, max_file_bytes: int) -> list[FilePlan]:
+#: With ``by_phase``, arrays of another phase than their file's that add up to this many bytes get a file
+#: of their own: what copying them through the staging buffer would cost exceeds another file's create and
+#: fsync.
+PHASE_FILE_BYTES = 8 << 20
+
+
+def plan_files(
+    arrays: Sequence[ArrayLeaf], prefix: str, max_file_bytes: int, *, by_phase: bool = False
+) -> list[FilePlan]:
     """Group arrays, in order, into files of at most ``max_file_bytes`` (a larger array gets its own).
 
     Within a file, arrays whose size is a multiple of ``DIRECT_ALIGN`` come first, those whose memory
@@ -73,7 +81,9 @@ def plan_files(arrays: Sequence[ArrayLeaf], prefix: str, max_file_bytes: int) ->
     the others, then the rest, each part in order. Behind a header padded to end at that phase
     (:func:`write_file`), each of the first then lies in a file page as it lies in a memory page, so a
     direct write takes it from where it lies (:class:`_DirectSink`): a torch tensor's memory starts 64
-    bytes into a page, a snapshot buffer's arrays at its start."""
+    bytes into a page, a snapshot buffer's arrays at its start. With ``by_phase`` (direct writes), the
+    arrays of each other phase with ``PHASE_FILE_BYTES`` or more go to a file of their own, so they too
+    are written from where they lie (tensors allocated from the heap start anywhere in a page)."""
     groups: list[list[int]] = []
     size = 0
     for i, leaf in enumerate(arrays):
@@ -84,15 +94,18 @@ def plan_files(arrays: Sequence[ArrayLeaf], prefix: str, max_file_bytes: int) ->
         groups[-1].append(i)
         size += n
 
-    def order(g: list[int]) -> tuple[int, ...]:
+    plans: list[tuple[int, ...]] = []
+    for g in groups:
         phases = {i: memory_phase(arrays[i].array) for i in g if arrays[i].array.nbytes % DIRECT_ALIGN == 0}
         weight: dict[int | None, int] = {}
         for i, phase in phases.items():
             weight[phase] = weight.get(phase, 0) + arrays[i].array.nbytes
         main = max(weight, key=lambda p: (p is not None, weight[p]), default=None)
-        return tuple(sorted(g, key=lambda i: 2 if i not in phases else phases[i] != main))  # sorted() is stable
-
-    return [FilePlan(f"{prefix}-{k:05d}.safetensors", order(g)) for k, g in enumerate(groups)]
+        apart = [p for p in weight if by_phase and p is not None and p != main and weight[p] >= PHASE_FILE_BYTES]
+        rest = [i for i in g if i not in phases or phases[i] not in apart]
+        plans.append(tuple(sorted(rest, key=lambda i: 2 if i not in phases else phases[i] != main)))  # stable
+        plans.extend(tuple(i for i in g if phases.get(i, -1) == p) for p in apart)
+    return [FilePlan(f"{prefix}-{k:05d}.safetensors", plan) for k, plan in enumerate(plans)]
 
 
 def memory_phase(arr: Any) -> int | None:

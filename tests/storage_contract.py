@@ -50,6 +50,7 @@ from ckptstore.errors import (
 )
 from ckptstore.manifest import MANIFEST_NAME
 from ckptstore.storage import LOCK_NAME, FsspecStorage, Storage, new_token, open_storage, parse_step, step_name
+from ckptstore.storage._base import _MAX_UNSYNCED
 from tests.faults import FaultPlan, FaultyFS, InjectedFault
 
 __all__ = ["MakeStorage", "StorageContract", "fsspec_storages"]
@@ -130,12 +131,15 @@ def new_save(step: int, *, seed: int = 0, nfiles: int = 2, nbytes: int = 3000) -
 
 
 def write(storage: Storage, save: Save, *, overwrite: bool = False) -> None:
-    """begin, write every file (in two chunks), commit; abort and re-raise if anything fails."""
+    """begin, write every file (in two chunks, together: ``write_all``, as a save does), commit; abort and
+    re-raise if anything fails."""
     staging = storage.begin(save.name, save.token)
     try:
-        for file, data in save.files.items():
-            got = staging.write(file, lambda f, data=data: f.write(data[:100]) + f.write(data[100:]))
-            assert got == len(data), "write must return what fill returned"
+        fills = [
+            (file, lambda f, data=data: f.write(data[:100]) + f.write(data[100:])) for file, data in save.files.items()
+        ]
+        got = staging.write_all(fills)
+        assert got == [len(data) for data in save.files.values()], "write_all must return what each fill returned"
         staging.commit(save.manifest, overwrite=overwrite)
     except BaseException:
         staging.abort()
@@ -419,6 +423,43 @@ class StorageContract:
         assert self.sizes(s, staging.dir) == {} and self.sizes(s, save.name) == {}
         assert make_storage().committed_steps() == []
         assert self.files_under(s) == []
+
+    def test_write_all_failing_part_way_passes_the_error_and_abort_leaves_nothing(
+        self, make_storage: MakeStorage
+    ) -> None:
+        """Files filled before the failing one may not be durable yet (they are made durable together at
+        the end): they are closed, not leaked, and ``abort`` removes them with the rest."""
+        s = make_storage()
+        save = new_save(5, nfiles=3)
+        staging = s.begin(save.name, save.token)
+        files = list(save.files.items())
+
+        def fill(f: Any) -> None:
+            f.write(b"partial" * 100)
+            raise Boom("the third file fails")
+
+        opened: list[Any] = []
+        real_open = staging._open
+        staging._open = lambda name: opened.append(real_open(name)) or opened[-1]  # type: ignore[method-assign]
+        fills = [(file, lambda f, data=data: f.write(data)) for file, data in files[:2]] + [(files[2][0], fill)]
+        with pytest.raises(Boom):
+            staging.write_all(fills)
+        assert len(opened) == 3
+        if staging.sync_together:  # (fsspec's memory files stay open after close, to be read)
+            assert opened[0].closed and opened[1].closed, "the files filled before the failure must be closed"
+        staging.abort()
+        assert self.sizes(s, staging.dir) == {} and make_storage().committed_steps() == []
+        assert self.files_under(s) == []
+
+    def test_write_all_of_many_files_commits_them_all(self, make_storage: MakeStorage) -> None:
+        """More files than are kept open at once: each comes back whole, in order."""
+        s = make_storage()
+        save = new_save(6, nfiles=_MAX_UNSYNCED + 3, nbytes=200)
+        write(s, save)
+        reader = make_storage()
+        assert reader.committed_steps() == [6] and self.sizes(reader, save.name) == save.sizes
+        for file, data in save.files.items():
+            assert reader.read_range(save.rel(file), 0, len(data)) == data
 
     # --- deleting, and what is missing -------------------------------------------------------------------
 

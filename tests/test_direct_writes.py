@@ -199,6 +199,51 @@ def test_tensors_that_start_inside_a_page_are_written_from_where_they_lie(
     assert _equal(load_file(str(path)), state)
 
 
+def test_tensors_at_other_phases_get_files_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tensors allocated from the heap start anywhere in a page. Those of a phase other than the file's that
+    # add up to PHASE_FILE_BYTES go to a file of their own, whose header ends at their phase: they too are
+    # written from where they lie, not copied through the staging buffer.
+    rng = np.random.default_rng(5)
+    mib = 1 << 20
+    state = {
+        "a": _at_phase(rng.random(10 * mib // 4, dtype=np.float32), 64),  # the heaviest phase: the file's
+        "b": _at_phase(rng.random(6 * mib // 4, dtype=np.float32), 128),
+        "odd": _at_phase(rng.random(999, dtype=np.float32), 64),
+        "c": _at_phase(rng.random(2 * mib // 4, dtype=np.float32), 128),  # b and c: 8 MiB at 128
+        "d": _at_phase(rng.random(mib // 4, dtype=np.float32), 256),  # 1 MiB: copied, not worth a file
+    }
+    _, arrays = tree.flatten(state)
+    names = [[arrays[i].path[-1] for i in plan.indices] for plan in tensorio.plan_files(arrays, "x", 1 << 30)]
+    assert names == [["a", "b", "c", "d", "odd"]]  # one file where there are no direct writes
+    plans = tensorio.plan_files(arrays, "x", 1 << 30, by_phase=True)
+    assert [[arrays[i].path[-1] for i in plan.indices] for plan in plans] == [["a", "d", "odd"], ["b", "c"]]
+    staged: list[int] = []
+    real = tensorio._DirectSink._put
+
+    def put(self: Any, *views: memoryview) -> None:
+        staged.extend(len(v) for v in views if len(v) and _address(v) == _address(self.stage))
+        real(self, *views)
+
+    monkeypatch.setattr(tensorio._DirectSink, "_put", put)
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    files = _files(tmp_path, 1)
+    assert len(files) == 2
+    assert sorted(_data_start(f) % A for f in files) == [64, 128]
+    # Copied: the headers, a page at each seam between tensors, d and the odd one; nothing of b or c.
+    seams = 2 * A * len(state)
+    assert sum(staged) <= sum(_data_start(f) for f in files) + state["d"].nbytes + state["odd"].nbytes + seams
+    assert _equal(store.restore(1, verify=True), state)
+    got: dict[str, Any] = {}
+    for f in files:
+        got.update(load_file(str(f)))
+    assert _equal(got, state)
+    # An object store gets one file, as before (no direct writes there).
+    remote = ckptstore.CheckpointStore("memory://by-phase")
+    remote.save(1, state)
+    assert len(ckptstore.load.read_manifest(remote.storage, "step_00000001").files) == 1
+
+
 def test_snapshot_buffers_put_large_arrays_on_pages() -> None:
     offsets, total = asyncsave._offsets([100, 1 << 20, 3, 70_000, 5, 64])
     assert offsets[1] % A == 0 and offsets[3] % A == 0  # large: on a page

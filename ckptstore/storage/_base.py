@@ -108,6 +108,8 @@ class Storage(ABC):
     ranged_reads: ClassVar[bool] = False
     #: Capability: :meth:`map_file` maps a file into memory (local disks).
     supports_mmap: ClassVar[bool] = False
+    #: Data files are files of this machine's filesystem, which a direct write (``O_DIRECT``) can go to.
+    local_files: ClassVar[bool] = False
     #: The exceptions of this backend's filesystem calls that :meth:`named_errors` turns into StorageError.
     failures: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
 
@@ -210,12 +212,18 @@ class Storage(ABC):
         """Remove a small file; a missing one is no error; never through a symlinked directory."""
 
 
+#: :meth:`Staging.write_all` keeps at most this many files open before making them durable.
+_MAX_UNSYNCED = 32
+
+
 class Staging(ABC):
     """One save in progress: a place to write data files, then commit or abort."""
 
     #: Relative directory the data files go to (``write`` takes names inside it).
     dir: str
     storage: Storage
+    #: :meth:`write_all` makes its files durable together, after the last is filled (a local disk).
+    sync_together: ClassVar[bool] = False
 
     def write(self, name: str, fill: Callable[[BinaryIO], _T]) -> _T:
         """Create the data file ``name``, let ``fill(f)`` write it, and make it durable (fsync, or the
@@ -225,7 +233,38 @@ class Staging(ABC):
         error passes on, except that failures of the filesystem (an OSError out of ``fill``: its writes to
         ``f``) become StorageErrors naming the file, errno kept.
         """
-        what = f"writing {self.storage.url_of(f'{self.dir}/{name}')}"
+        return self._write(name, fill, None)
+
+    def write_all(self, files: Sequence[tuple[str, Callable[[BinaryIO], _T]]]) -> list[_T]:
+        """:meth:`write` each of ``files`` in turn; every one is durable once this returns (and none is
+        known to be before). Where :attr:`sync_together`, the files are made durable together after the
+        last is filled (on a local disk one journal commit then serves them all, where a sync each would
+        cost one each); on any failure the files not yet durable are closed and left to :meth:`abort`."""
+        if not self.sync_together:
+            return [self._write(name, fill, None) for name, fill in files]
+        unsynced: list[tuple[str, BinaryIO]] = []
+        try:
+            results = []
+            for k, (name, fill) in enumerate(files):
+                results.append(self._write(name, fill, unsynced))
+                if len(unsynced) == _MAX_UNSYNCED or k == len(files) - 1:
+                    while unsynced:
+                        synced, raw = unsynced[0]
+                        with self.storage.named_errors(self._what(synced)):
+                            del unsynced[0]
+                            self._close(raw)
+            return results
+        finally:
+            for _, raw in unsynced:
+                with contextlib.suppress(Exception):
+                    self._discard(raw)
+
+    def _what(self, name: str) -> str:
+        return f"writing {self.storage.url_of(f'{self.dir}/{name}')}"
+
+    def _write(self, name: str, fill: Callable[[BinaryIO], _T], unsynced: list[tuple[str, BinaryIO]] | None) -> _T:
+        """:meth:`write`; with ``unsynced``, the filled file is added to it, open, rather than closed."""
+        what = self._what(name)
         with self.storage.named_errors(what):
             raw = self._open(name)
         # A file whose failures are all OSErrors is handed over as it is (a Python layer on each of 100,000
@@ -239,6 +278,9 @@ class Staging(ABC):
             if isinstance(e, OSError) and not isinstance(e, CkptStoreError):
                 raise storage_error(e, what) from e  # the file's own failure
             raise
+        if unsynced is not None:
+            unsynced.append((name, raw))
+            return result
         with self.storage.named_errors(what):
             self._close(raw)
         return result

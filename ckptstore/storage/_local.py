@@ -206,6 +206,8 @@ class _LocalStaging(Staging):
                 self.abort()  # the directory may exist all the same (an error reported after the fact)
                 raise
 
+    sync_together = True
+
     def _open(self, name: str) -> BinaryIO:
         return self.ops.create(os.path.join(self.path, name))
 
@@ -263,6 +265,8 @@ class _LocalJoined(Staging):
         self.storage = storage
         self.written: list[str] = []
 
+    sync_together = True
+
     def _open(self, name: str) -> BinaryIO:
         path = os.path.join(self.path, name)
         self.written.append(path)
@@ -284,6 +288,7 @@ class LocalStorage(Storage):
     """A store on a local (POSIX) filesystem; commits by atomic rename, files can be mapped."""
 
     supports_mmap = True
+    local_files = True
 
     def __init__(self, root: str | os.PathLike[str], ops: LocalOps | None = None) -> None:
         self.root = os.path.abspath(os.fspath(root))
