@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_multiprocess.py                       # 256 MiB, 2 and 4 processes
     .venv/bin/python benchmarks/bench_multiprocess.py --mib 64 --rounds 1 --runs 1 --json out.json
 
-Three kinds of job, each a set of fresh processes on this machine (gloo on CPU, local disk):
+Four kinds of job, each a set of fresh processes on this machine (gloo on CPU, local disk):
 
 - **torch** (``ckptstore``, ``dcp``, ``raw``): ranks forked from this process after torch is imported,
   ``init_process_group("gloo")``. Every rank holds a row block (DTensor, ``Shard(0)``) of 8 float32 arrays.
@@ -31,6 +31,11 @@ Three kinds of job, each a set of fresh processes on this machine (gloo on CPU, 
   in-flight window together: the all-reduce carries each rank's "still saving" flag). The time ``save``
   itself blocks comes before the window and is reported beside it.
 
+- **ab** (torch, 2 and 4 ranks, once): blocking saves of one state by ckptstore, DCP and the raw
+  ``O_DIRECT`` writer alternated in the same processes, ``--ab-rounds`` rounds, the order rotated each round
+  and ``os.sync()`` before each: the figures the save targets are judged on (per-round ratios), since the
+  disk's speed drifts between the separate jobs above by more than the differences measured.
+
 Durability: ckptstore fsyncs its files and directories itself; DCP ``FileSystemWriter(sync_files=True)``
 (its default); Orbax (tensorstore) is followed by an fsync of every file and directory it wrote, spread
 over the processes, inside the timed region; ``raw`` fsyncs its file. Times are process 0's, from a
@@ -52,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -356,6 +362,64 @@ def loop_main(mib: int, runs: int, step_ms: float, root: str, order: list[str]) 
     return samples
 
 
+def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
+    """Blocking saves of one state by ckptstore, DCP and a raw ``O_DIRECT`` writer, alternated in the same
+    processes (the order rotated each round, ``os.sync()`` before each): the disk's drift from one job to
+    the next, larger than the differences measured, then moves all three alike. Round 0 is a warm-up."""
+    import mmap
+
+    import numpy as np
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    import ckptstore
+
+    rank = dist.get_rank()
+    state = torch_state(mib, 1, 0)
+    local = [v.to_local().numpy().reshape(-1).view(np.uint8) for v in state.values()]
+    share = np.frombuffer(mmap.mmap(-1, sum(a.nbytes for a in local)), np.uint8)  # page-aligned
+    np.concatenate(local, out=share)
+    view = memoryview(share)
+    store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore-ab"), max_to_keep=1)
+
+    def raw(r: int) -> None:
+        fd = os.open(os.path.join(root, f"raw-{rank}.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        try:
+            for off in range(0, len(view), WRITE_CHUNK):
+                os.write(fd, view[off : off + WRITE_CHUNK])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    tools: dict[str, Callable[[int], Any]] = {
+        "ckptstore": lambda r: store.save(r, state),
+        "dcp": lambda r: dcp.save(state, checkpoint_id=os.path.join(root, f"dcp-ab-{r}")),
+        "raw": raw,
+    }
+    names = list(tools)
+    samples = []
+    for r in range(rounds + 1):
+        k = r % len(names)
+        sample: dict[str, Any] = {"round": r}
+        for name in names[k:] + names[:k]:
+            if rank == 0:
+                os.sync()
+            dist.barrier()
+            t = time.perf_counter()
+            tools[name](r + 1)
+            dist.barrier()
+            sample[name + "_s"] = time.perf_counter() - t
+            if name == "raw":
+                os.unlink(os.path.join(root, f"raw-{rank}.bin"))
+            elif name == "dcp" and rank == 0:
+                shutil.rmtree(os.path.join(root, f"dcp-ab-{r + 1}"))
+            dist.barrier()
+        if r:
+            samples.append(sample)
+    store.close()
+    return samples
+
+
 def torch_rank_main(cfg: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
@@ -366,6 +430,8 @@ def torch_rank_main(cfg: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     if cfg["tool"] == "loop":
         samples = loop_main(cfg["mib"], cfg["runs"], cfg["step_ms"], cfg["root"], cfg["order"])
+    elif cfg["tool"] == "ab":
+        samples = ab_main(cfg["mib"], cfg["ab_rounds"], cfg["root"])
     else:
         kept: Any = None
         if cfg["tool"] == "dcp":
@@ -597,7 +663,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="jobs per tool and process count, rotated")
     parser.add_argument("--loop-runs", type=int, default=3, help="in-flight windows per mode in the loop job")
     parser.add_argument("--step-ms", type=float, default=20.0, help="the loop's fixed compute time per step")
-    parser.add_argument("--only", default="torch,jax,loop", help="comma-separated: torch, jax, loop")
+    parser.add_argument("--only", default="torch,jax,loop,ab", help="comma-separated: torch, jax, loop, ab")
+    parser.add_argument("--ab-rounds", type=int, default=12, help="rounds of the alternated torch saves (ab)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write every sample here")
     args = parser.parse_args()
@@ -630,7 +697,7 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
         t = time.perf_counter()
         samples = jax_job(cfg, procs, port) if kind == "jax" else torch_job(cfg, procs, port)
-        if kind != "loop":
+        if kind not in ("loop", "ab"):
             samples[0]["warm"] = True
         print(f"  {kind} {tool} x{procs} round {rnd}: {time.perf_counter() - t:.1f} s", flush=True)
         all_samples.setdefault(f"{kind}|{tool}|{procs}", []).extend(samples)
@@ -647,6 +714,9 @@ def main() -> None:
                 k = rnd % len(jobs) if jobs else 0
                 for kind, tool in jobs[k:] + jobs[:k]:  # rotated: each round starts with another tool
                     run_job(kind, tool, procs, rnd)
+            if "ab" in only and rnd == 0:
+                for procs in args.procs:
+                    run_job("ab", "ab", procs, rnd, ab_rounds=args.ab_rounds)
             if "loop" in only:
                 order = ["none", "ckptstore", "dcp"]
                 k = rnd % 3
@@ -657,7 +727,7 @@ def main() -> None:
     rows = []
     for key, samples in all_samples.items():
         kind, tool, procs = key.split("|")
-        if kind != "loop":
+        if kind not in ("loop", "ab"):
             rows.append(summarize(kind, tool, int(procs), args.mib, samples))
     load = (min(loads), max(loads)) if loads else (0.0, 0.0)
     print(f"\n{args.mib} MiB global state ({N_ARRAYS} float32 arrays of {COLS} columns, row-sharded), ", end="")
@@ -706,6 +776,21 @@ def main() -> None:
             print(
                 f"  {r['kind']} {r['tool']} x{r['procs']}: {fmt(r['restore_ip_gbs'], '.2f')} GB/s, "
                 f"peak extra RSS {r['restore_ip_rss_mib']:.0f} MiB"
+            )
+    ab = sorted((int(key.split("|")[2]), s) for key, s in all_samples.items() if key.startswith("ab|"))
+    if ab:
+        gb = args.mib * MiB / 1e9
+        print(f"\nBlocking torch saves alternated in the same processes ({args.ab_rounds} rounds, rotated), GB/s:")
+        for procs, samples in ab:
+            tput = {t: med([gb / s[t + "_s"] for s in samples]) for t in ("ckptstore", "dcp", "raw")}
+            vs_dcp = med([s["dcp_s"] / s["ckptstore_s"] for s in samples])
+            vs_raw = med([s["raw_s"] / s["ckptstore_s"] for s in samples])
+            dcp_raw = med([s["raw_s"] / s["dcp_s"] for s in samples])
+            print(
+                f"  x{procs}: ckptstore {fmt(tput['ckptstore'], '.2f')}, DCP {fmt(tput['dcp'], '.2f')}, "
+                f"raw O_DIRECT {fmt(tput['raw'], '.2f')}\n"
+                f"       per round: ckptstore / DCP {fmt(vs_dcp, '.2f')}; of raw: ckptstore {fmt(vs_raw, '.2f')}, "
+                f"DCP {fmt(dcp_raw, '.2f')}"
             )
     loop = all_samples.get("loop|loop|2")
     if loop:
