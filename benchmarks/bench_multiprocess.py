@@ -392,7 +392,7 @@ def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
             os.close(fd)
 
     tools: dict[str, Callable[[int], Any]] = {
-        "ckptstore": lambda r: store.save(r, state),
+        "ckptstore": lambda r: store.save(r, state).timings,
         "dcp": lambda r: dcp.save(state, checkpoint_id=os.path.join(root, f"dcp-ab-{r}")),
         "raw": raw,
     }
@@ -406,9 +406,11 @@ def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
                 os.sync()
             dist.barrier()
             t = time.perf_counter()
-            tools[name](r + 1)
+            got = tools[name](r + 1)
             dist.barrier()
             sample[name + "_s"] = time.perf_counter() - t
+            if name == "ckptstore":
+                sample["phases"] = dict(got)  # rank 0's seconds per phase
             if name == "raw":
                 os.unlink(os.path.join(root, f"raw-{rank}.bin"))
             elif name == "dcp" and rank == 0:
@@ -417,6 +419,8 @@ def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
         if r:
             samples.append(sample)
     store.close()
+    # Where the tensors start within a page (a file's header can match one offset: see tensorio.plan_files).
+    samples[0]["page_offsets"] = sorted({v.to_local().data_ptr() % 4096 for v in state.values()})
     return samples
 
 
@@ -786,11 +790,15 @@ def main() -> None:
             vs_dcp = med([s["dcp_s"] / s["ckptstore_s"] for s in samples])
             vs_raw = med([s["raw_s"] / s["ckptstore_s"] for s in samples])
             dcp_raw = med([s["raw_s"] / s["dcp_s"] for s in samples])
+            phases = {k: med([s["phases"][k] * 1000 for s in samples]) for k in ("prepare", "plan", "write", "commit")}
             print(
                 f"  x{procs}: ckptstore {fmt(tput['ckptstore'], '.2f')}, DCP {fmt(tput['dcp'], '.2f')}, "
                 f"raw O_DIRECT {fmt(tput['raw'], '.2f')}\n"
                 f"       per round: ckptstore / DCP {fmt(vs_dcp, '.2f')}; of raw: ckptstore {fmt(vs_raw, '.2f')}, "
-                f"DCP {fmt(dcp_raw, '.2f')}"
+                f"DCP {fmt(dcp_raw, '.2f')}\n"
+                f"       ckptstore's phases on rank 0, ms: "
+                + ", ".join(f"{k} {fmt(v, '.0f')}" for k, v in phases.items())
+                + f"; its tensors start at {len(samples[0]['page_offsets'])} offsets within a page"
             )
     loop = all_samples.get("loop|loop|2")
     if loop:
