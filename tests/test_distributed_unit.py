@@ -18,6 +18,7 @@ import ckptstore
 from ckptstore import Shard, distributed, manifest, pipeline, tree
 from ckptstore.blocks import check_partition
 from ckptstore.errors import CorruptCheckpointError, ShardingError, StructureMismatchError
+from tests.conftest import Location
 from tests.s3server import free_port
 
 # --- Shard ------------------------------------------------------------------------------------------
@@ -386,18 +387,20 @@ class DModel:
         return {k: v.to_local().data_ptr() for k, v in self.tensors().items()}
 
 
+@pytest.mark.parametrize("location", ["local", "s3"], indirect=True)
 def test_a_modules_dtensors_are_read_in_place(
-    tmp_path: Path, process_group: None, monkeypatch: pytest.MonkeyPatch
+    location: Location, process_group: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Saved as a sharded array (weight, Shard(1)) and as a plain one (bias, Replicate); read straight into
-    # the local tensors of the module's and the optimizer's DTensors: no new DTensor is made, no copy.
+    # the local tensors of the module's and the optimizer's DTensors (on S3: ranged GETs into them): no new
+    # DTensor is made, no copy.
     import torch
 
     from ckptstore import shard
 
     saved = DModel(1)
     want = saved.values()
-    store = ckptstore.CheckpointStore(tmp_path / "s")
+    store = location.store()
     store.save(1, {"model": saved.model, "opt": saved.opt})
     m = ckptstore.load.read_manifest(store.storage, "step_00000001")
     assert type(m.tree["model"].state["weight"]) is tree.ShardedRef
