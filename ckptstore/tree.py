@@ -519,8 +519,8 @@ def rebuild(
     #: tensor index -> the tensor of `like` it was read into (in place)
     filled: dict[int, Any] = {}
     #: id of a skeleton node -> the DTensor of `like` whose block of it is to be read into its local memory
-    #: (typed view), and whether any such block was read
-    into_blocks: dict[int, tuple[Any, np.ndarray]] = {}
+    #: (see Fills), and whether any such block was read
+    into_blocks: dict[int, BlockFill] = {}
     blocks_read = False
 
     def walk(node: Any, tmpl: Any, path: KeyPath, fallback: Adapter, strict: bool) -> Any:
@@ -537,7 +537,7 @@ def rebuild(
                 target = into_blocks.pop(id(node), None) if into_blocks else None
                 if target is not None and target[0] is tmpl:
                     blocks_read = True
-                    return _shard_like(node, tmpl, path, source, into=target[1])
+                    return _shard_like(node, tmpl, path, source, into=target)
                 return _shard_like(node, tmpl, path, source)
             arr = load(node.index) if type(node) is TensorRef else source.read(node)
             if tmpl is MISSING or tmpl is None:
@@ -765,10 +765,14 @@ class InPlaceReader(Protocol):
         ...
 
 
+#: A DTensor of ``like`` that a block of a saved array is read into: the DTensor, a view of its local
+#: memory typed and shaped as its block (or, on an accelerator, its local tensor as a device target), and
+#: the saved dtype.
+BlockFill = tuple[Any, np.ndarray | DeviceTarget, np.dtype]
 #: The tensors of a stateful object to read straight into its memory (:func:`fill_targets`): by tensor
 #: index, its tensor and a uint8 view of its memory (or its device target); by id of a skeleton node (an
-#: array read block by block), its DTensor and a view of its local memory typed and shaped as its block.
-Fills = tuple[dict[int, tuple[Any, np.ndarray | DeviceTarget]], dict[int, tuple[Any, np.ndarray]]]
+#: array read block by block), its DTensor's :data:`BlockFill`.
+Fills = tuple[dict[int, tuple[Any, np.ndarray | DeviceTarget]], dict[int, BlockFill]]
 
 Spec = Callable[[int], tuple[np.dtype, tuple[int, ...]] | None]
 BlockSpec = Callable[[TensorRef | ShardedRef], tuple[np.dtype, tuple[int, ...]] | None]
@@ -788,7 +792,8 @@ def fill_targets(
     object's saved state, a skeleton) whose counterpart in ``template`` (``obj.state_dict()``) its
     framework's ``fill_view`` accepts (torch: a CPU tensor of the same dtype and shape, contiguous); and,
     given ``block_spec``, the DTensors of ``template`` whose blocks of a saved array (sharded or not) can
-    be read into their local tensors so (a CPU local tensor of the saved dtype), by id of the array's node.
+    be read into their local tensors so (a local tensor of the saved dtype, in host memory or on a device),
+    by id of the array's node.
 
     Only where ``load_state_dict`` will then accept the state, so that no object is overwritten in part
     by a state it refuses: the state dict's keys equal the object's, every array has ``template``'s shape,
@@ -808,7 +813,7 @@ def fill_targets(
     if fits is not None and not fits(obj, saved, template):
         return None
     out: dict[int, tuple[Any, np.ndarray | DeviceTarget]] = {}
-    into_blocks: dict[int, tuple[Any, np.ndarray]] = {}
+    into_blocks: dict[int, BlockFill] = {}
     walk = _FillWalk(spec, fill_view, views, id(obj), block_spec)
     if not walk.collect(saved, template, out, into_blocks):
         return None
@@ -816,15 +821,13 @@ def fill_targets(
     return out, into_blocks
 
 
-def _drop_shared(
-    out: dict[int, tuple[Any, np.ndarray | DeviceTarget]], into_blocks: dict[int, tuple[Any, np.ndarray]]
-) -> None:
+def _drop_shared(out: dict[int, tuple[Any, np.ndarray | DeviceTarget]], into_blocks: dict[int, BlockFill]) -> None:
     """Of tensors sharing memory (tied weights), keep only the first of the state dict in place: the others
     are read the usual way and ``load_state_dict`` copies them after it, in its order, as it did before
     (the last one wins). Two reads into one memory could also fail the first one's checksum, computed
     while the second lands. (Blocks read into DTensors count after the tensors.)"""
     keyed: dict[tuple[bool, int], np.ndarray | DeviceTarget] = {(False, i): view for i, (_, view) in out.items()}
-    keyed.update(((True, k), view) for k, (_, view) in into_blocks.items())
+    keyed.update(((True, k), view) for k, (_, view, _) in into_blocks.items())
     order = {key: k for k, key in enumerate(keyed)}
     groups: list[list[tuple[bool, int]]] = []
     end: tuple[str, int] = ("", -1)
@@ -864,7 +867,7 @@ class _FillWalk:
         node: Any,
         tmpl: Any,
         out: dict[int, tuple[Any, np.ndarray | DeviceTarget]],
-        into_blocks: dict[int, tuple[Any, np.ndarray]],
+        into_blocks: dict[int, BlockFill],
     ) -> bool:
         """Add ``node``'s targets; False on an array whose shape :func:`rebuild` would refuse."""
         t = type(node)
@@ -898,9 +901,9 @@ class _FillWalk:
         except Exception:
             return False
 
-    def _block(self, node: TensorRef | ShardedRef, tmpl: Any, into_blocks: dict[int, tuple[Any, np.ndarray]]) -> bool:
-        """A DTensor template: its block of the saved array goes into its local tensor, where that is CPU
-        memory of the saved dtype (a block it cannot hold so is read and converted the usual way)."""
+    def _block(self, node: TensorRef | ShardedRef, tmpl: Any, into_blocks: dict[int, BlockFill]) -> bool:
+        """A DTensor template: its block of the saved array goes into its local tensor, where that is of the
+        saved dtype (a block it cannot hold so is read and converted the usual way)."""
         assert self.block_spec is not None
         s = self.block_spec(node)
         if s is None:
@@ -914,7 +917,9 @@ class _FillWalk:
             return False
         view = self.fill_view(tmpl, dtype, shape)
         if isinstance(view, np.ndarray):
-            into_blocks[id(node)] = (tmpl, view.view(dtype).reshape(shape))
+            into_blocks[id(node)] = (tmpl, view.view(dtype).reshape(shape), dtype)
+        elif view is not None:  # a device tensor, filled through a bounce buffer
+            into_blocks[id(node)] = (tmpl, view, dtype)
         return True
 
 
@@ -1192,7 +1197,7 @@ def global_layout(tmpl: Any) -> tuple[Any, tuple[int, ...], list[tuple[tuple[int
 
 
 def _shard_like(
-    node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: BlockSource, into: np.ndarray | None = None
+    node: TensorRef | ShardedRef, tmpl: Any, path: KeyPath, source: BlockSource, into: BlockFill | None = None
 ) -> Any:
     """This rank's block of a saved array, shaped by a Shard or DTensor template; or, for a JAX template of
     a global array, the global array whose blocks on this process's devices are read (and only those).
@@ -1229,13 +1234,34 @@ def _shard_like(
                 f"{type_name(tmpl)} ({type(e).__name__}: {e})"
             ) from e
     if into is not None:
-        source.read(node, offsets, shape, into=into)
+        _read_block_into(source, node, offsets, shape, into[1], into[2])
         return tmpl
     arr = source.read(node, offsets, shape)
     local = _convert(adapter_for(local_tmpl) or adapter_named("numpy"), arr, local_tmpl, path)
     if type(tmpl) is shard.Shard:
         return shard.Shard(local, gshape, offsets)
     return shard.dtensor_like(tmpl, local)
+
+
+def _read_block_into(
+    source: BlockSource,
+    node: TensorRef | ShardedRef,
+    offsets: tuple[int, ...],
+    shape: tuple[int, ...],
+    target: np.ndarray | DeviceTarget,
+    dtype: np.dtype,
+) -> None:
+    """Read a block into host memory ``target``, or into a device ``target`` through its bounce buffer (the
+    block assembled there, then copied; the buffer is kept for the next, grown to the largest block)."""
+    if isinstance(target, np.ndarray):
+        source.read(node, offsets, shape, into=target)
+        return
+    nbytes = target.nbytes
+    buffer = target.bounce_buffer(nbytes)
+    host = buffer.host[:nbytes]
+    source.read(node, offsets, shape, into=host.view(dtype).reshape(shape))
+    target.copy_in(0, host)
+    buffer.fence()()  # copied: the buffer may take the next block
 
 
 def _mismatch(strict: bool, tmpl: Any, path: KeyPath, what: str) -> None:

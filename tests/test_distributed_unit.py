@@ -429,6 +429,47 @@ def test_a_modules_dtensors_are_read_in_place(
     assert torch.equal(other.model.weight.full_tensor(), want["model/weight"].double())
 
 
+def test_a_modules_dtensors_on_a_device_are_filled_through_the_bounce_buffer(
+    tmp_path: Path, process_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU a DTensor's local tensor cannot be read into: each block is assembled in the kept bounce
+    # buffer (pinned there) and copied to the device. Driven here with the CPU tensors as device targets,
+    # as the bounce pipeline's own tests do.
+    import torch
+
+    from ckptstore import shard
+    from ckptstore.frameworks import torch as torch_fw
+
+    real_view = torch_fw.TorchAdapter.fill_view
+    targets: list[Any] = []
+
+    def fill_view(self: Any, x: Any, dtype: np.dtype, shape: tuple[int, ...]) -> Any:
+        view = real_view(self, x, dtype, shape)
+        if view is None or not shard.is_dtensor(x):
+            return view
+        targets.append(self.device_target(x.to_local()))
+        return targets[-1]
+
+    monkeypatch.setattr(torch_fw.TorchAdapter, "fill_view", fill_view)
+    monkeypatch.setattr(torch_fw.BounceBuffer, "_kept", None)
+    made: list[Any] = []
+    real_like = shard.dtensor_like
+    monkeypatch.setattr(shard, "dtensor_like", lambda *a: made.append(a) or real_like(*a))
+    saved = DModel(1)
+    want = saved.values()
+    store = ckptstore.CheckpointStore(tmp_path / "s")
+    store.save(1, {"model": saved.model, "opt": saved.opt})
+    target = DModel(2)
+    before = target.addresses()
+    store.restore(like={"model": target.model, "opt": target.opt})
+    assert targets and made == [] and target.addresses() == before
+    values = target.values()
+    for k in want:
+        assert torch.equal(values[k], want[k]), k
+    kept = torch_fw.BounceBuffer._kept
+    assert kept is not None and kept.host.nbytes == max(t.nbytes for t in targets)  # the largest block
+
+
 def test_a_damaged_block_read_into_a_dtensor_is_reported_and_fallback_restores_the_older_step(
     tmp_path: Path, process_group: None
 ) -> None:
