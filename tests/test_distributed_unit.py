@@ -491,6 +491,12 @@ def test_a_damaged_block_read_into_a_dtensor_is_reported_and_fallback_restores_t
         store.restore(like={"model": target.model}, verify=True, fallback=True)
     assert target.addresses() == before
     assert torch.equal(target.model.weight.full_tensor(), DModel(1).model.weight.full_tensor())
+    resumed = DModel(4)
+    before = resumed.addresses()
+    with pytest.warns(ckptstore.errors.CorruptCheckpointWarning):
+        state, step = store.resume({"model": resumed.model})
+    assert step == 1 and state["model"] is resumed.model and resumed.addresses() == before
+    assert torch.equal(resumed.model.weight.full_tensor(), DModel(1).model.weight.full_tensor())
 
 
 def test_explicit_coordinator_is_checked(tmp_path: Path) -> None:
