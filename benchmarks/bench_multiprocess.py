@@ -148,6 +148,35 @@ def torch_state(total_mib: int, step: int, dim: int, zeros: bool = False) -> dic
     return state
 
 
+def aligned_share(state: dict[str, Any]) -> memoryview:
+    """This rank's local tensors, back to back in page-aligned memory (as ``O_DIRECT`` wants)."""
+    import mmap
+
+    import numpy as np
+
+    local = [v.to_local().numpy().reshape(-1).view(np.uint8) for v in state.values()]
+    share = np.frombuffer(mmap.mmap(-1, sum(a.nbytes for a in local)), np.uint8)
+    np.concatenate(local, out=share)
+    return memoryview(share)
+
+
+def raw_write(path: str, view: memoryview, variant: str) -> None:
+    """The write ceiling: ``view`` to one file in ``WRITE_CHUNK`` writes, then fsync; ``plain``, ``wb``
+    (the kernel's writeback started every 64 MiB) or ``direct`` (``O_DIRECT``)."""
+    direct = os.O_DIRECT if variant == "direct" else 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
+    try:
+        flushed = 0
+        for off in range(0, len(view), WRITE_CHUNK):
+            done = off + os.write(fd, view[off : off + WRITE_CHUNK])
+            if variant == "wb" and done - flushed >= 64 * MiB:  # start the kernel's writeback
+                os.posix_fadvise(fd, flushed, done - flushed, os.POSIX_FADV_DONTNEED)
+                flushed = done
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def as_module(state: dict[str, Any]) -> Any:
     """``state`` (``"layer<i>.weight"`` DTensors) as the parameters of a module, as a model's are: what a
     resume restores into (ckptstore then reads each block into the DTensor's own local tensor)."""
@@ -181,37 +210,14 @@ def torch_run(tool: str, mib: int, root: str, step: int, kept: Any) -> dict[str,
         return time.perf_counter() - t, extra, res
 
     if tool == "raw":
-        import mmap
-
-        import numpy as np
-
-        local = [v.to_local().numpy().reshape(-1).view(np.uint8) for v in state.values()]
-        size = sum(a.nbytes for a in local)
-        share = np.frombuffer(mmap.mmap(-1, size), np.uint8)  # page-aligned, as O_DIRECT wants
-        np.concatenate(local, out=share)
-        view = memoryview(share)
-
+        view = aligned_share(state)
         path = os.path.join(root, f"raw-{step}-{rank}.bin")
-
-        def write(variant: str) -> None:
-            direct = os.O_DIRECT if variant == "direct" else 0
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
-            try:
-                flushed = 0
-                for off in range(0, len(view), WRITE_CHUNK):
-                    done = off + os.write(fd, view[off : off + WRITE_CHUNK])
-                    if variant == "wb" and done - flushed >= 64 * MiB:  # start the kernel's writeback
-                        os.posix_fadvise(fd, flushed, done - flushed, os.POSIX_FADV_DONTNEED)
-                        flushed = done
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
         variants = ["plain", "wb", "direct"]
         k = step % len(variants)
         for variant in variants[k:] + variants[:k]:  # every variant, rotating which goes first
             key = {"plain": "save", "wb": "save_wb", "direct": "save_direct"}[variant]
-            out[key + "_s"], out[key + "_rss"], _ = barrier_timed(lambda v=variant: write(v))
+            out[key + "_s"], out[key + "_rss"], _ = barrier_timed(lambda v=variant: raw_write(path, view, v))
             dist.barrier()
             os.unlink(path)
         return out
@@ -366,9 +372,6 @@ def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
     """Blocking saves of one state by ckptstore, DCP and a raw ``O_DIRECT`` writer, alternated in the same
     processes (the order rotated each round, ``os.sync()`` before each): the disk's drift from one job to
     the next, larger than the differences measured, then moves all three alike. Round 0 is a warm-up."""
-    import mmap
-
-    import numpy as np
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -376,25 +379,13 @@ def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
 
     rank = dist.get_rank()
     state = torch_state(mib, 1, 0)
-    local = [v.to_local().numpy().reshape(-1).view(np.uint8) for v in state.values()]
-    share = np.frombuffer(mmap.mmap(-1, sum(a.nbytes for a in local)), np.uint8)  # page-aligned
-    np.concatenate(local, out=share)
-    view = memoryview(share)
+    view = aligned_share(state)
     store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore-ab"), max_to_keep=1)
-
-    def raw(r: int) -> None:
-        fd = os.open(os.path.join(root, f"raw-{rank}.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        try:
-            for off in range(0, len(view), WRITE_CHUNK):
-                os.write(fd, view[off : off + WRITE_CHUNK])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     tools: dict[str, Callable[[int], Any]] = {
         "ckptstore": lambda r: store.save(r, state).timings,
         "dcp": lambda r: dcp.save(state, checkpoint_id=os.path.join(root, f"dcp-ab-{r}")),
-        "raw": raw,
+        "raw": lambda r: raw_write(os.path.join(root, f"raw-{rank}.bin"), view, "direct"),
     }
     names = list(tools)
     samples = []
