@@ -101,10 +101,16 @@ def plan_files(
         for i, phase in phases.items():
             weight[phase] = weight.get(phase, 0) + arrays[i].array.nbytes
         main = max(weight, key=lambda p: (p is not None, weight[p]), default=None)
-        apart = [p for p in weight if by_phase and p is not None and p != main and weight[p] >= PHASE_FILE_BYTES]
-        rest = [i for i in g if i not in phases or phases[i] not in apart]
+        apart: dict[int, list[int]] = {  # phase -> its arrays, in order, for a file of their own
+            p: [] for p in weight if by_phase and p is not None and p != main and weight[p] >= PHASE_FILE_BYTES
+        }
+        rest: list[int] = []
+        for i in g:
+            phase = phases.get(i)
+            own = apart.get(phase) if phase is not None else None
+            (rest if own is None else own).append(i)
         plans.append(tuple(sorted(rest, key=lambda i: 2 if i not in phases else phases[i] != main)))  # stable
-        plans.extend(tuple(i for i in g if phases.get(i, -1) == p) for p in apart)
+        plans.extend(map(tuple, apart.values()))
     return [FilePlan(f"{prefix}-{k:05d}.safetensors", plan) for k, plan in enumerate(plans)]
 
 

@@ -245,19 +245,24 @@ class Staging(ABC):
         unsynced: list[tuple[str, BinaryIO]] = []
         try:
             results = []
-            for k, (name, fill) in enumerate(files):
+            for name, fill in files:
                 results.append(self._write(name, fill, unsynced))
-                if len(unsynced) == _MAX_UNSYNCED or k == len(files) - 1:
-                    while unsynced:
-                        synced, raw = unsynced[0]
-                        with self.storage.named_errors(self._what(synced)):
-                            del unsynced[0]
-                            self._close(raw)
+                if len(unsynced) == _MAX_UNSYNCED:
+                    self._sync(unsynced)
+            self._sync(unsynced)
             return results
         finally:
             for _, raw in unsynced:
                 with contextlib.suppress(Exception):
                     self._discard(raw)
+
+    def _sync(self, unsynced: list[tuple[str, BinaryIO]]) -> None:
+        """Make each file of ``unsynced`` durable and close it, taking it off the list first (a failed sync
+        has closed it already)."""
+        while unsynced:
+            name, raw = unsynced.pop(0)
+            with self.storage.named_errors(self._what(name)):
+                self._close(raw)
 
     def _what(self, name: str) -> str:
         return f"writing {self.storage.url_of(f'{self.dir}/{name}')}"

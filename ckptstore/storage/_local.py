@@ -189,6 +189,7 @@ class _ProcessLock:
 
 class _LocalStaging(Staging):
     storage: LocalStorage
+    sync_together = True
 
     def __init__(self, storage: LocalStorage, name: str, token: str) -> None:
         self.storage = storage
@@ -205,8 +206,6 @@ class _LocalStaging(Staging):
             except BaseException:
                 self.abort()  # the directory may exist all the same (an error reported after the fact)
                 raise
-
-    sync_together = True
 
     def _open(self, name: str) -> BinaryIO:
         return self.ops.create(os.path.join(self.path, name))
@@ -257,6 +256,7 @@ class _LocalJoined(Staging):
     """A share of a save begun by another process, in its temp directory (shared disk)."""
 
     storage: LocalStorage
+    sync_together = True
 
     def __init__(self, storage: LocalStorage, name: str, token: str) -> None:
         self.dir = f"{TMP_PREFIX}{name}-{token}"
@@ -264,8 +264,6 @@ class _LocalJoined(Staging):
         self.ops = storage.ops
         self.storage = storage
         self.written: list[str] = []
-
-    sync_together = True
 
     def _open(self, name: str) -> BinaryIO:
         path = os.path.join(self.path, name)
