@@ -487,6 +487,28 @@ def run_phase(store: ckptstore.CheckpointStore, phase: dict[str, Any], rank: int
         grew, got = peak_growth(lambda: store.restore(phase["step"], like=template))
         out["template"] = {"new_dtensors": len(made), "peak_growth": grew / nbytes}
         shard_module.dtensor_like = real  # type: ignore[assignment]
+    elif mode == "collectives":  # the coordinator's messages: short values inline, long ones in a second one
+        from ckptstore.distributed import INLINE_BYTES, TorchDistributed
+
+        def value(r: int, long: bool) -> dict[str, Any]:
+            return {"rank": r, "pad": "x" * (3 * INLINE_BYTES if long else 10)}
+
+        def seen(v: dict[str, Any]) -> list[Any]:
+            return [v["rank"], len(v["pad"]), set(v["pad"]) == {"x"}]
+
+        tail = dist.new_group(list(range(1, world)))  # a group whose rank 0 is global rank 1
+        for label, group in (("world", None), ("tail", tail)):
+            if group is tail and rank == 0:
+                continue
+            c = TorchDistributed(group)
+            got: dict[str, Any] = {"gloo": c._gloo}
+            for case, longs in (("none", []), ("one", [1]), ("all", list(range(c.world_size)))):
+                gathered = c.gather(value(c.rank, c.rank in longs))
+                got[f"gather {case}"] = None if gathered is None else [seen(v) for v in gathered]
+                mine = c.scatter([value(r, r in longs) for r in range(c.world_size)] if c.rank == 0 else None)
+                got[f"scatter {case}"] = seen(mine)
+                got[f"broadcast {case}"] = seen(c.broadcast(value(0, 0 in longs) if c.rank == 0 else None))
+            out[label] = got
     elif mode == "kill":
         store.save(1, state(1, rank, world))
         dist.barrier()

@@ -257,6 +257,27 @@ def test_retention_2d_blocks_and_docs_example_under_4_ranks(
     check_full(store.restore(), 5)
 
 
+def test_the_coordinators_values_pass_inline_or_in_a_second_message_on_a_group_or_the_world(
+    zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
+) -> None:
+    from ckptstore.distributed import INLINE_BYTES
+
+    _, reports = launch(zygote, tmp_path, local_url, 3, [{"mode": "collectives"}])
+    long = 3 * INLINE_BYTES
+    for label, ranks in (("world", [0, 1, 2]), ("tail", [1, 2])):
+        n = len(ranks)
+        for r, global_rank in enumerate(ranks):
+            got = reports[global_rank][0][label]
+            assert got["gloo"] is True
+            for case, longs in (("none", []), ("one", [1]), ("all", list(range(n)))):
+                size = {k: long if k in longs else 10 for k in range(n)}
+                want = [[k, size[k], True] for k in range(n)] if r == 0 else None
+                assert got[f"gather {case}"] == want, (label, r, case)
+                assert got[f"scatter {case}"] == [r, size[r], True], (label, r, case)
+                assert got[f"broadcast {case}"] == [0, size[0], True], (label, r, case)
+    assert "tail" not in reports[0][0]
+
+
 def test_rank_killed_mid_save_commits_nothing(
     zygote: subprocess.Popen[bytes], tmp_path: Path, local_url: Location
 ) -> None:
