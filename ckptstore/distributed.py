@@ -308,7 +308,7 @@ def _size(head: Any) -> int:
 
 
 def _inline(head: Any, size: int) -> bytes:
-    return bytes(head.numpy()[8 : 8 + size].tobytes())
+    return head.numpy()[8 : 8 + size].tobytes()
 
 
 class JaxDistributed:
