@@ -48,6 +48,9 @@ class FilePlan:
 
     name: str
     indices: tuple[int, ...]
+    #: Written directly, put each large array at the file offset that matches its memory within a page,
+    #: with padding before it where needed (:func:`write_file`).
+    padded: bool = False
 
 
 def tensor_names(arrays: Sequence[ArrayLeaf]) -> list[str]:
@@ -65,10 +68,14 @@ def tensor_names(arrays: Sequence[ArrayLeaf]) -> list[str]:
     return names
 
 
-#: With ``by_phase``, arrays of another phase than their file's that add up to this many bytes get a file
-#: of their own: what copying them through the staging buffer would cost exceeds another file's create and
-#: fsync.
-PHASE_FILE_BYTES = 8 << 20
+#: In a padded file (:attr:`FilePlan.padded`), an array of at least this many bytes whose memory starts
+#: elsewhere in a page than the file's offset does gets padding before it (less than a page), so that it
+#: is written from where it lies; a smaller one is copied through the staging buffer.
+PAD_MIN_BYTES = 1 << 20
+
+#: Where padding is named: the safetensors format allows no holes between tensors, so padding is a uint8
+#: tensor of its own, named with this prefix (the header's ``__metadata__["padding"]`` says which prefix).
+PADDING_PREFIX = "__padding__/"
 
 
 def plan_files(
@@ -81,9 +88,10 @@ def plan_files(
     the others, then the rest, each part in order. Behind a header padded to end at that phase
     (:func:`write_file`), each of the first then lies in a file page as it lies in a memory page, so a
     direct write takes it from where it lies (:class:`_DirectSink`): a torch tensor's memory starts 64
-    bytes into a page, a snapshot buffer's arrays at its start. With ``by_phase`` (direct writes), the
-    arrays of each other phase with ``PHASE_FILE_BYTES`` or more go to a file of their own, so they too
-    are written from where they lie (tensors allocated from the heap start anywhere in a page)."""
+    bytes into a page, a snapshot buffer's arrays at its start. With ``by_phase`` (direct writes) the file
+    is padded (:attr:`FilePlan.padded`): arrays of ``PAD_MIN_BYTES`` or more come first, grouped by phase
+    (the heaviest first), each behind padding that puts it at its phase, so they are all written from
+    where they lie (tensors allocated from the heap start anywhere in a page), then the rest in order."""
     groups: list[list[int]] = []
     size = 0
     for i, leaf in enumerate(arrays):
@@ -94,24 +102,30 @@ def plan_files(
         groups[-1].append(i)
         size += n
 
-    plans: list[tuple[int, ...]] = []
-    for g in groups:
-        phases = {i: memory_phase(arrays[i].array) for i in g if arrays[i].array.nbytes % DIRECT_ALIGN == 0}
-        weight: dict[int | None, int] = {}
-        for i, phase in phases.items():
-            weight[phase] = weight.get(phase, 0) + arrays[i].array.nbytes
-        main = max(weight, key=lambda p: (p is not None, weight[p]), default=None)
-        apart: dict[int, list[int]] = {  # phase -> its arrays, in order, for a file of their own
-            p: [] for p in weight if by_phase and p is not None and p != main and weight[p] >= PHASE_FILE_BYTES
-        }
-        rest: list[int] = []
-        for i in g:
-            phase = phases.get(i)
-            own = apart.get(phase) if phase is not None else None
-            (rest if own is None else own).append(i)
-        plans.append(tuple(sorted(rest, key=lambda i: 2 if i not in phases else phases[i] != main)))  # stable
-        plans.extend(map(tuple, apart.values()))
-    return [FilePlan(f"{prefix}-{k:05d}.safetensors", plan) for k, plan in enumerate(plans)]
+    plans: list[FilePlan] = []
+    for k, g in enumerate(groups):
+        name = f"{prefix}-{k:05d}.safetensors"
+        if by_phase:
+            phases: dict[int, int] = {}
+            weight: dict[int, int] = {}
+            for i in g:
+                phase = memory_phase(arrays[i].array) if arrays[i].array.nbytes >= PAD_MIN_BYTES else None
+                if phase is not None:
+                    phases[i] = phase
+                    weight[phase] = weight.get(phase, 0) + arrays[i].array.nbytes
+            rank = {p: r for r, p in enumerate(sorted(weight, key=lambda p: -weight[p]))}
+            first = sorted(phases, key=lambda i: rank[phases[i]])  # stable: in order within a phase
+            chosen = set(first)
+            plans.append(FilePlan(name, tuple(first + [i for i in g if i not in chosen]), padded=True))
+            continue
+        aligned = {i: memory_phase(arrays[i].array) for i in g if arrays[i].array.nbytes % DIRECT_ALIGN == 0}
+        heaviest: dict[int | None, int] = {}
+        for i, phase in aligned.items():
+            heaviest[phase] = heaviest.get(phase, 0) + arrays[i].array.nbytes
+        main = max(heaviest, key=lambda p: (p is not None, heaviest[p]), default=None)
+        order = sorted(g, key=lambda i: 2 if i not in aligned else aligned[i] != main)  # stable
+        plans.append(FilePlan(name, tuple(order)))
+    return plans
 
 
 def memory_phase(arr: Any) -> int | None:
@@ -124,14 +138,25 @@ def memory_phase(arr: Any) -> int | None:
 
 
 def _header(
-    arrays: Sequence[ArrayLeaf], names: Sequence[str], indices: Sequence[int], align: int = 8, phase: int = 0
+    arrays: Sequence[ArrayLeaf],
+    names: Sequence[str],
+    indices: Sequence[int],
+    align: int = 8,
+    phase: int = 0,
+    pads: dict[int, int] | None = None,
 ) -> bytes:
     # The JSON text is built piece by piece (what json.dumps of the same dict gives, byte for byte):
     # with 100,000 small tensors, building a dict of dicts first costs more than the rest of the header.
     quote = _encode_json_str
-    parts = ['{"__metadata__":{"writer":"ckptstore"}']
+    pad_prefix = _padding_prefix([names[i] for i in indices]) if pads else None
+    padding = f',"padding":{quote(pad_prefix)}' if pad_prefix else ""
+    parts = ['{"__metadata__":{"writer":"ckptstore"' + padding + "}"]
     pos = 0
     for i in indices:
+        if pads and pads.get(i):
+            n, pad_name = pads[i], quote(f"{pad_prefix}{len(parts) - 1}")
+            parts.append(f'{pad_name}:{{"dtype":"U8","shape":[{n}],"data_offsets":[{pos},{pos + n}]}}')
+            pos += n
         leaf = arrays[i]
         arr = leaf.array
         n = arr.nbytes
@@ -144,6 +169,29 @@ def _header(
 
 
 _encode_json_str = json.encoder.encode_basestring_ascii
+
+
+def _padding_prefix(names: Sequence[str]) -> str:
+    """:data:`PADDING_PREFIX`, lengthened until no tensor name of the file starts with it."""
+    prefix = PADDING_PREFIX
+    while any(name.startswith(prefix) for name in names):
+        prefix = "_" + prefix
+    return prefix
+
+
+def _pads(arrays: Sequence[ArrayLeaf], indices: Sequence[int], phase: int) -> dict[int, int]:
+    """The padding before each array of a padded file whose data starts at ``phase`` within a page: what
+    puts an array of ``PAD_MIN_BYTES`` or more at the offset within a page where its memory starts."""
+    pads: dict[int, int] = {}
+    pos = phase
+    for i in indices:
+        arr = arrays[i].array
+        want = memory_phase(arr) if arr.nbytes >= PAD_MIN_BYTES else None
+        if want is not None and (want - pos) % DIRECT_ALIGN:
+            pads[i] = (want - pos) % DIRECT_ALIGN
+            pos += pads[i]
+        pos += arr.nbytes
+    return pads
 
 
 def _chunks(arr: np.ndarray, chunk: int) -> Iterator[memoryview]:
@@ -172,17 +220,19 @@ def write_file(
     """Write one safetensors file; return its size and the manifest entry of each array in it."""
     total = sum(arrays[i].array.nbytes for i in plan.indices)
     sink = _DirectSink.open(f) if total >= DIRECT_MIN_BYTES else None
+    pads: dict[int, int] = {}
     if sink is None:
         header = _header(arrays, names, plan.indices)
     else:  # the first tensor's bytes at the file offset that matches its memory (plan_files)
         first = arrays[plan.indices[0]].array
-        phase = memory_phase(first) if first.nbytes % DIRECT_ALIGN == 0 else None
-        header = _header(arrays, names, plan.indices, DIRECT_ALIGN, phase or 0)
+        phase = memory_phase(first) if first.nbytes % DIRECT_ALIGN == 0 or plan.padded else None
+        pads = _pads(arrays, plan.indices, phase or 0) if plan.padded else {}
+        header = _header(arrays, names, plan.indices, DIRECT_ALIGN, phase or 0, pads)
     if sink is None:
         writeback = _Writeback(f, knobs.current.writeback_bytes)
         return _write_tensors(f.write, writeback.written, header, arrays, names, plan, file_index)
     try:
-        out = _write_tensors(sink.write, lambda pos: None, header, arrays, names, plan, file_index)
+        out = _write_tensors(sink.write, lambda pos: None, header, arrays, names, plan, file_index, pads)
         sink.finish()
     finally:
         sink.close()
@@ -197,6 +247,7 @@ def _write_tensors(
     names: Sequence[str],
     plan: FilePlan,
     file_index: int,
+    pads: dict[int, int] | None = None,
 ) -> tuple[int, list[TensorEntry]]:
     write(header)
     pos = len(header)
@@ -204,6 +255,9 @@ def _write_tensors(
     entries = []
     with _HashThread() as hasher:
         for i in plan.indices:
+            if pads and pads.get(i):
+                write(bytes(pads[i]))
+                pos += pads[i]
             leaf = arrays[i]
             arr = leaf.array
             n = arr.nbytes

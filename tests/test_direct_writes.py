@@ -58,6 +58,24 @@ def _first_tensor(path: Path) -> str:
     return next(k for k, v in header.items() if k != "__metadata__" and v["data_offsets"][0] == 0)
 
 
+def _padding(path: Path) -> dict[str, int]:
+    """The padding entries of a tensor file (those the header's metadata names), with their sizes."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    prefix = header["__metadata__"].get("padding")
+    pads = {k: v["shape"][0] for k, v in header.items() if prefix and k.startswith(prefix)}
+    assert all(header[k]["dtype"] == "U8" and 0 < n < A for k, n in pads.items())
+    return pads
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    """A tensor file read by safetensors itself, its padding left out."""
+    got = load_file(str(path))
+    pads = _padding(path)
+    assert all(not got[k].any() for k in pads)  # zeros
+    return {k: v for k, v in got.items() if k not in pads}
+
+
 def _at_phase(arr: np.ndarray, phase: int) -> np.ndarray:
     """A copy of ``arr`` whose memory starts ``phase`` bytes into a page (a torch tensor's starts 64 in)."""
     raw = np.empty(arr.nbytes + 2 * A, np.uint8)
@@ -121,9 +139,12 @@ def test_direct_files_are_the_files_the_page_cache_would_hold(tmp_path: Path, bl
     first = state[_first_tensor(direct)]
     assert _data_start(direct) % A == ((tensorio.memory_phase(first) or 0) if blocking else 0)
     assert _data_start(cached) % 8 == 0 and _data_start(cached) < _data_start(direct)
-    # The same tensors and bytes after the header: nothing padded at the end, nothing lost at a seam.
-    assert direct.stat().st_size - _data_start(direct) == cached.stat().st_size - _data_start(cached)
-    assert _equal(load_file(str(direct)), state)
+    # The same tensors and bytes after the header, but for padding that puts a large array at its phase:
+    # nothing padded at the end, nothing lost at a seam.
+    padding = sum(_padding(direct).values())
+    assert direct.stat().st_size - _data_start(direct) == cached.stat().st_size - _data_start(cached) + padding
+    assert _padding(cached) == {}
+    assert _equal(_tensors(direct), state)
     assert _equal(store.restore(1, verify=True), state)
     assert _equal(store.restore(2, verify=True), state)
 
@@ -170,7 +191,7 @@ def test_tensors_that_start_inside_a_page_are_written_from_where_they_lie(
         "a": _at_phase(rng.random((256, 1024), dtype=np.float32), 64),
         "odd": _at_phase(rng.random(999, dtype=np.float32), 64),
         "b": _at_phase(rng.random((512, 1024), dtype=np.float32), 64),
-        "c": _at_phase(rng.random((128, 1024), dtype=np.float32), 128),
+        "c": _at_phase(rng.random((256, 1024), dtype=np.float32), 128),
         "d": _at_phase(rng.random((64, 1024), dtype=np.float32), 12),  # a header cannot end there
     }
     _, arrays = tree.flatten(state)
@@ -190,19 +211,24 @@ def test_tensors_that_start_inside_a_page_are_written_from_where_they_lie(
     store.save(1, state)
     (path,) = _files(tmp_path, 1)
     assert _data_start(path) % A == 64 and _first_tensor(path) == "a"
+    # c, at another phase, lies behind 64 bytes of padding, at its phase: written from where it lies too.
+    assert list(_padding(path).values()) == [64]
     # Copied through the staging buffer, and nothing else: the header and a's head up to its first page
-    # boundary, the page where a ends and b starts, b's last 64 bytes, the tensors at other phases and the
-    # odd one.
-    others = state["c"].nbytes + state["d"].nbytes + state["odd"].nbytes
-    assert sum(staged) == _data_start(path) + (A - 64) + A + 64 + others
+    # boundary, the page where a ends and b starts, the page where b ends, the padding lies and c starts,
+    # c's last 128 bytes, d (12 bytes into a page: no padding serves a phase that is not a multiple of 8)
+    # and the odd one.
+    others = state["d"].nbytes + state["odd"].nbytes
+    assert sum(staged) == _data_start(path) + (A - 64) + A + A + 128 + others
     assert _equal(store.restore(1, verify=True), state)
-    assert _equal(load_file(str(path)), state)
+    assert _equal(_tensors(path), state)
 
 
-def test_tensors_at_other_phases_get_files_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Tensors allocated from the heap start anywhere in a page. Those of a phase other than the file's that
-    # add up to PHASE_FILE_BYTES go to a file of their own, whose header ends at their phase: they too are
-    # written from where they lie, not copied through the staging buffer.
+def test_tensors_at_other_phases_lie_at_their_phase_behind_padding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tensors allocated from the heap start anywhere in a page. In one file, each large one lies behind
+    # padding (a uint8 tensor of less than a page, named in the header's metadata: safetensors allows no
+    # holes) at the offset within a page where its memory starts: written from where it lies, not copied.
     rng = np.random.default_rng(5)
     mib = 1 << 20
     state = {
@@ -210,13 +236,15 @@ def test_tensors_at_other_phases_get_files_of_their_own(tmp_path: Path, monkeypa
         "b": _at_phase(rng.random(6 * mib // 4, dtype=np.float32), 128),
         "odd": _at_phase(rng.random(999, dtype=np.float32), 64),
         "c": _at_phase(rng.random(2 * mib // 4, dtype=np.float32), 128),  # b and c: 8 MiB at 128
-        "d": _at_phase(rng.random(mib // 4, dtype=np.float32), 256),  # 1 MiB: copied, not worth a file
+        "d": _at_phase(rng.random(mib // 4, dtype=np.float32), 256),
+        "__padding__/x": _at_phase(rng.random(mib // 4, dtype=np.float32), 512),  # a name padding avoids
     }
     _, arrays = tree.flatten(state)
     names = [[arrays[i].path[-1] for i in plan.indices] for plan in tensorio.plan_files(arrays, "x", 1 << 30)]
-    assert names == [["a", "b", "c", "d", "odd"]]  # one file where there are no direct writes
+    assert names == [["a", "b", "c", "d", "__padding__/x", "odd"]]  # where there are no direct writes
     plans = tensorio.plan_files(arrays, "x", 1 << 30, by_phase=True)
-    assert [[arrays[i].path[-1] for i in plan.indices] for plan in plans] == [["a", "d", "odd"], ["b", "c"]]
+    assert [[arrays[i].path[-1] for i in plan.indices] for plan in plans] == [names[0]]
+    assert [plan.padded for plan in plans] == [True]
     staged: list[int] = []
     real = tensorio._DirectSink._put
 
@@ -227,21 +255,20 @@ def test_tensors_at_other_phases_get_files_of_their_own(tmp_path: Path, monkeypa
     monkeypatch.setattr(tensorio._DirectSink, "_put", put)
     store = ckptstore.CheckpointStore(tmp_path)
     store.save(1, state)
-    files = _files(tmp_path, 1)
-    assert len(files) == 2
-    assert sorted(_data_start(f) % A for f in files) == [64, 128]
-    # Copied: the headers, a page at each seam between tensors, d and the odd one; nothing of b or c.
-    seams = 2 * A * len(state)
-    assert sum(staged) <= sum(_data_start(f) for f in files) + state["d"].nbytes + state["odd"].nbytes + seams
+    (path,) = _files(tmp_path, 1)
+    assert _data_start(path) % A == 64
+    assert sorted(_padding(path).values()) == [64, 128, 256]  # before b, d and x
+    # Copied, and nothing else: the header and a's head, the page at each of the four seams between large
+    # tensors (padding or none), x's last 512 bytes and the odd one.
+    assert sum(staged) == _data_start(path) + (A - 64) + 4 * A + 512 + state["odd"].nbytes
     assert _equal(store.restore(1, verify=True), state)
-    got: dict[str, Any] = {}
-    for f in files:
-        got.update(load_file(str(f)))
-    assert _equal(got, state)
-    # An object store gets one file, as before (no direct writes there).
+    assert store.verify(1) == [1]
+    assert _equal(_tensors(path), state)
+    # An object store gets one file without padding (no direct writes there).
     remote = ckptstore.CheckpointStore("memory://by-phase")
     remote.save(1, state)
     assert len(ckptstore.load.read_manifest(remote.storage, "step_00000001").files) == 1
+    assert _equal(remote.restore(1, verify=True), state)
 
 
 def test_snapshot_buffers_put_large_arrays_on_pages() -> None:
@@ -346,3 +373,43 @@ def test_small_files_and_other_writers_keep_the_plain_path(tmp_path: Path) -> No
         wrapped = type("Wrapped", (), {"write": raw.write, "fileno": raw.fileno, "tell": raw.tell})()
         assert tensorio._DirectSink.open(wrapped) is None  # type: ignore[arg-type]
         assert tensorio._DirectSink.open(raw) is not None
+
+
+def test_verify_accepts_padding_only_as_ckptstore_writes_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    state = {
+        "a": _at_phase(rng.random(1 << 18, dtype=np.float32), 64),
+        "b": _at_phase(rng.random(1 << 18, dtype=np.float32), 128),
+    }
+    store = ckptstore.CheckpointStore(tmp_path)
+    store.save(1, state)
+    (path,) = _files(tmp_path, 1)
+    assert list(_padding(path).values()) == [64]
+    assert store.verify(1) == [1]
+    original = path.read_bytes()
+    size = struct.unpack("<Q", original[:8])[0]
+    header = json.loads(original[8 : 8 + size])
+    (pad,) = _padding(path)
+
+    def damaged(change: Any) -> None:
+        h = json.loads(json.dumps(header))
+        change(h)
+        text = json.dumps(h, separators=(",", ":")).encode()
+        assert len(text) <= size
+        path.write_bytes(original[:8] + text + b" " * (size - len(text)) + original[8 + size :])
+
+    for change, says in [
+        (lambda h: h[pad].update(dtype="I8"), "padding"),  # not what ckptstore writes
+        (lambda h: h["__metadata__"].pop("padding"), "list different tensors"),  # unnamed: a stray tensor
+        (
+            lambda h: h[pad].update(
+                shape=[32], data_offsets=[h[pad]["data_offsets"][0], h[pad]["data_offsets"][0] + 32]
+            ),
+            "gap",
+        ),
+    ]:
+        damaged(change)
+        with pytest.raises(ckptstore.errors.CorruptCheckpointError, match=says):
+            store.verify(1)
+    path.write_bytes(original)
+    assert store.verify(1) == [1]

@@ -108,7 +108,8 @@ class Storage(ABC):
     ranged_reads: ClassVar[bool] = False
     #: Capability: :meth:`map_file` maps a file into memory (local disks).
     supports_mmap: ClassVar[bool] = False
-    #: Data files are files of this machine's filesystem, which a direct write (``O_DIRECT``) can go to.
+    #: Data files are files of this machine's filesystem, which a direct write (``O_DIRECT``) can go to:
+    #: a tensor file then puts each large tensor at its page offset, behind padding (``tensorio.plan_files``).
     local_files: ClassVar[bool] = False
     #: The exceptions of this backend's filesystem calls that :meth:`named_errors` turns into StorageError.
     failures: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
