@@ -414,7 +414,7 @@ def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
         if r:
             samples.append(sample)
     store.close()
-    # Where the tensors start within a page (a file's header can match one offset: see tensorio.plan_files).
+    # Where the tensors start within a page (each large one lies at its offset behind padding: tensorio.plan_files).
     samples[0]["page_offsets"] = sorted({v.to_local().data_ptr() % 4096 for v in state.values()})
     return samples
 
