@@ -138,16 +138,7 @@ class TorchDistributed:
                 self._dist.send(_tensor(data), group=self.group, group_dst=0, tag=_TAG)
             return None
         assert heads is not None
-        out = []
-        for r, h in enumerate(heads):
-            size = _size(h)
-            if size <= INLINE_BYTES or r == 0:
-                out.append(pickle.loads(_inline(h, size) if r else data))
-            else:
-                rest = _buffer(size)
-                self._dist.recv(rest, group=self.group, group_src=r, tag=_TAG)
-                out.append(pickle.loads(rest.numpy().tobytes()))
-        return out
+        return [pickle.loads(data)] + [self._rest(h, r) for r, h in enumerate(heads[1:], 1)]
 
     def scatter(self, objs: list[Any] | None) -> Any:
         if not self._gloo:
@@ -157,7 +148,7 @@ class TorchDistributed:
         head = _head()
         if self.rank != 0:
             self._dist.scatter(head, None, group=self.group, group_src=0)
-            return self._rest(head)
+            return self._rest(head, 0)
         if objs is None or len(objs) != self.world_size:
             raise CkptStoreError("scatter needs one value per rank on rank 0")
         packed = [_pack(obj) for obj in objs]
@@ -181,13 +172,13 @@ class TorchDistributed:
         self._dist.broadcast(rest, group=self.group, group_src=0)
         return pickle.loads(data if self.rank == 0 else rest.numpy().tobytes())
 
-    def _rest(self, head: Any) -> Any:
-        """The value whose first message is ``head``, from rank 0: inline, or in a second message."""
+    def _rest(self, head: Any, src: int) -> Any:
+        """The value whose first message from rank ``src`` is ``head``: inline, or in a second message."""
         size = _size(head)
         if size <= INLINE_BYTES:
             return pickle.loads(_inline(head, size))
         rest = _buffer(size)
-        self._dist.recv(rest, group=self.group, group_src=0, tag=_TAG)
+        self._dist.recv(rest, group=self.group, group_src=src, tag=_TAG)
         return pickle.loads(rest.numpy().tobytes())
 
     def check_in(self, what: str) -> None:

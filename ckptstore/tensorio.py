@@ -109,7 +109,7 @@ def plan_files(
             phases: dict[int, int] = {}
             weight: dict[int, int] = {}
             for i in g:
-                phase = memory_phase(arrays[i].array) if arrays[i].array.nbytes >= PAD_MIN_BYTES else None
+                phase = _pad_phase(arrays[i].array)
                 if phase is not None:
                     phases[i] = phase
                     weight[phase] = weight.get(phase, 0) + arrays[i].array.nbytes
@@ -154,7 +154,7 @@ def _header(
     pos = 0
     for i in indices:
         if pads and pads.get(i):
-            n, pad_name = pads[i], quote(f"{pad_prefix}{len(parts) - 1}")
+            n, pad_name = pads[i], quote(f"{pad_prefix}{len(parts) - 1}")  # unique: the entries so far
             parts.append(f'{pad_name}:{{"dtype":"U8","shape":[{n}],"data_offsets":[{pos},{pos + n}]}}')
             pos += n
         leaf = arrays[i]
@@ -179,14 +179,20 @@ def _padding_prefix(names: Sequence[str]) -> str:
     return prefix
 
 
+def _pad_phase(arr: Any) -> int | None:
+    """Where in a page an array of a padded file is to lie (its memory's phase), if it is large enough for
+    padding (``PAD_MIN_BYTES``); else None."""
+    return memory_phase(arr) if arr.nbytes >= PAD_MIN_BYTES else None
+
+
 def _pads(arrays: Sequence[ArrayLeaf], indices: Sequence[int], phase: int) -> dict[int, int]:
     """The padding before each array of a padded file whose data starts at ``phase`` within a page: what
-    puts an array of ``PAD_MIN_BYTES`` or more at the offset within a page where its memory starts."""
+    puts each array :func:`_pad_phase` places at the offset within a page where its memory starts."""
     pads: dict[int, int] = {}
     pos = phase
     for i in indices:
         arr = arrays[i].array
-        want = memory_phase(arr) if arr.nbytes >= PAD_MIN_BYTES else None
+        want = _pad_phase(arr)
         if want is not None and (want - pos) % DIRECT_ALIGN:
             pads[i] = (want - pos) % DIRECT_ALIGN
             pos += pads[i]
