@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_multiprocess.py                       # 256 MiB, 2 and 4 processes
     .venv/bin/python benchmarks/bench_multiprocess.py --mib 64 --rounds 1 --runs 1 --json out.json
 
-Four kinds of job, each a set of fresh processes on this machine (gloo on CPU, local disk):
+Five kinds of job, each a set of fresh processes on this machine (gloo on CPU, local disk):
 
 - **torch** (``ckptstore``, ``dcp``, ``raw``): ranks forked from this process after torch is imported,
   ``init_process_group("gloo")``. Every rank holds a row block (DTensor, ``Shard(0)``) of 8 float32 arrays.
@@ -35,6 +35,10 @@ Four kinds of job, each a set of fresh processes on this machine (gloo on CPU, l
   ``O_DIRECT`` writer alternated in the same processes, ``--ab-rounds`` rounds, the order rotated each round
   and ``os.sync()`` before each: the figures the save targets are judged on (per-round ratios), since the
   disk's speed drifts between the separate jobs above by more than the differences measured.
+- **jab** (JAX, 2 and 4 processes, once): the same with ckptstore, Orbax (one ``CheckpointManager``, async
+  checkpointing off, kept across rounds as a training job keeps it; its files fsynced as in the jax job)
+  and the raw writer (an ``O_DIRECT`` write of a copy of the process's addressable shards, in fresh memory),
+  and that write again from JAX's own buffers of the shards (``rawbuf``): on the VM measured, slower.
 
 Durability: ckptstore fsyncs its files and directories itself; DCP ``FileSystemWriter(sync_files=True)``
 (its default); Orbax (tensorstore) is followed by an fsync of every file and directory it wrote, spread
@@ -70,6 +74,7 @@ MiB = 1 << 20
 N_ARRAYS = 8
 COLS = 1024
 WRITE_CHUNK = 16 * MiB
+PAGE = 4096
 
 
 def rows_of(total_mib: int) -> int:
@@ -105,8 +110,9 @@ def cache_share(path: str, index: int, count: int) -> None:
                 pass
 
 
-def fsync_share(paths: list[str], index: int, count: int) -> None:
-    """fsync this process's share of the files under ``paths`` (every ``count``-th), and the directories."""
+def fsync_share(paths: list[str], index: int, count: int) -> int:
+    """fsync this process's share of the files under ``paths`` (every ``count``-th), and the directories;
+    return how many files there were in all."""
     files, dirs = walk(paths)
     for f in files[index::count]:
         fd = os.open(f, os.O_RDONLY)
@@ -120,6 +126,7 @@ def fsync_share(paths: list[str], index: int, count: int) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    return len(files)
 
 
 # --- torch ranks: ckptstore vs DCP, and the raw write ceiling ---------------------------------------------
@@ -172,6 +179,24 @@ def raw_write(path: str, view: memoryview, variant: str) -> None:
             if variant == "wb" and done - flushed >= 64 * MiB:  # start the kernel's writeback
                 os.posix_fadvise(fd, flushed, done - flushed, os.POSIX_FADV_DONTNEED)
                 flushed = done
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_write_from(path: str, arrays: list[Any]) -> None:
+    """``raw_write`` ``direct`` of several arrays from where they lie, one after the other into one file:
+    each array's whole pages (the bytes before its first page boundary and after its last are left out,
+    under 8 KiB of each)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        pos = 0
+        for a in arrays:
+            head = -a.ctypes.data % PAGE
+            view = memoryview(a.reshape(-1).view("uint8"))[head:]
+            view = view[: len(view) // PAGE * PAGE]
+            for off in range(0, len(view), WRITE_CHUNK):
+                pos += os.pwrite(fd, view[off : off + WRITE_CHUNK], pos)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -503,6 +528,11 @@ def jax_worker(cfg: dict[str, Any], pid: int) -> None:
         return time.perf_counter() - t, extra, res
 
     tool, root = cfg["tool"], cfg["root"]
+    if tool == "ab":
+        samples = jax_ab(cfg, pid, state(1), barrier)
+        Path(cfg["out"], f"p{pid}.json").write_text(json.dumps(samples))
+        jax.distributed.shutdown()
+        return
     samples = []
     if tool == "ckptstore":
         store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore"))
@@ -586,6 +616,72 @@ def jax_worker(cfg: dict[str, Any], pid: int) -> None:
     jax.distributed.shutdown()
 
 
+def jax_ab(cfg: dict[str, Any], pid: int, state: dict[str, Any], barrier: Callable[[], None]) -> list[dict[str, Any]]:
+    """The torch ``ab`` job's JAX twin: blocking saves of one state by ckptstore, Orbax (one
+    ``CheckpointManager`` kept across rounds, as a training job keeps it; its files fsynced as in the jax
+    job) and the raw ``O_DIRECT`` writer, alternated in the same processes, rotated, ``os.sync()`` before
+    each; each checkpoint deleted after its timed window. Round 0 is a warm-up."""
+    import mmap
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    import ckptstore
+
+    root = cfg["root"]
+    n = cfg["processes"]
+    buffers = [np.asarray(sh.data) for a in state.values() for sh in a.addressable_shards]  # JAX's, aliased
+    local = [b.reshape(-1).view(np.uint8) for b in buffers]
+    share = np.frombuffer(mmap.mmap(-1, sum(a.nbytes for a in local)), np.uint8)
+    np.concatenate(local, out=share)
+    raw_path = os.path.join(root, f"raw-{pid}.bin")
+    store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore-ab"))
+    orbax_dir = os.path.join(root, "orbax-ab")
+    mgr = ocp.CheckpointManager(orbax_dir, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+
+    def orbax_save(r: int) -> None:
+        mgr.save(r, args=ocp.args.StandardSave(state))
+        mgr.wait_until_finished()
+        seen.append(fsync_share([os.path.join(orbax_dir, str(r))], pid, n))
+
+    tools: dict[str, Callable[[int], Any]] = {
+        "ckptstore": lambda r: store.save(r, state).timings,
+        "orbax": orbax_save,
+        "raw": lambda r: raw_write(raw_path, memoryview(share), "direct"),
+        "rawbuf": lambda r: raw_write_from(raw_path, buffers),
+    }
+    names = list(tools)
+    samples = []
+    seen: list[int] = []
+    for r in range(cfg["ab_rounds"] + 1):
+        k = r % len(names)
+        sample: dict[str, Any] = {"round": r}
+        for name in names[k:] + names[:k]:
+            if pid == 0:
+                os.sync()
+            barrier()
+            t = time.perf_counter()
+            got = tools[name](r + 1)
+            barrier()
+            sample[name + "_s"] = time.perf_counter() - t
+            if name == "ckptstore":
+                sample["phases"] = dict(got)  # this process's seconds per phase
+            if name == "orbax":
+                sample["orbax_files"] = seen[-1]
+            if name in ("raw", "rawbuf"):
+                os.unlink(raw_path)
+            elif name == "ckptstore" and pid == 0:
+                store.delete(r + 1)
+            elif name == "orbax":
+                mgr.delete(r + 1)  # every process: Orbax's delete ends in a barrier of its own
+            barrier()
+        if r:
+            samples.append(sample)
+    store.close()
+    mgr.close()
+    return samples
+
+
 def jax_job(cfg: dict[str, Any], processes: int, port: int) -> list[dict[str, Any]]:
     cfg = dict(cfg, processes=processes, coordinator=f"127.0.0.1:{port}", out=cfg["root"])
     cfg_path = os.path.join(cfg["root"], "cfg.json")
@@ -600,6 +696,8 @@ def jax_job(cfg: dict[str, Any], processes: int, port: int) -> list[dict[str, An
     if any(codes):
         raise SystemExit(f"{cfg['tool']} on {processes} JAX processes failed: exit codes {codes}")
     per = [json.loads(Path(cfg["root"], f"p{p}.json").read_text()) for p in range(processes)]
+    if cfg["tool"] == "ab":  # process 0's times
+        return list(per[0])
     merged = []
     for i, s in enumerate(per[0]):
         m = dict(s)
@@ -662,8 +760,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="jobs per tool and process count, rotated")
     parser.add_argument("--loop-runs", type=int, default=3, help="in-flight windows per mode in the loop job")
     parser.add_argument("--step-ms", type=float, default=20.0, help="the loop's fixed compute time per step")
-    parser.add_argument("--only", default="torch,jax,loop,ab", help="comma-separated: torch, jax, loop, ab")
-    parser.add_argument("--ab-rounds", type=int, default=12, help="rounds of the alternated torch saves (ab)")
+    parser.add_argument("--only", default="torch,jax,loop,ab,jab", help="comma-separated: torch, jax, loop, ab, jab")
+    parser.add_argument("--ab-rounds", type=int, default=12, help="rounds of the alternated saves (ab, jab)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write every sample here")
     args = parser.parse_args()
@@ -695,8 +793,8 @@ def main() -> None:
         cfg.update(extra)
         loads.append(os.getloadavg()[0])
         t = time.perf_counter()
-        samples = jax_job(cfg, procs, port) if kind == "jax" else torch_job(cfg, procs, port)
-        if kind not in ("loop", "ab"):
+        samples = jax_job(cfg, procs, port) if kind in ("jax", "jab") else torch_job(cfg, procs, port)
+        if kind not in ("loop", "ab", "jab"):
             samples[0]["warm"] = True
         print(f"  {kind} {tool} x{procs} round {rnd}: {time.perf_counter() - t:.1f} s", flush=True)
         all_samples.setdefault(f"{kind}|{tool}|{procs}", []).extend(samples)
@@ -713,9 +811,10 @@ def main() -> None:
                 k = rnd % len(jobs) if jobs else 0
                 for kind, tool in jobs[k:] + jobs[:k]:  # rotated: each round starts with another tool
                     run_job(kind, tool, procs, rnd)
-            if "ab" in only and rnd == 0:
-                for procs in args.procs:
-                    run_job("ab", "ab", procs, rnd, ab_rounds=args.ab_rounds)
+            for kind in ("ab", "jab"):
+                if kind in only and rnd == 0:
+                    for procs in args.procs:
+                        run_job(kind, "ab", procs, rnd, ab_rounds=args.ab_rounds)
             if "loop" in only:
                 order = ["none", "ckptstore", "dcp"]
                 k = rnd % 3
@@ -726,7 +825,7 @@ def main() -> None:
     rows = []
     for key, samples in all_samples.items():
         kind, tool, procs = key.split("|")
-        if kind not in ("loop", "ab"):
+        if kind not in ("loop", "ab", "jab"):
             rows.append(summarize(kind, tool, int(procs), args.mib, samples))
     load = (min(loads), max(loads)) if loads else (0.0, 0.0)
     print(f"\n{args.mib} MiB global state ({N_ARRAYS} float32 arrays of {COLS} columns, row-sharded), ", end="")
@@ -776,24 +875,38 @@ def main() -> None:
                 f"  {r['kind']} {r['tool']} x{r['procs']}: {fmt(r['restore_ip_gbs'], '.2f')} GB/s, "
                 f"peak extra RSS {r['restore_ip_rss_mib']:.0f} MiB"
             )
-    ab = sorted((int(key.split("|")[2]), s) for key, s in all_samples.items() if key.startswith("ab|"))
-    if ab:
+    for kind, other, label in (("ab", "dcp", "DCP"), ("jab", "orbax", "Orbax")):
+        ab = sorted((int(key.split("|")[2]), s) for key, s in all_samples.items() if key.startswith(kind + "|"))
+        if not ab:
+            continue
         gb = args.mib * MiB / 1e9
-        print(f"\nBlocking torch saves alternated in the same processes ({args.ab_rounds} rounds, rotated), GB/s:")
+        what = "torch ranks" if kind == "ab" else "JAX processes"
+        print(f"\nBlocking saves alternated in the same {what} ({args.ab_rounds} rounds, rotated), GB/s:")
         for procs, samples in ab:
-            tput = {t: med([gb / s[t + "_s"] for s in samples]) for t in ("ckptstore", "dcp", "raw")}
-            vs_dcp = med([s["dcp_s"] / s["ckptstore_s"] for s in samples])
+            tput = {t: med([gb / s[t + "_s"] for s in samples]) for t in ("ckptstore", other, "raw")}
+            vs_other = med([s[other + "_s"] / s["ckptstore_s"] for s in samples])
             vs_raw = med([s["raw_s"] / s["ckptstore_s"] for s in samples])
-            dcp_raw = med([s["raw_s"] / s["dcp_s"] for s in samples])
+            other_raw = med([s["raw_s"] / s[other + "_s"] for s in samples])
             phases = {k: med([s["phases"][k] * 1000 for s in samples]) for k in ("prepare", "plan", "write", "commit")}
+            offsets = ""
+            if kind == "ab":
+                offsets = f"; its tensors start at {len(samples[0]['page_offsets'])} offsets within a page"
+            else:
+                buf = med([gb / s["rawbuf_s"] for s in samples])
+                buf_raw = med([s["rawbuf_s"] / s["raw_s"] for s in samples])
+                vs_buf = med([s["rawbuf_s"] / s["ckptstore_s"] for s in samples])
+                offsets = (
+                    f"\n       raw O_DIRECT from JAX's own buffers {fmt(buf, '.2f')} GB/s, its time / raw's "
+                    f"{fmt(buf_raw, '.2f')}; ckptstore of it {fmt(vs_buf, '.2f')}"
+                )
             print(
-                f"  x{procs}: ckptstore {fmt(tput['ckptstore'], '.2f')}, DCP {fmt(tput['dcp'], '.2f')}, "
+                f"  x{procs}: ckptstore {fmt(tput['ckptstore'], '.2f')}, {label} {fmt(tput[other], '.2f')}, "
                 f"raw O_DIRECT {fmt(tput['raw'], '.2f')}\n"
-                f"       per round: ckptstore / DCP {fmt(vs_dcp, '.2f')}; of raw: ckptstore {fmt(vs_raw, '.2f')}, "
-                f"DCP {fmt(dcp_raw, '.2f')}\n"
+                f"       per round: ckptstore / {label} {fmt(vs_other, '.2f')}; "
+                f"of raw: ckptstore {fmt(vs_raw, '.2f')}, {label} {fmt(other_raw, '.2f')}\n"
                 f"       ckptstore's phases on rank 0, ms: "
                 + ", ".join(f"{k} {fmt(v, '.0f')}" for k, v in phases.items())
-                + f"; its tensors start at {len(samples[0]['page_offsets'])} offsets within a page"
+                + offsets
             )
     loop = all_samples.get("loop|loop|2")
     if loop:
