@@ -86,6 +86,13 @@ class Knobs:
     #: file is then not in the page cache: a reader on the same machine right after (an evaluator) reads
     #: it from the disk; set False where that read matters more than the save.
     direct_writes: bool = True
+    #: Direct writes of a blocking save: copy the bytes into two page-aligned staging buffers of
+    #: ``chunk_bytes`` in huge pages (kept per thread; ``CheckpointStore.close()`` frees the caller's) and
+    #: write each on a helper thread while the next fills, so that the disk gets requests as large as it
+    #: takes whatever memory the arrays lie in (from memory in scattered pages a request carries less; the
+    #: copy overlaps the writes, on a core the waiting caller leaves free). A background save writes from
+    #: where the bytes lie, copying nothing on the training's time. False: every save writes from there.
+    staged_writes: bool = True
     #: Run the retention pass after each commit on a thread of its own (the save returns at once; the next
     #: save, ``close`` and the store's own listings wait for it). False: in the save, after the commit, with
     #: the same failure semantics (logged, reported by the next save). The test suite runs with False except

@@ -195,12 +195,14 @@ def save(
     *,
     overwrite: bool,
     coordinator: Coordinator,
+    staged: bool = False,
 ) -> Committed:
     """Save what ``source()`` prepares (this rank's view of the state) as checkpoint directory ``name``,
     with every rank of ``coordinator``; steps 1-5 of the module docstring.
 
     Plain arrays are taken as replicated: the same on every rank, written once. :class:`ckptstore.Shard`
-    and DTensor leaves are blocks of global arrays. Plain values and the metadata are rank 0's.
+    and DTensor leaves are blocks of global arrays. Plain values and the metadata are rank 0's. ``staged``:
+    local direct writes go through staging buffers (``knobs.staged_writes``: a blocking save's).
 
     Raises:
         UnsupportedTypeError: a leaf cannot be saved (on any rank; nothing is written).
@@ -247,7 +249,7 @@ def save(
         try:
             if staging is None:
                 staging = storage.join(name, token)
-            result: list[Any] = ["ok", *_write_share(staging, prepared, tasks, token, c.rank)]
+            result: list[Any] = ["ok", *_write_share(staging, prepared, tasks, token, c.rank, staged)]
         except Exception as e:
             err: BaseException = e
             if isinstance(e, StorageError) and c.world_size > 1:
@@ -552,7 +554,7 @@ def _plan(
 
 
 def _write_share(
-    staging: Staging, prepared: Prepared, tasks: list[list[int]] | None, token: str, rank: int
+    staging: Staging, prepared: Prepared, tasks: list[list[int]] | None, token: str, rank: int, staged: bool
 ) -> tuple[list[list[Any]], list[tuple[int, TensorEntry]]]:
     """Write this rank's arrays into its own files; return their names and sizes, and each array's slot
     with its tensor entry (``file``: the index among this rank's files)."""
@@ -565,11 +567,15 @@ def _write_share(
         if a.offsets is not None:  # blocks of one array are told apart by their offsets
             names[k] = first.setdefault(id(a.path), names[k]) + "@" + ",".join(map(str, a.offsets))
     check_intact(leaves)  # a failure before anything is written costs nothing
-    by_phase = knobs.current.direct_writes and staging.storage.local_files
+    direct = knobs.current.direct_writes and staging.storage.local_files
+    staged = staged and knobs.current.staged_writes
+    by_phase = direct and not staged  # written from where they lie: each at its page offset
     plans = tensorio.plan_files(leaves, f"tensors-{token}-r{rank:05d}", knobs.current.max_file_bytes, by_phase=by_phase)
     files: list[list[Any]] = []
     entries: list[tuple[int, TensorEntry]] = []
-    fills = [(plan.name, functools.partial(_write_file, leaves, names, plan, k)) for k, plan in enumerate(plans)]
+    fills = [
+        (plan.name, functools.partial(_write_file, leaves, names, plan, k, staged)) for k, plan in enumerate(plans)
+    ]
     for plan, (size, written) in zip(plans, staging.write_all(fills)):  # all durable once it returns
         files.append([plan.name, size])
         slot_of = plan.indices if tasks is None else [tasks[i][0] for i in plan.indices]
@@ -591,9 +597,9 @@ def check_intact(leaves: Sequence[ArrayLeaf]) -> None:
 
 
 def _write_file(
-    arrays: Sequence[ArrayLeaf], names: Sequence[str], plan: tensorio.FilePlan, k: int, f: BinaryIO
+    arrays: Sequence[ArrayLeaf], names: Sequence[str], plan: tensorio.FilePlan, k: int, staged: bool, f: BinaryIO
 ) -> tuple[int, list[TensorEntry]]:
-    return tensorio.write_file(f, arrays, names, plan, k)
+    return tensorio.write_file(f, arrays, names, plan, k, staged=staged)
 
 
 def _commit(

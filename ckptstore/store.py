@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, overload
 
-from . import distributed, knobs, leases, load, pipeline, tree, watch
+from . import distributed, knobs, leases, load, pipeline, tensorio, tree, watch
 from .asyncsave import SaveHandle, Saver
 from .decisions import Decisions, SavePolicy
 from .errors import (
@@ -276,7 +276,7 @@ class CheckpointStore:
         self._decisions.started(step)
         if blocking:
             self._saver.wait()  # saves commit in the order they were asked for
-            return self._save(step, lambda: pipeline.prepare(state, metadata), overwrite, coord)
+            return self._save(step, lambda: pipeline.prepare(state, metadata), overwrite, coord, staged=True)
         if coord.world_size > 1:
             if knobs.current.async_max_in_flight != 1:  # two saves' collectives would interleave
                 raise ConfigError("saves across ranks with blocking=False need knobs.async_max_in_flight == 1")
@@ -379,7 +379,8 @@ class CheckpointStore:
             self._retention_thread.wait()
 
     def close(self) -> None:
-        """Wait for background saves and free their snapshot memory. The store stays usable.
+        """Wait for background saves and free their snapshot memory, and the calling thread's staging
+        buffers of blocking saves (``knobs.staged_writes``). The store stays usable.
 
         Raises:
             AsyncSaveError: a background save failed and its handle did not report it.
@@ -389,6 +390,7 @@ class CheckpointStore:
         finally:
             self._retention_thread.wait()
             self._saver.release_snapshots()
+            tensorio.release_staging()
             self._decisions.close()
 
     def __enter__(self) -> CheckpointStore:
@@ -398,10 +400,16 @@ class CheckpointStore:
         self.close()
 
     def _save(
-        self, step: int, source: Callable[[], pipeline.Prepared], overwrite: bool, coord: distributed.Coordinator
+        self,
+        step: int,
+        source: Callable[[], pipeline.Prepared],
+        overwrite: bool,
+        coord: distributed.Coordinator,
+        staged: bool = False,
     ) -> CheckpointInfo:
         """Every rank writes its share, rank 0 commits (:func:`ckptstore.pipeline.save`); then rank 0 alone
-        applies retention (after the commit it depends on)."""
+        applies retention (after the commit it depends on). ``staged``: a blocking save (on the caller's
+        time: its direct writes go through staging buffers, ``knobs.staged_writes``)."""
         name = step_name(step)
         failure = None
         started = time.perf_counter()
@@ -413,7 +421,7 @@ class CheckpointStore:
             # commit, and so before the pass after it. Never raises.
             self._retention.catch_up(self.storage)
             extra["retention_wait"] = time.perf_counter() - started
-        done = pipeline.save(self.storage, name, step, source, overwrite=overwrite, coordinator=coord)
+        done = pipeline.save(self.storage, name, step, source, overwrite=overwrite, coordinator=coord, staged=staged)
         if coord.rank == 0:
             _remember(self.url, step)
             self._retention.saved(step, done.created)

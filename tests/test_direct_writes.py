@@ -1,5 +1,6 @@
 """Local tensor files written with O_DIRECT (tensorio._DirectSink): the same files, bytes for bytes, as
-through the page cache; aligned runs taken from where they lie; the page cache used where direct I/O is
+through the page cache; a blocking save's bytes through two kept staging buffers (tensorio._StagedSink),
+a background save's aligned runs taken from where they lie; the page cache used where direct I/O is
 refused; a failing direct write fails the save and loses nothing saved before."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import errno
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -124,20 +126,32 @@ def _first_bytes(buffers: list[Any], n: int) -> list[memoryview]:
     return out
 
 
-@pytest.mark.parametrize("blocking", [True, False])
+def _save(store: ckptstore.CheckpointStore, step: int, state: Any, mode: str) -> None:
+    """A save by ``mode``: "staged" (blocking), "in place" (blocking, ``staged_writes`` off) or "background"."""
+    if mode == "background":
+        store.save(step, state, blocking=False).result()
+        return
+    with knobs.override(staged_writes=mode == "staged"):
+        store.save(step, state)
+
+
+MODES = ["staged", "in place", "background"]
+
+
+@pytest.mark.parametrize("mode", ["in place", "background"])
 @pytest.mark.parametrize("chunk_bytes", [16 << 20, 64 << 10, 3 * A + 5])
-def test_direct_files_are_the_files_the_page_cache_would_hold(tmp_path: Path, blocking: bool, chunk_bytes: int) -> None:
+def test_direct_files_are_the_files_the_page_cache_would_hold(tmp_path: Path, mode: str, chunk_bytes: int) -> None:
     state = _state()
     store = ckptstore.CheckpointStore(tmp_path)
     with knobs.override(chunk_bytes=chunk_bytes):
-        store.save(1, state, blocking=blocking) if blocking else store.save(1, state, blocking=False).result()
+        _save(store, 1, state, mode)
         with knobs.override(direct_writes=False):
             store.save(2, state)
     (direct,), (cached,) = _files(tmp_path, 1), _files(tmp_path, 2)
     # The header is padded so that the first tensor's bytes lie in a file page as in their memory page: the
-    # caller's array (blocking) or the snapshot buffer's, whose large arrays start on a page.
+    # caller's array (in place) or the snapshot buffer's, whose large arrays start on a page.
     first = state[_first_tensor(direct)]
-    assert _data_start(direct) % A == ((tensorio.memory_phase(first) or 0) if blocking else 0)
+    assert _data_start(direct) % A == ((tensorio.memory_phase(first) or 0) if mode == "in place" else 0)
     assert _data_start(cached) % 8 == 0 and _data_start(cached) < _data_start(direct)
     # The same tensors and bytes after the header, but for padding that puts a large array at its phase:
     # nothing padded at the end, nothing lost at a seam.
@@ -147,6 +161,47 @@ def test_direct_files_are_the_files_the_page_cache_would_hold(tmp_path: Path, bl
     assert _equal(_tensors(direct), state)
     assert _equal(store.restore(1, verify=True), state)
     assert _equal(store.restore(2, verify=True), state)
+
+
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 64 << 10, 3 * A + 5])
+def test_a_blocking_save_stages_its_bytes_into_the_file_the_page_cache_would_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
+) -> None:
+    state = {"big": np.random.default_rng(2).random((3 << 20) // 8), **_state()}  # several buffers' worth
+    store = ckptstore.CheckpointStore(tmp_path)
+    tensorio.release_staging()
+    writes: list[tuple[str, int, int]] = []  # (thread, buffer address, bytes) of each direct pwritev
+    real = os.pwritev
+
+    def pwritev(fd: int, buffers: Any, offset: int) -> int:
+        n = real(fd, buffers, offset)
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            writes.append((threading.current_thread().name, _address(memoryview(buffers[0])), n))
+        return n
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    with knobs.override(chunk_bytes=chunk_bytes):
+        store.save(1, state)
+        buffers = tensorio._staging.buffers
+        store.save(2, state)
+        assert tensorio._staging.buffers is buffers  # kept for the thread's next save
+        with knobs.override(direct_writes=False):
+            store.save(3, state)
+    (staged,), (again,), (cached,) = _files(tmp_path, 1), _files(tmp_path, 2), _files(tmp_path, 3)
+    # Where the bytes lay in memory does not matter: no padding, the plain writer's file byte for byte.
+    assert staged.read_bytes() == cached.read_bytes() == again.read_bytes()
+    size = staged.stat().st_size
+    # Every full buffer went out from the helper thread, from the two buffers in turn; only the last part
+    # (its aligned blocks direct, from the caller's thread) and the last partial block (buffered) did not.
+    addresses = [_address(b) for b in buffers]
+    full = [w for w in writes[: len(writes) // 2] if w[0] == "ckptstore-write"]
+    assert len(full) == size // len(buffers[0]) and (len(full) >= 2 or chunk_bytes > size)
+    assert [a for _, a, _ in full] == [addresses[k % 2] for k in range(len(full))]
+    assert all(n == len(buffers[0]) for _, _, n in full)
+    assert sum(n for _, _, n in writes) == 2 * (size // A * A)
+    assert _equal(store.restore(1, verify=True), state)
+    store.close()
+    assert tensorio._staging.buffers is None  # close frees the caller's
 
 
 def test_aligned_tensors_come_first_in_a_file_and_start_aligned() -> None:
@@ -208,7 +263,7 @@ def test_tensors_that_start_inside_a_page_are_written_from_where_they_lie(
 
     monkeypatch.setattr(tensorio._DirectSink, "_put", put)
     store = ckptstore.CheckpointStore(tmp_path)
-    store.save(1, state)
+    _save(store, 1, state, "in place")
     (path,) = _files(tmp_path, 1)
     assert _data_start(path) % A == 64 and _first_tensor(path) == "a"
     # c, at another phase, lies behind 64 bytes of padding, at its phase: written from where it lies too.
@@ -254,7 +309,7 @@ def test_tensors_at_other_phases_lie_at_their_phase_behind_padding(
 
     monkeypatch.setattr(tensorio._DirectSink, "_put", put)
     store = ckptstore.CheckpointStore(tmp_path)
-    store.save(1, state)
+    _save(store, 1, state, "in place")
     (path,) = _files(tmp_path, 1)
     assert _data_start(path) % A == 64
     assert sorted(_padding(path).values()) == [64, 128, 256]  # before b, d and x
@@ -269,6 +324,10 @@ def test_tensors_at_other_phases_lie_at_their_phase_behind_padding(
     remote.save(1, state)
     assert len(ckptstore.load.read_manifest(remote.storage, "step_00000001").files) == 1
     assert _equal(remote.restore(1, verify=True), state)
+    # A blocking save stages its bytes: no padding either.
+    store.save(2, state)
+    (path,) = _files(tmp_path, 2)
+    assert _padding(path) == {} and _equal(_tensors(path), state)
 
 
 def test_snapshot_buffers_put_large_arrays_on_pages() -> None:
@@ -299,9 +358,10 @@ def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
     assert _equal(store.restore(1, verify=True), state)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fault", ["einval", "short"])
 def test_a_direct_write_refused_or_cut_short_goes_on_through_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, mode: str
 ) -> None:
     real = os.pwritev
     faults = [0]
@@ -318,16 +378,16 @@ def test_a_direct_write_refused_or_cut_short_goes_on_through_the_page_cache(
     monkeypatch.setattr(os, "pwritev", pwritev)
     state = _state()
     store = ckptstore.CheckpointStore(tmp_path)
-    store.save(1, state, blocking=False).result()
+    _save(store, 1, state, mode)
     store.save(2, state)
     assert faults[0] == 1  # in the first save; the second wrote directly again
     assert _equal(store.restore(1, verify=True), state)
     assert _equal(store.restore(2, verify=True), state)
 
 
-@pytest.mark.parametrize("blocking", [True, False])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_full_disk_during_a_direct_write_fails_the_save_and_keeps_the_last(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocking: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     state = _state()
     store = ckptstore.CheckpointStore(tmp_path)
@@ -350,10 +410,7 @@ def test_a_full_disk_during_a_direct_write_fails_the_save_and_keeps_the_last(
     monkeypatch.setattr(os, "pwritev", pwritev)
     monkeypatch.setattr(tensorio._DirectSink, "close", close)
     with pytest.raises(StorageError, match="No space left") as info:
-        if blocking:
-            store.save(2, state)
-        else:
-            store.save(2, state, blocking=False).result()
+        _save(store, 2, state, mode)
     assert "tensors-" in str(info.value)  # names the file
     assert left_direct
     monkeypatch.undo()
@@ -382,7 +439,7 @@ def test_verify_accepts_padding_only_as_ckptstore_writes_it(tmp_path: Path) -> N
         "b": _at_phase(rng.random(1 << 18, dtype=np.float32), 128),
     }
     store = ckptstore.CheckpointStore(tmp_path)
-    store.save(1, state)
+    _save(store, 1, state, "in place")
     (path,) = _files(tmp_path, 1)
     assert list(_padding(path).values()) == [64]
     assert store.verify(1) == [1]
