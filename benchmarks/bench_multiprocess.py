@@ -38,8 +38,9 @@ Five kinds of job, each a set of fresh processes on this machine (gloo on CPU, l
   disk's speed drifts between the separate jobs above by more than the differences measured.
   ckptstore's blocking saves stage their bytes (``knobs.staged_writes``); ``inplace`` is the same save
   written from where the bytes lie (``staged_writes=False``), as before.
-- **jab** (JAX, 2 and 4 processes, once): the same with ckptstore (and ``inplace``), Orbax (one ``CheckpointManager``, async
-  checkpointing off, kept across rounds as a training job keeps it; its files fsynced as in the jax job)
+- **jab** (JAX, 2 and 4 processes, once): the same with ckptstore (and ``inplace``), Orbax (one
+  ``CheckpointManager``, async checkpointing off, kept across rounds as a training job keeps it; its files
+  fsynced as in the jax job)
   and the raw writer (from a copy of the process's addressable shards in fresh memory, and ``rawbuf``:
   from JAX's own buffers of the shards, which on the VM measured is 1.5-1.8x slower).
 

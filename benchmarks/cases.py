@@ -73,6 +73,13 @@ def _no_hash() -> None:
     tio.xxhash = Module  # type: ignore[assignment]
 
 
+def _closing(fn: Callable[[], Any], store: Any) -> Callable[[], Any]:
+    """``fn`` with ``fn.close``: the store's close (its background retention pass holds the store's lock
+    file, which must be over before the directory is removed)."""
+    fn.close = store.close  # type: ignore[attr-defined]
+    return fn
+
+
 def save_fn(tool: str, state: dict[str, np.ndarray], out: str) -> Callable[[], Any]:
     """A callable that saves ``state`` under ``out`` (a fresh directory) durably."""
     if tool in ("raw", "raw_early_writeback"):
@@ -83,13 +90,19 @@ def save_fn(tool: str, state: dict[str, np.ndarray], out: str) -> Callable[[], A
         if tool == "ckptstore_nohash":
             _no_hash()
         store = ckptstore.CheckpointStore(out)
-        return lambda: store.save(1, state)
-    if tool == "ckptstore_torch":
+        return _closing(lambda: store.save(1, state), store)
+    if tool in ("ckptstore_torch", "ckptstore_torch_inplace"):
         import ckptstore
 
         ts = c.to_torch(state)
         store = ckptstore.CheckpointStore(out)
-        return lambda: store.save(1, ts)
+        staged = tool == "ckptstore_torch"  # else direct writes from where the bytes lie, as before staging
+
+        def save() -> None:
+            with ckptstore.knobs.override(staged_writes=staged):
+                store.save(1, ts)
+
+        return _closing(save, store)
     if tool == "torch.save":
         import torch
 
@@ -134,6 +147,7 @@ def case_save(spec: Spec) -> dict[str, Any]:
     fn = save_fn(spec["tool"], state, out)
     os.sync()  # nothing dirty from the build or earlier runs may be flushed inside the timed region
     seconds, _, mem = c.timed(fn)
+    getattr(fn, "close", lambda: None)()
     res = {"seconds": seconds, "bytes": c.nbytes(state), "state_bytes": c.nbytes(state), **mem}
     manifest = [f for f in c.files_under(out) if f.endswith("manifest.msgpack")]
     if manifest:

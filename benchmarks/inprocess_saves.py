@@ -38,6 +38,7 @@ def main() -> None:
             dt = time.perf_counter() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
             res[t].append((dt, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime))
+            getattr(fn, "close", lambda: None)()  # a store's background work ends before its directory goes
             shutil.rmtree(out)
         print(r, "  ".join(f"{t}={res[t][-1][0]:.2f}/{res[t][-1][1]:.2f}" for t in tools), flush=True)
     for t in tools:
