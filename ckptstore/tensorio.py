@@ -448,12 +448,14 @@ class _StagedSink(_DirectSink):
         self.writer = _HelperThread("ckptstore-write")
 
     def write(self, data: Any) -> None:
-        src = np.frombuffer(memoryview(data).cast("B"), np.uint8)
-        i = 0
-        while i < len(src):
-            take = min(len(self.stage) - self.fill, len(src) - i)
-            # np.copyto lets go of the GIL (a memoryview's slice assignment holds it)
-            np.copyto(np.frombuffer(self.stage, np.uint8, take, self.fill), src[i : i + take])
+        view = memoryview(data).cast("B")
+        i, n = 0, len(view)
+        while i < n:
+            take = min(len(self.stage) - self.fill, n - i)
+            if take < GIL_FREE_COPY_BYTES:
+                self.stage[self.fill : self.fill + take] = view[i : i + take]
+            else:  # np.copyto lets go of the GIL (a memoryview's slice assignment holds it)
+                np.copyto(np.frombuffer(self.stage, np.uint8, take, self.fill), np.frombuffer(view, np.uint8, take, i))
             self.fill += take
             i += take
             if self.fill == len(self.stage):
@@ -475,6 +477,9 @@ class _StagedSink(_DirectSink):
         self.writer.__exit__()  # after a failure too: no write may still use the descriptor or the buffers
         super().close()
 
+
+#: Staged copies at least this large let go of the GIL; a smaller one costs less than the hand-off.
+GIL_FREE_COPY_BYTES = 64 << 10
 
 _staging = threading.local()
 
