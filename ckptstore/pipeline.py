@@ -567,9 +567,8 @@ def _write_share(
         if a.offsets is not None:  # blocks of one array are told apart by their offsets
             names[k] = first.setdefault(id(a.path), names[k]) + "@" + ",".join(map(str, a.offsets))
     check_intact(leaves)  # a failure before anything is written costs nothing
-    direct = knobs.current.direct_writes and staging.storage.local_files
-    staged = staged and knobs.current.staged_writes
-    by_phase = direct and not staged  # written from where they lie: each at its page offset
+    staged = staged and knobs.current.staged_writes  # decided here, once, for the plan and every file
+    by_phase = knobs.current.direct_writes and staging.storage.local_files and not staged  # each at its page offset
     plans = tensorio.plan_files(leaves, f"tensors-{token}-r{rank:05d}", knobs.current.max_file_bytes, by_phase=by_phase)
     files: list[list[Any]] = []
     entries: list[tuple[int, TensorEntry]] = []

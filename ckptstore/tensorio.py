@@ -231,7 +231,7 @@ def write_file(
     staged: bool = False,
 ) -> tuple[int, list[TensorEntry]]:
     """Write one safetensors file; return its size and the manifest entry of each array in it. ``staged``:
-    a direct write goes through staging buffers (``knobs.staged_writes``: a blocking save's)."""
+    a direct write goes through staging buffers (:class:`_StagedSink`)."""
     total = sum(arrays[i].array.nbytes for i in plan.indices)
     sink = _DirectSink.open(f, staged) if total >= DIRECT_MIN_BYTES else None
     pads: dict[int, int] = {}
@@ -321,19 +321,18 @@ class _DirectSink:
     page cache from that point on.
     """
 
-    def __init__(self, fd: int, flags: int) -> None:
+    def __init__(self, fd: int, flags: int, stage: memoryview | None = None) -> None:
         self.fd = fd
         self.flags = flags  # the descriptor's flags without O_DIRECT
         self.direct = True
         self.pos = 0  # file offset of the staging buffer's first byte (aligned while ``direct``)
         self.fill = 0
-        size = max(DIRECT_ALIGN, knobs.current.chunk_bytes // DIRECT_ALIGN * DIRECT_ALIGN)
-        self.stage = memoryview(mmap.mmap(-1, size, **_PRIVATE))  # page-aligned
+        self.stage = stage if stage is not None else memoryview(mmap.mmap(-1, _stage_bytes(), **_PRIVATE))
 
     @staticmethod
     def open(f: BinaryIO, staged: bool = False) -> _DirectSink | None:
         """A sink for ``f`` if it is a plain local file at its start and direct writes are on, else None;
-        with ``staged`` (and ``knobs.staged_writes``) a :class:`_StagedSink`."""
+        with ``staged`` a :class:`_StagedSink`."""
         if _fcntl is None or not hasattr(os, "O_DIRECT") or not knobs.current.direct_writes:
             return None
         if type(f) not in (io.BufferedWriter, io.FileIO) or f.tell() != 0:  # a wrapper does its own thing
@@ -345,7 +344,7 @@ class _DirectSink:
             _fcntl.fcntl(fd, _fcntl.F_SETFL, flags | os.O_DIRECT)
         except (OSError, ValueError):  # EINVAL: this filesystem has no direct I/O
             return None
-        if staged and knobs.current.staged_writes:
+        if staged:
             return _StagedSink(fd, flags & ~os.O_DIRECT)
         return _DirectSink(fd, flags & ~os.O_DIRECT)
 
@@ -436,15 +435,10 @@ class _StagedSink(_DirectSink):
     """
 
     def __init__(self, fd: int, flags: int) -> None:
-        self.fd = fd
-        self.flags = flags
-        self.direct = True
-        self.pos = 0  # file offset of the next write (the writer thread's)
-        self.buffers = _staging_buffers(max(DIRECT_ALIGN, knobs.current.chunk_bytes // DIRECT_ALIGN * DIRECT_ALIGN))
+        self.buffers = _staging_buffers(_stage_bytes())
+        super().__init__(fd, flags, self.buffers[0])  # ``pos``: the writer thread's, while writes are in flight
         self.pending: list[Future[object] | None] = [None, None]  # each buffer's write in flight
         self.k = 0  # the buffer being filled
-        self.stage = self.buffers[0]
-        self.fill = 0
         self.writer = _HelperThread("ckptstore-write")
 
     def write(self, data: Any) -> None:
@@ -476,6 +470,11 @@ class _StagedSink(_DirectSink):
     def close(self) -> None:
         self.writer.__exit__()  # after a failure too: no write may still use the descriptor or the buffers
         super().close()
+
+
+def _stage_bytes() -> int:
+    """A staging buffer's size: ``knobs.chunk_bytes`` in whole ``DIRECT_ALIGN`` blocks, at least one."""
+    return max(DIRECT_ALIGN, knobs.current.chunk_bytes // DIRECT_ALIGN * DIRECT_ALIGN)
 
 
 #: Staged copies at least this large let go of the GIL; a smaller one costs less than the hand-off.
