@@ -397,64 +397,91 @@ def loop_main(mib: int, runs: int, step_ms: float, root: str, order: list[str]) 
     return samples
 
 
-def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
-    """Blocking saves of one state by ckptstore, DCP and a raw ``O_DIRECT`` writer (from a copy of the
-    rank's share in fresh memory, and from the tensors themselves), alternated in the same processes (the
-    order rotated each round, ``os.sync()`` before each): the disk's drift from one job to the next, larger
-    than the differences measured, then moves all of them alike. Round 0 is a warm-up."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
+#: A tool of the alternated jobs: ``(save, clean)``. ``save(step)`` is timed and returns extra fields for
+#: the round's sample (or None); ``clean(step)`` runs after the timed window, on every process.
+Tool = tuple[Callable[[int], "dict[str, Any] | None"], Callable[[int], Any]]
 
-    import ckptstore
 
-    rank = dist.get_rank()
-    state = torch_state(mib, 1, 0)
-    view = aligned_share(state)
-    # Each tool's checkpoint is deleted after its timed window, before the next one (as in the other jobs):
-    # a retention pass in the background would overlap the next tool's save.
-    store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore-ab"))
-    inplace_store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore-inplace-ab"))
-
-    def inplace(r: int) -> Any:  # written from where the bytes lie, as before staged writes
-        with ckptstore.knobs.override(staged_writes=False):
-            return inplace_store.save(r, state)
-
-    tools: dict[str, Callable[[int], Any]] = {
-        "ckptstore": lambda r: store.save(r, state).timings,
-        "inplace": inplace,
-        "dcp": lambda r: dcp.save(state, checkpoint_id=os.path.join(root, f"dcp-ab-{r}")),
-        "raw": lambda r: raw_write(os.path.join(root, f"raw-{rank}.bin"), view, "direct"),
-        "rawbuf": lambda r: raw_write_from(os.path.join(root, f"raw-{rank}.bin"), tensors),
-    }
-    tensors = [v.to_local().numpy() for v in state.values()]
+def alternate(tools: dict[str, Tool], rounds: int, barrier: Callable[[], Any], lead: bool) -> list[dict[str, Any]]:
+    """Time ``tools`` in turn in these processes, ``rounds`` rounds after a warm-up, the order rotated each
+    round, ``os.sync()`` (by the ``lead`` process) before each: the disk's drift from one job to the next,
+    larger than the differences measured, then moves all of them alike. Each tool's checkpoint is cleaned
+    up after its timed window, before the next one (as in the other jobs): a retention pass in the
+    background would overlap the next tool's save. Returns this process's samples."""
     names = list(tools)
     samples = []
     for r in range(rounds + 1):
         k = r % len(names)
         sample: dict[str, Any] = {"round": r}
         for name in names[k:] + names[:k]:
-            if rank == 0:
+            save, clean = tools[name]
+            if lead:
                 os.sync()
-            dist.barrier()
+            barrier()
             t = time.perf_counter()
-            got = tools[name](r + 1)
-            dist.barrier()
+            extra = save(r + 1)
+            barrier()
             sample[name + "_s"] = time.perf_counter() - t
-            if name == "ckptstore":
-                sample["phases"] = dict(got)  # rank 0's seconds per phase
-            if name in ("raw", "rawbuf"):
-                os.unlink(os.path.join(root, f"raw-{rank}.bin"))
-            elif name == "ckptstore" and rank == 0:
-                store.delete(r + 1)
-            elif name == "inplace" and rank == 0:
-                inplace_store.delete(r + 1)
-            elif name == "dcp" and rank == 0:
-                shutil.rmtree(os.path.join(root, f"dcp-ab-{r + 1}"))
-            dist.barrier()
+            sample.update(extra or {})
+            clean(r + 1)
+            barrier()
         if r:
             samples.append(sample)
-    store.close()
-    inplace_store.close()
+    return samples
+
+
+def ckptstore_tools(root: str, state: Any, lead: bool) -> tuple[dict[str, Tool], Callable[[], None]]:
+    """ckptstore's two tools for the alternated jobs: its blocking save (staged) and the same written in
+    place (``staged_writes=False``), as before staged writes; and what closes their stores."""
+    import ckptstore
+
+    stores = [ckptstore.CheckpointStore(os.path.join(root, f"ckptstore-{kind}-ab")) for kind in ("staged", "inplace")]
+
+    def save(r: int) -> dict[str, Any]:
+        return {"phases": dict(stores[0].save(r, state).timings)}  # this process's seconds per phase
+
+    def inplace(r: int) -> None:
+        with ckptstore.knobs.override(staged_writes=False):
+            stores[1].save(r, state)
+
+    def delete(store: Any) -> Callable[[int], None]:
+        return lambda r: store.delete(r) if lead else None
+
+    def close() -> None:
+        for store in stores:
+            store.close()
+
+    tools: dict[str, Tool] = {"ckptstore": (save, delete(stores[0])), "inplace": (inplace, delete(stores[1]))}
+    return tools, close
+
+
+def ab_main(mib: int, rounds: int, root: str) -> list[dict[str, Any]]:
+    """Blocking saves of one state by ckptstore, DCP and a raw ``O_DIRECT`` writer (from a copy of the
+    rank's share in fresh memory, and from the tensors themselves), :func:`alternate`d in the same
+    processes. Round 0 is a warm-up."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank = dist.get_rank()
+    lead = rank == 0
+    state = torch_state(mib, 1, 0)
+    view = aligned_share(state)
+    tensors = [v.to_local().numpy() for v in state.values()]
+    raw_path = os.path.join(root, f"raw-{rank}.bin")
+    tools, close = ckptstore_tools(root, state, lead)
+
+    def dcp_save(r: int) -> None:
+        dcp.save(state, checkpoint_id=os.path.join(root, f"dcp-ab-{r}"))
+
+    def dcp_clean(r: int) -> None:
+        if lead:
+            shutil.rmtree(os.path.join(root, f"dcp-ab-{r}"))
+
+    tools["dcp"] = (dcp_save, dcp_clean)
+    tools["raw"] = (lambda r: raw_write(raw_path, view, "direct"), lambda r: os.unlink(raw_path))
+    tools["rawbuf"] = (lambda r: raw_write_from(raw_path, tensors), lambda r: os.unlink(raw_path))
+    samples = alternate(tools, rounds, dist.barrier, lead)
+    close()
     # Where the tensors start within a page (each large one lies at its offset behind padding: tensorio.plan_files).
     samples[0]["page_offsets"] = sorted({v.to_local().data_ptr() % 4096 for v in state.values()})
     return samples
@@ -635,14 +662,11 @@ def jax_worker(cfg: dict[str, Any], pid: int) -> None:
 def jax_ab(cfg: dict[str, Any], pid: int, state: dict[str, Any], barrier: Callable[[], None]) -> list[dict[str, Any]]:
     """The torch ``ab`` job's JAX twin: blocking saves of one state by ckptstore, Orbax (one
     ``CheckpointManager`` kept across rounds, as a training job keeps it; its files fsynced as in the jax
-    job) and the raw ``O_DIRECT`` writer, alternated in the same processes, rotated, ``os.sync()`` before
-    each; each checkpoint deleted after its timed window. Round 0 is a warm-up."""
+    job) and the raw ``O_DIRECT`` writer, :func:`alternate`d in the same processes. Round 0 is a warm-up."""
     import mmap
 
     import numpy as np
     import orbax.checkpoint as ocp
-
-    import ckptstore
 
     root = cfg["root"]
     n = cfg["processes"]
@@ -651,59 +675,20 @@ def jax_ab(cfg: dict[str, Any], pid: int, state: dict[str, Any], barrier: Callab
     share = np.frombuffer(mmap.mmap(-1, sum(a.nbytes for a in local)), np.uint8)
     np.concatenate(local, out=share)
     raw_path = os.path.join(root, f"raw-{pid}.bin")
-    store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore-ab"))
-    inplace_store = ckptstore.CheckpointStore(os.path.join(root, "ckptstore-inplace-ab"))
-
-    def inplace(r: int) -> Any:  # written from where the bytes lie, as before staged writes
-        with ckptstore.knobs.override(staged_writes=False):
-            return inplace_store.save(r, state)
-
+    tools, close = ckptstore_tools(root, state, pid == 0)
     orbax_dir = os.path.join(root, "orbax-ab")
     mgr = ocp.CheckpointManager(orbax_dir, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
 
-    def orbax_save(r: int) -> None:
+    def orbax_save(r: int) -> dict[str, Any]:
         mgr.save(r, args=ocp.args.StandardSave(state))
         mgr.wait_until_finished()
-        seen.append(fsync_share([os.path.join(orbax_dir, str(r))], pid, n))
+        return {"orbax_files": fsync_share([os.path.join(orbax_dir, str(r))], pid, n)}
 
-    tools: dict[str, Callable[[int], Any]] = {
-        "ckptstore": lambda r: store.save(r, state).timings,
-        "inplace": inplace,
-        "orbax": orbax_save,
-        "raw": lambda r: raw_write(raw_path, memoryview(share), "direct"),
-        "rawbuf": lambda r: raw_write_from(raw_path, buffers),
-    }
-    names = list(tools)
-    samples = []
-    seen: list[int] = []
-    for r in range(cfg["ab_rounds"] + 1):
-        k = r % len(names)
-        sample: dict[str, Any] = {"round": r}
-        for name in names[k:] + names[:k]:
-            if pid == 0:
-                os.sync()
-            barrier()
-            t = time.perf_counter()
-            got = tools[name](r + 1)
-            barrier()
-            sample[name + "_s"] = time.perf_counter() - t
-            if name == "ckptstore":
-                sample["phases"] = dict(got)  # this process's seconds per phase
-            if name == "orbax":
-                sample["orbax_files"] = seen[-1]
-            if name in ("raw", "rawbuf"):
-                os.unlink(raw_path)
-            elif name == "ckptstore" and pid == 0:
-                store.delete(r + 1)
-            elif name == "inplace" and pid == 0:
-                inplace_store.delete(r + 1)
-            elif name == "orbax":
-                mgr.delete(r + 1)  # every process: Orbax's delete ends in a barrier of its own
-            barrier()
-        if r:
-            samples.append(sample)
-    store.close()
-    inplace_store.close()
+    tools["orbax"] = (orbax_save, mgr.delete)  # every process: Orbax's delete ends in a barrier of its own
+    tools["raw"] = (lambda r: raw_write(raw_path, memoryview(share), "direct"), lambda r: os.unlink(raw_path))
+    tools["rawbuf"] = (lambda r: raw_write_from(raw_path, buffers), lambda r: os.unlink(raw_path))
+    samples = alternate(tools, cfg["ab_rounds"], barrier, pid == 0)
+    close()
     mgr.close()
     return samples
 
@@ -914,14 +899,14 @@ def main() -> None:
             vs_raw = med([s["raw_s"] / s["ckptstore_s"] for s in samples])
             other_raw = med([s["raw_s"] / s[other + "_s"] for s in samples])
             phases = {k: med([s["phases"][k] * 1000 for s in samples]) for k in ("prepare", "plan", "write", "commit")}
-            offsets = ""
+            extra = ""
             if kind == "ab":
-                offsets = f"; its tensors start at {len(samples[0]['page_offsets'])} offsets within a page"
+                extra = f"; its tensors start at {len(samples[0]['page_offsets'])} offsets within a page"
             if "inplace_s" in samples[0]:
                 inplace = med([gb / s["inplace_s"] for s in samples])
                 gain = med([s["inplace_s"] / s["ckptstore_s"] for s in samples])
                 inplace_other = med([s[other + "_s"] / s["inplace_s"] for s in samples])
-                offsets += (
+                extra += (
                     f"\n       ckptstore writing in place (staged_writes=False) {fmt(inplace, '.2f')} GB/s; "
                     f"per round, its time / staged's {fmt(gain, '.2f')}; in place / {label} {fmt(inplace_other, '.2f')}"
                 )
@@ -929,7 +914,7 @@ def main() -> None:
                 buf = med([gb / s["rawbuf_s"] for s in samples])
                 buf_raw = med([s["rawbuf_s"] / s["raw_s"] for s in samples])
                 vs_buf = med([s["rawbuf_s"] / s["ckptstore_s"] for s in samples])
-                offsets += (
+                extra += (
                     f"\n       raw O_DIRECT from the {what}' own buffers {fmt(buf, '.2f')} GB/s, its time / raw's "
                     f"{fmt(buf_raw, '.2f')}; ckptstore of it {fmt(vs_buf, '.2f')}"
                 )
@@ -940,7 +925,7 @@ def main() -> None:
                 f"of raw: ckptstore {fmt(vs_raw, '.2f')}, {label} {fmt(other_raw, '.2f')}\n"
                 f"       ckptstore's phases on rank 0, ms: "
                 + ", ".join(f"{k} {fmt(v, '.0f')}" for k, v in phases.items())
-                + offsets
+                + extra
             )
     loop = all_samples.get("loop|loop|2")
     if loop:
